@@ -1,0 +1,282 @@
+"""GradHealthMonitor: flag vanishing, exploding and non-finite gradients per layer, and act on them."""
+
+from __future__ import annotations
+
+import warnings
+from collections import Counter
+from dataclasses import asdict
+from typing import Any, Literal
+
+import lightning.pytorch as pl
+import torch
+import torch.distributed as dist
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.utilities.rank_zero import rank_zero_info
+
+from gradmon._validation import check_choice, check_int, check_norm_type
+from gradmon.callbacks import _logging
+from gradmon.callbacks._grad_source import GradNormSource
+from gradmon.callbacks.grad_norm import GradNormMonitor
+from gradmon.errors import GradientHealthError, GradientHealthWarning
+from gradmon.health import CONDITIONS, Condition, HealthEvent, HealthRules, HealthTracker
+from gradmon.norms import GroupBy, Norms, has_nonfinite
+
+Action = Literal["ignore", "warn", "skip", "stop", "raise"]
+ACTIONS: tuple[str, ...] = ("ignore", "warn", "skip", "stop", "raise")
+# Actions that change the run: every rank must take them together.
+_COLLECTIVE = ("skip", "stop", "raise")
+_MAX_NAMED = 5
+
+
+class GradHealthMonitor(Callback):
+    r"""Classify every layer's gradient each optimizer step as vanishing, exploding, non-finite or healthy, and act.
+
+    Runs in ``on_before_optimizer_step`` (after AMP unscaling and accumulation, before clipping) on every step. It
+    reuses the norms of a :class:`~gradmon.GradNormMonitor` with the same ``norm_type`` and ``group_by`` on the same
+    Trainer, else computes its own (one fused kernel per device/dtype group), and makes one host transfer per step.
+    The rules and the reasons for their defaults are those of :class:`gradmon.health.HealthRules`: absolute
+    thresholds, a spike rule against each layer's own running history after a warm-up, and a depth rule comparing
+    the first layers with the last; vanishing and exploding need ``*_patience`` consecutive steps, non-finite is
+    flagged at once and names the first layer, in registration order, whose gradient holds a NaN or inf.
+
+    Actions, per condition (``on_vanishing``, ``on_exploding``, ``on_nonfinite``):
+
+    - ``"ignore"``: recorded in ``events`` and the logged counts only.
+    - ``"warn"``: a :class:`~gradmon.GradientHealthWarning` naming the step, the layers and their norms. The first
+      occurrence of each condition is always reported, later ones at most every ``warn_every_n_steps`` steps.
+    - ``"skip"`` (not for vanishing): the same warning, and the step's update is discarded (all gradients of the
+      optimizer set to ``None`` before ``optimizer.step``), so weights and optimizer state are exactly as before.
+    - ``"stop"``: the same warning, and ``trainer.should_stop = True`` (checkpoints and loggers finish normally).
+    - ``"raise"``: :class:`~gradmon.GradientHealthError` with the same details.
+
+    Under DDP and FSDP the decision to skip, stop or raise is reduced across ranks, so all ranks act together.
+
+    Logged (to ``trainer.loggers``, rank 0) every ``log_every_n_steps`` steps and at every step with a flag, at
+    ``trainer.global_step``: ``grad_health/vanishing``, ``grad_health/exploding``, ``grad_health/nonfinite`` (layers
+    flagged that step) and ``grad_health/skipped_steps`` (cumulative). ``events`` holds a
+    :class:`~gradmon.health.HealthEvent` (step, layer, condition, value, rule) for every flag (the first
+    ``max_events``); a summary table is printed at the end of fit. The running history is saved in checkpoints.
+
+    Example::
+
+        from gradmon import GradHealthMonitor
+        trainer = Trainer(callbacks=[GradHealthMonitor(on_exploding="skip", on_nonfinite="skip")])
+    """
+
+    def __init__(
+        self,
+        vanishing_threshold: float = 1e-7,
+        exploding_threshold: float = 1e4,
+        spike_factor: float | None = 100.0,
+        warmup_steps: int = 20,
+        history_decay: float = 0.9,
+        depth_ratio: float | None = 1e-3,
+        depth_window: int = 2,
+        depth_min_layers: int = 4,
+        vanishing_patience: int = 10,
+        exploding_patience: int = 1,
+        on_vanishing: Action = "warn",
+        on_exploding: Action = "warn",
+        on_nonfinite: Action = "warn",
+        norm_type: float | str = 2.0,
+        group_by: GroupBy = "layer",
+        log_every_n_steps: int | None = None,
+        warn_every_n_steps: int = 100,
+        max_events: int = 100_000,
+        summary: bool = True,
+    ) -> None:
+        self.rules = HealthRules(
+            vanishing_threshold=vanishing_threshold,
+            exploding_threshold=exploding_threshold,
+            spike_factor=spike_factor,
+            warmup_steps=warmup_steps,
+            history_decay=history_decay,
+            depth_ratio=depth_ratio,
+            depth_window=depth_window,
+            depth_min_layers=depth_min_layers,
+            vanishing_patience=vanishing_patience,
+            exploding_patience=exploding_patience,
+        )
+        self.actions: dict[Condition, str] = {
+            "vanishing": check_choice("on_vanishing", on_vanishing, ("ignore", "warn", "stop", "raise")),
+            "exploding": check_choice("on_exploding", on_exploding, ACTIONS),
+            "nonfinite": check_choice("on_nonfinite", on_nonfinite, ACTIONS),
+        }
+        self.norm_type = check_norm_type("norm_type", norm_type)
+        self.group_by: GroupBy = check_choice("group_by", group_by, ("layer", "parameter"))
+        self.log_every_n_steps = check_int("log_every_n_steps", log_every_n_steps, 1, allow_none=True)
+        self.warn_every_n_steps = check_int("warn_every_n_steps", warn_every_n_steps, 1)
+        self.max_events = check_int("max_events", max_events, 0)
+        self.summary = bool(summary)
+        self.tracker = HealthTracker(self.rules)
+        self.events: list[HealthEvent] = []
+        self.skipped_steps = 0
+        self.flagged_steps: Counter[str] = Counter()
+        self._own_source = GradNormSource(self.norm_type, self.group_by)
+        self._source = self._own_source
+        self._every = self.log_every_n_steps or 50
+        self._last_report: dict[str, int] = {}
+        self._unreported: Counter[str] = Counter()
+        self._layer_counts: dict[str, Counter[str]] = {c: Counter() for c in CONDITIONS}
+        self._first_step: dict[str, int] = {}
+        self._agree = any(a in _COLLECTIVE for a in self.actions.values())
+
+    @property
+    def state_key(self) -> str:
+        return self._generate_state_key(**asdict(self.rules), norm_type=self.norm_type, group_by=self.group_by)
+
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._every = self.log_every_n_steps or trainer.log_every_n_steps
+        shared = next(
+            (
+                cb for cb in trainer.callbacks
+                if isinstance(cb, GradNormMonitor) and cb.norm_type == self.norm_type and cb.group_by == self.group_by
+            ),
+            None,
+        )
+        self._source = shared.source if shared is not None else self._own_source
+        if shared is None:
+            self._own_source.reset()
+
+    def on_before_optimizer_step(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer
+    ) -> None:
+        step = trainer.global_step
+        norms = self._source.grad_norms(trainer, pl_module, optimizer)
+        events: list[HealthEvent] = []
+        if norms is not None:
+            per_layer, _ = norms.per_layer()  # the step's one host transfer
+            events = self.tracker.update(step, per_layer, self._confirm_nonfinite(norms))
+        found = {c: [e for e in events if e.condition == c] for c in CONDITIONS}
+        present = {c for c in CONDITIONS if found[c]}
+        if self._agree:
+            present = self._reduce(trainer, present)
+        self._record(step, events, present)
+        if present:
+            self._act(trainer, optimizer, step, present, found)
+        if trainer.is_global_zero and trainer.loggers and (present or step % self._every == 0):
+            counts = {f"grad_health/{c}": float(len(found[c])) for c in CONDITIONS}
+            counts["grad_health/skipped_steps"] = float(self.skipped_steps)
+            _logging.log_scalars(trainer, counts, step)
+
+    def _confirm_nonfinite(self, norms: Norms) -> Any:
+        layout = norms.layout
+        if layout.sharded:
+            return None  # an inf from a shard elsewhere cannot be told from overflow here: treat it as non-finite
+
+        def confirm(layer: str) -> bool:
+            return any(
+                has_nonfinite(p.grad) for p, name in zip(layout.params, layout.param_layers) if name == layer
+            )
+
+        return confirm
+
+    def _reduce(self, trainer: pl.Trainer, present: set[str]) -> set[str]:
+        """One collective so that every rank sees the conditions any rank found."""
+        if trainer.world_size == 1 or not (dist.is_available() and dist.is_initialized()):
+            return present
+        flags = torch.tensor([c in present for c in CONDITIONS], dtype=torch.int32, device=trainer.strategy.root_device)
+        dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+        return {c for c, f in zip(CONDITIONS, flags.tolist()) if f}
+
+    def _record(self, step: int, events: list[HealthEvent], present: set[str]) -> None:
+        room = self.max_events - len(self.events)
+        if room > 0:
+            self.events.extend(events[:room])
+        for e in events:
+            self._layer_counts[e.condition][e.layer] += 1
+        for c in present:
+            self.flagged_steps[c] += 1
+            self._first_step.setdefault(c, step)
+
+    def _act(
+        self,
+        trainer: pl.Trainer,
+        optimizer: torch.optim.Optimizer,
+        step: int,
+        present: set[str],
+        found: dict[str, list[HealthEvent]],
+    ) -> None:
+        ordered = [c for c in ("nonfinite", "exploding", "vanishing") if c in present]
+        raising = [c for c in ordered if self.actions[c] == "raise"]
+        if raising:
+            raise GradientHealthError("\n".join(_describe(c, step, found[c]) for c in raising))
+        for c in ordered:
+            if self.actions[c] in ("warn", "skip", "stop"):
+                self._warn(c, step, found[c])
+        if any(self.actions[c] == "skip" for c in ordered):
+            for group in optimizer.param_groups:
+                for p in group["params"]:
+                    p.grad = None
+            self.skipped_steps += 1
+        if any(self.actions[c] == "stop" for c in ordered):
+            trainer.should_stop = True
+
+    def _warn(self, condition: str, step: int, events: list[HealthEvent]) -> None:
+        last = self._last_report.get(condition)
+        if last is not None and step - last < self.warn_every_n_steps:
+            self._unreported[condition] += 1
+            return
+        self._last_report[condition] = step
+        message = _describe(condition, step, events)
+        action = self.actions[condition]
+        if action == "skip":
+            message += " The step's update was skipped."
+        elif action == "stop":
+            message += " Stopping the run."
+        suppressed = self._unreported.pop(condition, 0)
+        if suppressed:
+            message += f" ({suppressed} more {condition} steps since the last report.)"
+        if _is_rank_zero():
+            warnings.warn(message, GradientHealthWarning, stacklevel=2)
+
+    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.summary and (self.flagged_steps or self.skipped_steps):
+            rank_zero_info(self.summary_table())
+
+    def summary_table(self) -> str:
+        """Per condition: steps flagged, first step, the layers flagged most often; and skipped steps."""
+        rows = [("condition", "steps", "first step", "layers (times flagged)")]
+        for c in CONDITIONS:
+            if self.flagged_steps[c]:
+                top = ", ".join(f"{layer} ({n})" for layer, n in self._layer_counts[c].most_common(3))
+                rows.append((c, str(self.flagged_steps[c]), str(self._first_step[c]), top or "(on another rank)"))
+        widths = [max(len(r[i]) for r in rows) for i in range(3)]
+        lines = ["GradHealthMonitor summary"]
+        lines += ["  " + "  ".join(r[i].ljust(widths[i]) for i in range(3)) + "  " + r[3] for r in rows]
+        lines.append(f"  skipped steps: {self.skipped_steps}")
+        return "\n".join(lines)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "tracker": self.tracker.state_dict(),
+            "skipped_steps": self.skipped_steps,
+            "flagged_steps": dict(self.flagged_steps),
+            "first_step": dict(self._first_step),
+            "layer_counts": {c: dict(n) for c, n in self._layer_counts.items()},
+            "last_report": dict(self._last_report),
+            "events": [asdict(e) for e in self.events],
+        }
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.tracker.load_state_dict(state_dict["tracker"])
+        self.skipped_steps = int(state_dict["skipped_steps"])
+        self.flagged_steps = Counter(state_dict["flagged_steps"])
+        self._first_step = dict(state_dict["first_step"])
+        self._layer_counts = {c: Counter(state_dict["layer_counts"].get(c, {})) for c in CONDITIONS}
+        self._last_report = dict(state_dict["last_report"])
+        self.events = [HealthEvent(**e) for e in state_dict["events"]]
+
+
+def _describe(condition: str, step: int, events: list[HealthEvent]) -> str:
+    if not events:
+        return f"gradmon: {condition} gradients at step {step} (found on another rank)."
+    named = ", ".join(f"{e.layer} (norm {e.value:.3g}, {e.rule} rule)" for e in events[:_MAX_NAMED])
+    more = f" and {len(events) - _MAX_NAMED} more" if len(events) > _MAX_NAMED else ""
+    if condition == "nonfinite":
+        return f"gradmon: non-finite gradients at step {step}, first in layer {events[0].layer}; layers: {named}{more}."
+    return f"gradmon: {condition} gradients at step {step} in {len(events)} layer(s): {named}{more}."
+
+
+def _is_rank_zero() -> bool:
+    return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0

@@ -1,0 +1,197 @@
+"""GradNormMonitor: per-layer gradient norms, weight norms and update/weight ratios, logged cheaply."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.utilities.rank_zero import rank_zero_warn
+
+from gradmon._validation import check_choice, check_int, check_norm_type
+from gradmon.callbacks import _logging
+from gradmon.callbacks._grad_source import GradNormSource
+from gradmon.norms import GroupBy, Norms, compute_norms_many, full_tensor, local_tensor, transfer
+
+
+@dataclass(eq=False)
+class _Pending:
+    """What one logging step captured before the optimizer step, completed after it."""
+
+    step: int
+    grads: Norms
+    weights: Norms | None
+    snapshot: list[torch.Tensor] | None
+
+
+class GradNormMonitor(Callback):
+    r"""Log per-layer gradient norms, weight norms and update-to-weight ratios to every logger of the Trainer.
+
+    Computed in ``on_before_optimizer_step``: after AMP unscaling and gradient accumulation, before gradient
+    clipping, once per optimizer step. Gradients are grouped by (device, dtype) and reduced with one fused
+    ``torch._foreach_norm`` per group; steps that do not log cost nothing, and a logging step makes one host
+    transfer for all its values.
+
+    A *layer* is the module that owns the parameters (``net.0`` for ``net.0.weight`` and ``net.0.bias``); a parameter
+    registered on the root module is its own layer; ``group_by="parameter"`` logs every parameter separately.
+    Tied weights count once. Frozen parameters (``requires_grad=False`` or no gradient this step) are left out.
+
+    Logged every ``log_every_n_steps`` optimizer steps (steps 0, n, 2n, ...; default: the Trainer's
+    ``log_every_n_steps``), with ``trainer.global_step`` of the step being taken as the step axis:
+
+    - ``grad_norm/<layer>`` and ``grad_norm/total``: p-norm of the gradients (``norm_type``, default 2).
+    - ``grad_norm_log10/<layer>``: its log10, for charts where layers span many orders of magnitude (left out for a
+      zero or non-finite norm).
+    - ``weight_norm/<layer>``: p-norm of the weights the gradient was computed at (``log_weight_norms``).
+    - ``update_ratio/<layer>`` and ``update_ratio_log10/<layer>``: ||w_after - w_before|| / ||w_before|| of the step
+      just taken, whatever the optimizer (``log_update_ratios``; the weights are copied on logging steps only).
+    - ``grad_hist/<layer>`` and ``weight_hist/<layer>``: histograms, every ``histogram_every_n_steps`` steps (off by
+      default), to TensorBoard loggers only; other loggers get their scalars and one message.
+
+    A TensorBoard custom-scalars layout is written once per run so that every layer of a metric shows as one
+    multi-line chart (see :data:`gradmon.tensorboard.LAYOUT_CHARTS`). Values go straight to ``trainer.loggers``
+    (TensorBoard ones as a single summary per step), never through ``LightningModule.log``.
+
+    Under DDP every rank computes and rank 0 logs. Under FSDP2 (``ModelParallelStrategy``, DTensor gradients) each
+    layer's norm is that of the full gradient, combined across ranks with one collective per logging step.
+
+    Example::
+
+        from gradmon import GradNormMonitor
+        trainer = Trainer(callbacks=[GradNormMonitor(log_every_n_steps=50)])
+    """
+
+    def __init__(
+        self,
+        norm_type: float | str = 2.0,
+        group_by: GroupBy = "layer",
+        log_every_n_steps: int | None = None,
+        histogram_every_n_steps: int | None = None,
+        log_weight_norms: bool = True,
+        log_update_ratios: bool = True,
+    ) -> None:
+        self.norm_type = check_norm_type("norm_type", norm_type)
+        self.group_by: GroupBy = check_choice("group_by", group_by, ("layer", "parameter"))
+        self.log_every_n_steps = check_int("log_every_n_steps", log_every_n_steps, 1, allow_none=True)
+        self.histogram_every_n_steps = check_int("histogram_every_n_steps", histogram_every_n_steps, 1, allow_none=True)
+        self.log_weight_norms = bool(log_weight_norms)
+        self.log_update_ratios = bool(log_update_ratios)
+        self.source = GradNormSource(self.norm_type, self.group_by)
+        self._every = self.log_every_n_steps or 50
+        self._pending: list[_Pending] = []
+        self._layout_written = False
+        self._no_histograms: set[int] = set()
+
+    @property
+    def state_key(self) -> str:
+        return self._generate_state_key(norm_type=self.norm_type, group_by=self.group_by)
+
+    def grad_norms(self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer
+                   ) -> Norms | None:
+        """This step's gradient norms for ``optimizer``'s parameters, computed once and shared (no host sync)."""
+        return self.source.grad_norms(trainer, pl_module, optimizer)
+
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.source.reset()
+        self._every = self.log_every_n_steps or trainer.log_every_n_steps
+        self._pending = []
+        self._layout_written = False
+        if not any(p.requires_grad for p in pl_module.parameters()):
+            rank_zero_warn("GradNormMonitor: the model has no trainable parameters; there are no gradients to log.")
+
+    def on_before_optimizer_step(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer
+    ) -> None:
+        if not trainer.loggers:
+            return
+        step = trainer.global_step
+        hist = self.histogram_every_n_steps is not None and step % self.histogram_every_n_steps == 0
+        if step % self._every != 0 and not hist:
+            return
+        grads = self.grad_norms(trainer, pl_module, optimizer)
+        if grads is None:
+            return
+        if hist:
+            self._log_histograms(trainer, grads, step)
+        if step % self._every != 0:
+            return
+        params = grads.layout.params
+        weights = snapshot = None
+        if self.log_weight_norms or self.log_update_ratios:
+            weights = compute_norms_many(grads.layout, [[p.detach() for p in params]], self.norm_type)[0]
+        if self.log_update_ratios:
+            snapshot = [local_tensor(p).detach().clone() for p in params]
+        self._pending.append(_Pending(step, grads, weights, snapshot))
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any) -> None:
+        if self._pending:
+            self._flush(trainer)
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self._pending:
+            self._flush(trainer)
+
+    def _flush(self, trainer: pl.Trainer) -> None:
+        pending, self._pending = self._pending, []
+        updates: list[Norms | None] = []
+        for record in pending:
+            if record.snapshot is None:
+                updates.append(None)
+                continue
+            current = [local_tensor(p).detach() for p in record.grads.layout.params]
+            deltas = torch._foreach_sub(current, record.snapshot)
+            updates.append(compute_norms_many(record.grads.layout, [deltas], self.norm_type)[0])
+        transfer([n for r, u in zip(pending, updates) for n in (r.grads, r.weights, u) if n is not None])
+        if not trainer.is_global_zero:
+            return
+        if not self._layout_written:
+            _logging.write_layout(trainer)
+            self._layout_written = True
+        for record, update in zip(pending, updates):
+            _logging.log_scalars(trainer, self._metrics(record, update), record.step)
+
+    @staticmethod
+    def _metrics(record: _Pending, update: Norms | None) -> dict[str, float]:
+        grad_layers, total = record.grads.per_layer()
+        values: dict[str, float] = {}
+        for layer, norm in grad_layers.items():
+            values[f"grad_norm/{layer}"] = norm
+        values["grad_norm/total"] = total
+        _add_log10(values, "grad_norm_log10", grad_layers)
+        if record.weights is not None:
+            weight_layers, _ = record.weights.per_layer()
+            values.update({f"weight_norm/{layer}": norm for layer, norm in weight_layers.items()})
+            if update is not None:
+                update_layers, _ = update.per_layer()
+                ratios = {
+                    layer: update_layers[layer] / weight_layers[layer]
+                    for layer in update_layers
+                    if weight_layers[layer] > 0
+                }
+                values.update({f"update_ratio/{layer}": r for layer, r in ratios.items()})
+                _add_log10(values, "update_ratio_log10", ratios)
+        return values
+
+    def _log_histograms(self, trainer: pl.Trainer, grads: Norms, step: int) -> None:
+        layout = grads.layout
+        grad_parts: dict[str, list[torch.Tensor]] = {}
+        weight_parts: dict[str, list[torch.Tensor]] = {}
+        for p, layer in zip(layout.params, layout.param_layers):
+            # full_tensor() is a collective under FSDP: every rank takes part, rank 0 writes.
+            grad_parts.setdefault(layer, []).append(full_tensor(p.grad).reshape(-1))
+            weight_parts.setdefault(layer, []).append(full_tensor(p.detach()).reshape(-1))
+        if not trainer.is_global_zero:
+            return
+        tensors = {f"grad_hist/{layer}": torch.cat(parts) for layer, parts in grad_parts.items()}
+        tensors.update({f"weight_hist/{layer}": torch.cat(parts) for layer, parts in weight_parts.items()})
+        _logging.log_histograms(trainer, tensors, step, self._no_histograms)
+
+
+def _add_log10(values: dict[str, float], prefix: str, per_layer: dict[str, float]) -> None:
+    for layer, v in per_layer.items():
+        if v > 0 and math.isfinite(v):
+            values[f"{prefix}/{layer}"] = math.log10(v)
+
