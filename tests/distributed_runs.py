@@ -1,0 +1,106 @@
+"""Distributed runs for tests/test_distributed.py, launched as a script so that Lightning's own launcher starts
+rank 1 (``strategy="ddp"`` re-runs this file with LOCAL_RANK=1; ModelParallelStrategy likewise).
+
+Usage: python tests/distributed_runs.py SCENARIO OUTDIR
+Each rank writes OUTDIR/rank<r>.pt with what the test compares; rank 0's TensorBoard logs go to OUTDIR/tb.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.loggers import TensorBoardLogger
+from lightning.pytorch.strategies import DDPStrategy, ModelParallelStrategy
+from torch import nn
+
+sys.path.insert(0, str(Path(__file__).parent))
+from helpers import MLP, make_loader  # noqa: E402
+
+from gradmon import GradHealthMonitor, GradNormMonitor  # noqa: E402
+
+PER_DEVICE_BATCH = 16
+STEPS = 4
+
+
+class ShardedMLP(MLP):
+    """The same MLP, sharded with FSDP2 (``fully_shard``) over the data-parallel mesh in ``configure_model``."""
+
+    def configure_model(self) -> None:
+        from torch.distributed.fsdp import fully_shard
+
+        mesh = self.device_mesh["data_parallel"]
+        for layer in self.net:
+            if isinstance(layer, nn.Linear):
+                fully_shard(layer, mesh=mesh)
+        fully_shard(self, mesh=mesh)
+
+
+class PlantNaN(pl.Callback):
+    """Puts a NaN into ``net.2``'s weight gradient (this rank's shard of it) at one step, on one rank or all."""
+
+    def __init__(self, step: int, rank: int | None = None) -> None:
+        self.step, self.rank = step, rank
+
+    def on_after_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.rank in (None, trainer.global_rank) and trainer.global_step == self.step:
+            grad = pl_module.net[2].weight.grad
+            (grad.to_local() if hasattr(grad, "to_local") else grad)[0, 0] = float("nan")
+
+
+def main(scenario: str, out: Path) -> None:
+    torch.manual_seed(0)
+    callbacks: list[pl.Callback] = []
+    model: MLP
+    if scenario in ("ddp_norms", "fsdp_norms"):
+        strategy = DDPStrategy() if scenario == "ddp_norms" else ModelParallelStrategy(data_parallel_size=2,
+                                                                                       tensor_parallel_size=1)
+        model = MLP() if scenario == "ddp_norms" else ShardedMLP()
+        callbacks = [GradNormMonitor(log_every_n_steps=1), GradHealthMonitor(on_nonfinite="skip")]
+        if scenario == "fsdp_norms":
+            callbacks.append(PlantNaN(step=2, rank=1))
+    elif scenario == "ddp_disagree":
+        # Only rank 1 sees an "explosion" (a threshold no gradient passes): without a cross-rank decision rank 1
+        # would stop alone and rank 0 would wait forever in its next collective.
+        strategy = DDPStrategy()
+        model = MLP()
+        rank = int(os.environ.get("LOCAL_RANK", 0))
+        threshold = 1e-30 if rank == 1 else 1e4
+        callbacks = [GradHealthMonitor(exploding_threshold=threshold, vanishing_threshold=0.0, on_exploding="stop")]
+    else:
+        raise SystemExit(f"unknown scenario {scenario!r}")
+    trainer = pl.Trainer(
+        accelerator="cpu",
+        devices=2,
+        strategy=strategy,
+        max_steps=STEPS,
+        callbacks=callbacks,
+        logger=TensorBoardLogger(out, name="tb", version=0),
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        enable_checkpointing=False,
+        use_distributed_sampler=False,
+    )
+    # Each rank takes every other sample, so the two ranks' step-k batches together are the reference's step-k batch.
+    dataset = make_loader(batch_size=2 * PER_DEVICE_BATCH, steps=STEPS).dataset
+    shard = torch.utils.data.Subset(dataset, range(int(os.environ.get("LOCAL_RANK", 0)), len(dataset), 2))
+    trainer.fit(model, torch.utils.data.DataLoader(shard, batch_size=PER_DEVICE_BATCH, shuffle=False))
+    health = next((c for c in callbacks if isinstance(c, GradHealthMonitor)), None)
+    weights = {k: (v.full_tensor() if hasattr(v, "full_tensor") else v).detach().clone()
+               for k, v in model.state_dict().items()}
+    torch.save(
+        {
+            "global_step": trainer.global_step,
+            "skipped_steps": health.skipped_steps if health else 0,
+            "events": [(e.step, e.layer, e.condition) for e in health.events] if health else [],
+            "weights": weights,
+        },
+        out / f"rank{trainer.global_rank}.pt",
+    )
+
+
+if __name__ == "__main__":
+    main(sys.argv[1], Path(sys.argv[2]))

@@ -1,0 +1,90 @@
+"""GradNormMonitor and GradHealthMonitor under real 2-process DDP and FSDP2 (ModelParallelStrategy) runs on CPU
+(gloo), against a single-process reference on the same global batches."""
+
+from __future__ import annotations
+
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from distributed_runs import PER_DEVICE_BATCH, STEPS, PlantNaN
+from helpers import MLP, make_loader, read_scalars, trainer
+
+from gradmon import GradHealthMonitor, GradNormMonitor
+
+HERE = Path(__file__).parent
+LAYERS = ["net.0", "net.2", "net.4", "net.6"]
+
+
+def launch(scenario: str, out: Path, timeout: float = 240) -> None:
+    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    proc = subprocess.run(
+        [sys.executable, str(HERE / "distributed_runs.py"), scenario, str(out)],
+        capture_output=True, text=True, timeout=timeout, env=env, cwd=HERE.parent,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+
+
+def reference(tmp_path: Path, plant_nan_at: int | None = None):
+    """Single process, batches twice the per-device size: the global batches of the 2-rank runs."""
+    torch.manual_seed(0)
+    model = MLP()
+    callbacks = [GradNormMonitor(log_every_n_steps=1), GradHealthMonitor(on_nonfinite="skip")]
+    if plant_nan_at is not None:
+        callbacks.append(PlantNaN(step=plant_nan_at))
+    t = trainer(tmp_path, max_steps=STEPS, callbacks=callbacks)
+    t.fit(model, make_loader(batch_size=2 * PER_DEVICE_BATCH, steps=STEPS))
+    return read_scalars(tmp_path / "tb" / "version_0"), model.state_dict(), callbacks[1]
+
+
+def assert_norms_match(got: dict, want: dict, steps: range) -> None:
+    for prefix in ("grad_norm", "weight_norm", "update_ratio"):
+        for layer in LAYERS:
+            tag = f"{prefix}/{layer}"
+            for step in steps:
+                assert got[tag][step] == pytest.approx(want[tag][step], rel=1e-4), (tag, step)
+    for step in steps:
+        assert got["grad_norm/total"][step] == pytest.approx(want["grad_norm/total"][step], rel=1e-4)
+
+
+def test_ddp_norms_equal_single_process_norms(tmp_path: Path) -> None:
+    launch("ddp_norms", tmp_path / "ddp")
+    got = read_scalars(tmp_path / "ddp" / "tb" / "version_0")
+    want, want_weights, _ = reference(tmp_path / "ref")
+    assert_norms_match(got, want, range(STEPS))
+    ranks = [torch.load(tmp_path / "ddp" / f"rank{r}.pt") for r in (0, 1)]
+    for name, w in want_weights.items():
+        assert torch.equal(ranks[0]["weights"][name], ranks[1]["weights"][name])
+        torch.testing.assert_close(ranks[0]["weights"][name], w, rtol=1e-5, atol=1e-6)
+
+
+def test_fsdp_sharded_norms_are_full_tensor_norms_and_ranks_skip_together(tmp_path: Path) -> None:
+    launch("fsdp_norms", tmp_path / "fsdp")
+    got = read_scalars(tmp_path / "fsdp" / "tb" / "version_0")
+    want, want_weights, want_health = reference(tmp_path / "ref", plant_nan_at=2)
+    # Steps 0, 1 and 3 are finite; at step 2 rank 1's shard of net.2 held a NaN: flagged, named, skipped on both ranks.
+    assert_norms_match(got, want, range(2))
+    assert math.isnan(got["grad_norm/net.2"][2])
+    for layer in LAYERS:
+        assert got[f"grad_norm/{layer}"][3] == pytest.approx(want[f"grad_norm/{layer}"][3], rel=1e-4)
+    assert want_health.events[0].step == 2 and want_health.events[0].layer == "net.2"
+    for r in (0, 1):
+        result = torch.load(tmp_path / "fsdp" / f"rank{r}.pt")
+        assert result["skipped_steps"] == 1
+        assert result["events"] == [(2, "net.2", "nonfinite")]
+        for name, w in want_weights.items():
+            assert torch.isfinite(result["weights"][name]).all()
+            torch.testing.assert_close(result["weights"][name], w, rtol=1e-5, atol=1e-6)
+    assert got["grad_health/nonfinite"][2] == 1.0
+    assert got["grad_health/skipped_steps"][2] == 1.0
+
+
+def test_ddp_ranks_take_the_same_decision_when_only_one_rank_flags(tmp_path: Path) -> None:
+    # Rank 1 alone flags step 0 and asks to stop; rank 0 must stop with it (a lone stop would hang rank 0).
+    launch("ddp_disagree", tmp_path / "ddp", timeout=180)
+    steps = [torch.load(tmp_path / "ddp" / f"rank{r}.pt")["global_step"] for r in (0, 1)]
+    assert steps == [1, 1]

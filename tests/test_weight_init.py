@@ -1,0 +1,181 @@
+import copy
+import logging
+
+import pytest
+import torch
+from lightning.pytorch import LightningModule, Trainer
+from lightning.pytorch.loggers import TensorBoardLogger
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from gradmon import WeightInit
+from gradmon.init import initialize
+
+
+class TinyMLP(LightningModule):
+    """Keeps a copy of its parameters as the first training step sees them."""
+
+    def __init__(self, build_in_configure_model: bool = False) -> None:
+        super().__init__()
+        self.build_in_configure_model = build_in_configure_model
+        self.net: nn.Module | None = None if build_in_configure_model else self.build()
+        self.first_step_weights: dict[str, torch.Tensor] | None = None
+
+    @staticmethod
+    def build() -> nn.Module:
+        return nn.Sequential(nn.Linear(4, 16), nn.ReLU(), nn.Linear(16, 1))
+
+    def configure_model(self) -> None:
+        if self.net is None:
+            self.net = self.build()
+
+    def training_step(self, batch, batch_idx):
+        if self.first_step_weights is None:
+            self.first_step_weights = {k: v.detach().clone() for k, v in self.net.state_dict().items()}
+        x, y = batch
+        return nn.functional.mse_loss(self.net(x), y)
+
+    def train_dataloader(self):
+        generator = torch.Generator().manual_seed(0)
+        data = TensorDataset(torch.randn(16, 4, generator=generator), torch.randn(16, 1, generator=generator))
+        return DataLoader(data, batch_size=4)
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+
+def fit(tmp_path, model, callbacks, max_steps=2, **fit_kwargs) -> Trainer:
+    trainer = Trainer(
+        accelerator="cpu",
+        devices=1,
+        max_steps=max_steps,
+        callbacks=callbacks,
+        logger=TensorBoardLogger(tmp_path, name="tb"),
+        default_root_dir=tmp_path,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        enable_checkpointing=False,
+        log_every_n_steps=1,
+    )
+    trainer.fit(model, **fit_kwargs)
+    return trainer
+
+
+def assert_state_equal(actual: dict[str, torch.Tensor], expected: dict[str, torch.Tensor]) -> None:
+    assert actual.keys() == expected.keys()
+    for key in expected:
+        assert torch.equal(actual[key], expected[key]), key
+
+
+def test_first_training_step_sees_the_initialised_weights(tmp_path):
+    model = TinyMLP()
+    expected = copy.deepcopy(model.net)
+    initialize(expected, "normal", std=0.5, generator=torch.Generator().manual_seed(3))
+    assert not torch.equal(model.net[0].weight, expected[0].weight)
+    callback = WeightInit("normal", std=0.5, seed=3)
+    fit(tmp_path, model, [callback])
+    assert_state_equal(model.first_step_weights, expected.state_dict())
+    assert [record.layer for record in callback.records] == ["net.0", "net.2"]
+
+
+def test_model_built_in_configure_model_is_initialised(tmp_path):
+    model = TinyMLP(build_in_configure_model=True)
+    fit(tmp_path, model, [WeightInit("constant(val=0.25)", bias=0.5)])
+    for name, tensor in model.first_step_weights.items():
+        assert torch.all(tensor == (0.25 if name.endswith("weight") else 0.5)), name
+
+
+def test_resume_from_checkpoint_keeps_the_checkpoint_weights(tmp_path):
+    first = TinyMLP()
+    # Four steps are one whole epoch, so the resumed run starts a fresh one.
+    trainer = fit(tmp_path, first, [WeightInit("kaiming_normal", seed=0)], max_steps=4)
+    ckpt_path = tmp_path / "resume.ckpt"
+    trainer.save_checkpoint(ckpt_path)
+    saved = torch.load(ckpt_path, weights_only=False)
+    assert {"applied": True} in saved["callbacks"].values()
+
+    resumed = TinyMLP()
+    # The same callback finds its state restored; a new one (whose state is not in the checkpoint) must still
+    # see that fit is resuming.
+    same, new = WeightInit("kaiming_normal", seed=0), WeightInit("constant(val=9.0)")
+    fit(tmp_path, resumed, [same, new], max_steps=6, ckpt_path=ckpt_path)
+    expected = {k.removeprefix("net."): v for k, v in saved["state_dict"].items()}
+    assert_state_equal(resumed.first_step_weights, expected)
+    assert same.records == [] and new.records == []
+
+
+def test_second_weight_init_overrides_the_first_on_its_layers(tmp_path):
+    model = TinyMLP()
+    callbacks = [WeightInit("constant(val=1.0)"), WeightInit("constant(val=2.0)", include=r"^net\.0$")]
+    fit(tmp_path, model, callbacks)
+    assert torch.all(model.first_step_weights["0.weight"] == 2.0)
+    assert torch.all(model.first_step_weights["2.weight"] == 1.0)
+    assert callbacks[0].state_key != callbacks[1].state_key
+
+
+def test_record_table_is_printed_and_readable_back_from_tensorboard(tmp_path, caplog):
+    with caplog.at_level(logging.INFO):
+        trainer = fit(tmp_path, TinyMLP(), [WeightInit("xavier_uniform"), WeightInit("normal(std=0.01)")])
+    assert "| net.2 | normal(std=0.01) |" in caplog.text
+
+    events = EventAccumulator(trainer.logger.log_dir, size_guidance={"tensors": 0})
+    events.Reload()
+    texts = {
+        tag: events.Tensors(tag)[0].tensor_proto.string_val[0].decode()
+        for tag in events.Tags()["tensors"]
+        if tag.startswith("weight_init/")
+    }
+    assert sorted(texts) == ["weight_init/0_xavier_uniform/text_summary", "weight_init/1_normal/text_summary"]
+    table = texts["weight_init/1_normal/text_summary"]
+    assert table.splitlines()[0] == "| layer | scheme | weight std before | weight std after |"
+    assert "| net.0 | normal(std=0.01) |" in table
+
+
+@pytest.mark.parametrize(
+    ("arguments", "message"),
+    [
+        ({"scheme": "he_normal"}, "scheme='he_normal'"),
+        ({"scheme": "kaiming_normal", "nonlinearity": "swish"}, "'kaiming_normal'.*nonlinearity='swish'"),
+        ({"scheme": "normal", "sd": 0.1}, "'normal'.*sd.*accepts mean, std"),
+        ({"scheme": "normal(std=0.01"}, "literal keyword arguments"),
+        ({"scheme": "zeros", "types": ["Dense"]}, "'Dense'"),
+        ({"scheme": "zeros", "exclude": "[net"}, "exclude="),
+        ({"scheme": "zeros", "bias": "none"}, "bias='none'"),
+        ({"scheme": "zeros", "seed": -1}, "seed=-1"),
+        ({"scheme": "zeros", "seed": 1.5}, "seed=1.5"),
+    ],
+)
+def test_invalid_arguments_raise_at_construction(arguments, message):
+    with pytest.raises(ValueError, match=message):
+        WeightInit(**arguments)
+
+
+def test_string_form_constructs_like_keywords():
+    from_string = WeightInit("kaiming_normal(nonlinearity='relu', mode='fan_out')")
+    from_keywords = WeightInit("kaiming_normal", nonlinearity="relu", mode="fan_out")
+    assert from_string.arguments == {"nonlinearity": "relu", "mode": "fan_out"}
+    assert from_string.state_key == from_keywords.state_key
+
+
+def test_callback_yaml_entry_parses_like_lightning_cli():
+    from jsonargparse import ArgumentParser
+    from lightning.pytorch.callbacks import Callback
+
+    parser = ArgumentParser()
+    parser.add_argument("--callbacks", type=list[Callback])
+    config = parser.parse_string(
+        """
+        callbacks:
+          - class_path: gradmon.WeightInit
+            init_args:
+              scheme: kaiming_normal(nonlinearity='relu')
+              include: net\\.0
+              types: [Linear, torch.nn.Embedding]
+        """
+    )
+    (callback,) = parser.instantiate(config).callbacks
+    assert isinstance(callback, WeightInit)
+    assert (callback.scheme, callback.arguments) == ("kaiming_normal", {"nonlinearity": "relu"})
+    assert callback.include.pattern == r"net\.0"
+    assert callback.types == (nn.Linear, nn.Embedding)
