@@ -1,0 +1,245 @@
+"""GradHealthMonitor in real Trainer runs: classification of deep nets, planted faults, actions, logging, resume."""
+
+from __future__ import annotations
+
+import copy
+import math
+import warnings
+from pathlib import Path
+
+import lightning.pytorch as pl
+import pytest
+import torch
+from helpers import MLP, make_loader, read_scalars, trainer
+
+from gradmon import GradHealthMonitor, GradientHealthError, GradientHealthWarning, GradNormMonitor
+from gradmon.callbacks import _grad_source
+
+
+def fit(model: pl.LightningModule, callbacks: list, steps: int, tmp_path: Path | None = None, **kwargs) -> pl.Trainer:
+    t = trainer(tmp_path, max_steps=steps, callbacks=callbacks, **kwargs)
+    t.fit(model, make_loader(batch_size=32, steps=steps, in_features=model.net[0].in_features))
+    return t
+
+
+def health_warnings(record) -> list[str]:
+    return [str(w.message) for w in record if issubclass(w.category, GradientHealthWarning)]
+
+
+# --- classification with defaults -------------------------------------------------------------------------------
+
+
+def deep(activation: str, init: str | None) -> MLP:
+    torch.manual_seed(0)
+    return MLP(depth=10, width=32, in_features=16, activation=activation, init=init)
+
+
+def test_defaults_flag_a_deep_sigmoid_mlp_with_default_init_as_vanishing() -> None:
+    monitor = GradHealthMonitor(on_vanishing="ignore")
+    fit(deep("sigmoid", None), [monitor], steps=30)
+    vanishing = [e for e in monitor.events if e.condition == "vanishing"]
+    assert vanishing and {e.condition for e in monitor.events} == {"vanishing"}
+    # Flagged once the patience (10 steps) has run out, and the first layer is the most starved.
+    assert vanishing[0].step == 9
+    assert "net.0" in {e.layer for e in vanishing if e.step == 9}
+    assert "net.20" not in {e.layer for e in vanishing}  # the head is where the gradient is
+
+
+def test_defaults_leave_a_deep_kaiming_relu_mlp_unflagged() -> None:
+    monitor = GradHealthMonitor(on_vanishing="raise", on_exploding="raise", on_nonfinite="raise")
+    t = fit(deep("relu", "kaiming"), [monitor], steps=60)
+    assert t.global_step == 60
+    assert monitor.events == [] and monitor.skipped_steps == 0
+
+
+def test_defaults_flag_a_deep_relu_mlp_initialised_standard_normal_as_exploding_at_step_0() -> None:
+    monitor = GradHealthMonitor(on_exploding="ignore", on_nonfinite="ignore")
+    fit(deep("relu", "normal1"), [monitor], steps=3)
+    first = monitor.events[0]
+    assert (first.step, first.condition) == (0, "exploding")
+    assert first.value > 1e4
+
+
+# --- planted faults ---------------------------------------------------------------------------------------------
+
+
+def plant_nan(model: MLP, layer: int, at_step: int) -> None:
+    """A tensor hook that turns ``net.<layer>.weight``'s gradient into NaN at one optimizer step."""
+
+    def hook(grad: torch.Tensor) -> torch.Tensor:
+        return torch.full_like(grad, math.nan) if model.trainer.global_step == at_step else grad
+
+    model.net[layer].weight.register_hook(hook)
+
+
+def test_a_nan_planted_in_one_layer_is_flagged_at_that_step_naming_that_layer() -> None:
+    torch.manual_seed(0)
+    model = MLP(depth=3)
+    plant_nan(model, layer=2, at_step=4)
+    monitor = GradHealthMonitor(on_nonfinite="skip")  # "warn" would let the NaN into the weights
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        fit(model, [monitor], steps=6)
+    assert [(e.step, e.layer, e.condition) for e in monitor.events] == [(4, "net.2", "nonfinite")]
+    (message,) = health_warnings(record)
+    assert "step 4" in message and "first in layer net.2" in message
+
+
+def test_a_nan_spreading_backwards_is_named_by_the_first_layer_in_registration_order() -> None:
+    torch.manual_seed(0)
+    model = MLP(depth=3)
+    # NaN in the activation after net.2: the gradients of net.2 and net.0 turn NaN, net.4 and the head stay finite.
+    model.net[3].register_full_backward_hook(
+        lambda m, gin, gout: (torch.full_like(gin[0], math.nan),) if model.trainer.global_step == 1 else None
+    )
+    monitor = GradHealthMonitor(on_nonfinite="raise")
+    with pytest.raises(GradientHealthError, match=r"step 1, first in layer net\.0") as info:
+        fit(model, [monitor], steps=3)
+    assert "net.2" in str(info.value) and "net.4" not in str(info.value)
+
+
+class Snapshot(pl.Callback):
+    """Weights and optimizer state before and after one step."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+        self.before = self.after = None
+
+    @staticmethod
+    def _take(trainer: pl.Trainer, pl_module: pl.LightningModule) -> tuple[dict, dict]:
+        return copy.deepcopy(pl_module.state_dict()), copy.deepcopy(trainer.optimizers[0].state_dict())
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if trainer.global_step == self.step:
+            self.before = self._take(trainer, pl_module)
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if self.before is not None and self.after is None:
+            self.after = self._take(trainer, pl_module)
+
+
+def assert_same_state(a: tuple[dict, dict], b: tuple[dict, dict]) -> None:
+    (wa, oa), (wb, ob) = a, b
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+    assert oa["state"].keys() == ob["state"].keys()
+    for i in oa["state"]:
+        for k, v in oa["state"][i].items():
+            assert torch.equal(v, ob["state"][i][k]), (i, k)
+
+
+def test_skip_leaves_weights_and_adam_state_exactly_as_before_the_faulty_step() -> None:
+    torch.manual_seed(0)
+    model = MLP(depth=3, optimizer="adam", lr=1e-2)
+    plant_nan(model, layer=2, at_step=3)
+    faulty, healthy = Snapshot(step=3), Snapshot(step=2)
+    monitor = GradHealthMonitor(on_nonfinite="skip")
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        t = fit(model, [monitor, faulty, healthy], steps=6)
+    assert_same_state(faulty.before, faulty.after)
+    with pytest.raises(AssertionError):  # a normal step does change them: the check above can fail
+        assert_same_state(healthy.before, healthy.after)
+    assert faulty.before[1]["state"][0]["step"] == 3  # Adam's step count did not advance either
+    assert monitor.skipped_steps == 1 and t.global_step == 6
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+    assert "skipped" in health_warnings(record)[0]
+
+
+def test_stop_ends_the_run_gracefully_after_the_flagged_step(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    model = MLP(depth=3)
+    plant_nan(model, layer=0, at_step=2)
+    monitor = GradHealthMonitor(on_nonfinite="stop")
+    with pytest.warns(GradientHealthWarning, match="Stopping the run"):
+        t = fit(model, [monitor], steps=20, tmp_path=tmp_path, enable_checkpointing=True)
+    assert t.global_step == 3 and t.should_stop
+    assert list((tmp_path / "tb" / "version_0" / "checkpoints").glob("*.ckpt"))  # checkpointing finished normally
+
+
+def test_raise_puts_the_details_in_the_error() -> None:
+    torch.manual_seed(0)
+    with pytest.raises(GradientHealthError, match=r"exploding gradients at step 0 in \d+ layer\(s\): net\.0 \(norm"):
+        fit(deep("relu", "normal1"), [GradHealthMonitor(on_exploding="raise")], steps=3)
+
+
+def test_warnings_are_rate_limited_but_the_first_of_each_condition_is_always_reported() -> None:
+    torch.manual_seed(0)
+    model = MLP(depth=3)
+    for step in (1, 2, 3, 9):
+        plant_nan(model, layer=2, at_step=step)
+    monitor = GradHealthMonitor(on_nonfinite="skip", warn_every_n_steps=5)
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        fit(model, [monitor], steps=12)
+    messages = health_warnings(record)
+    assert [m.split(",")[0] for m in messages] == [
+        "gradmon: non-finite gradients at step 1",
+        "gradmon: non-finite gradients at step 9",
+    ]
+    assert "(2 more nonfinite steps since the last report.)" in messages[1]
+    assert [e.step for e in monitor.events] == [1, 2, 3, 9]
+
+
+# --- logging, sharing, resume -----------------------------------------------------------------------------------
+
+
+def test_counts_are_logged_at_logging_steps_and_at_flagged_steps(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    model = MLP(depth=3)
+    plant_nan(model, layer=2, at_step=3)
+    fit(model, [GradHealthMonitor(on_nonfinite="skip", log_every_n_steps=4)], steps=9, tmp_path=tmp_path)
+    scalars = read_scalars(tmp_path / "tb" / "version_0")
+    assert scalars["grad_health/nonfinite"] == {0: 0.0, 3: 1.0, 4: 0.0, 8: 0.0}
+    assert scalars["grad_health/skipped_steps"] == {0: 0.0, 3: 1.0, 4: 1.0, 8: 1.0}
+    assert set(scalars["grad_health/vanishing"]) == {0, 3, 4, 8}
+
+
+def test_norms_are_computed_once_per_step_when_both_monitors_are_attached(monkeypatch) -> None:
+    calls = []
+    real = _grad_source.compute_norms
+    monkeypatch.setattr(_grad_source, "compute_norms", lambda *a: calls.append(1) or real(*a))
+    torch.manual_seed(0)
+    health = GradHealthMonitor()
+    fit(MLP(depth=3), [health, GradNormMonitor(log_every_n_steps=1)], steps=5)
+    assert len(calls) == 5
+    assert health._source is not health._own_source
+
+
+def test_a_monitor_with_another_norm_type_is_not_shared() -> None:
+    torch.manual_seed(0)
+    health = GradHealthMonitor()
+    fit(MLP(depth=3), [GradNormMonitor(norm_type="inf"), health], steps=2)
+    assert health._source is health._own_source
+
+
+def test_history_survives_a_resume_from_checkpoint(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    monitor = GradHealthMonitor(warmup_steps=2)
+    t = fit(MLP(depth=3), [monitor], steps=6)
+    path = tmp_path / "run.ckpt"
+    t.save_checkpoint(path)
+    resumed = GradHealthMonitor(warmup_steps=2)
+    torch.manual_seed(0)
+    t2 = trainer(None, max_steps=8, callbacks=[resumed])
+    t2.fit(MLP(depth=3), make_loader(batch_size=32, steps=8), ckpt_path=path)
+    state = torch.load(path, weights_only=False)["callbacks"][monitor.state_key]
+    assert state["tracker"]["seen"]["net.0"] == 6
+    assert resumed.tracker._seen["net.0"] == 8  # 6 restored + 2 new steps
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "argument"),
+    [
+        ({"on_vanishing": "skip"}, "on_vanishing"),
+        ({"on_exploding": "explode"}, "on_exploding"),
+        ({"on_nonfinite": None}, "on_nonfinite"),
+        ({"norm_type": 0}, "norm_type"),
+        ({"vanishing_threshold": -1e-3}, "vanishing_threshold"),
+        ({"vanishing_threshold": 1.0, "exploding_threshold": 0.5}, "vanishing_threshold"),
+        ({"warn_every_n_steps": 0}, "warn_every_n_steps"),
+        ({"group_by": "module"}, "group_by"),
+    ],
+)
+def test_bad_arguments_raise_in_the_constructor(kwargs: dict, argument: str) -> None:
+    with pytest.raises(ValueError, match=f"`{argument}="):
+        GradHealthMonitor(**kwargs)

@@ -1,0 +1,107 @@
+"""The pure health rules (gradmon.health), step by step, without a Trainer."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from gradmon.health import HealthRules, HealthTracker
+
+
+def names(events, condition=None):
+    return [(e.layer, e.rule) for e in events if condition is None or e.condition == condition]
+
+
+def test_threshold_vanishing_is_flagged_only_after_patience_consecutive_steps() -> None:
+    tracker = HealthTracker(HealthRules(vanishing_patience=3, depth_ratio=None))
+    norms = {"a": 1e-9, "b": 0.5}
+    assert tracker.update(0, norms) == []
+    assert tracker.update(1, norms) == []
+    events = tracker.update(2, norms)
+    assert [(e.step, e.layer, e.condition, e.rule) for e in events] == [(2, "a", "vanishing", "threshold")]
+    assert events[0].value == 1e-9
+    # A healthy step resets the streak.
+    assert tracker.update(3, {"a": 0.1, "b": 0.5}) == []
+    assert tracker.update(4, norms) == []
+
+
+def test_threshold_exploding_is_flagged_at_once_by_default() -> None:
+    tracker = HealthTracker()
+    events = tracker.update(0, {"a": 1.0, "b": 2e4})
+    assert [(e.layer, e.condition, e.rule) for e in events] == [("b", "exploding", "threshold")]
+
+
+def test_nonfinite_is_flagged_at_once_first_layer_first_and_not_folded_into_history() -> None:
+    tracker = HealthTracker()
+    events = tracker.update(0, {"a": 0.1, "b": math.nan, "c": math.inf, "d": 0.2})
+    assert [(e.layer, e.condition) for e in events] == [("b", "nonfinite"), ("c", "nonfinite")]
+    assert "b" not in tracker._mean_log and "c" not in tracker._mean_log
+
+
+def test_an_inf_norm_of_finite_values_is_exploding_not_nonfinite() -> None:
+    tracker = HealthTracker()
+    events = tracker.update(0, {"a": math.inf}, confirm_nonfinite=lambda layer: False)
+    assert [(e.layer, e.condition) for e in events] == [("a", "exploding")]
+
+
+def test_spike_rule_uses_the_layers_own_history_after_warmup_whatever_the_scale() -> None:
+    rules = HealthRules(warmup_steps=5, exploding_threshold=math.inf, depth_ratio=None)
+    for scale in (1e-6, 1.0, 1e3):
+        tracker = HealthTracker(rules)
+        # During warm-up even a 1000x jump is not judged against a history.
+        assert tracker.update(0, {"a": scale}) == []
+        assert tracker.update(1, {"a": scale * 1000}) == []
+        for step in range(2, 30):
+            assert tracker.update(step, {"a": scale * (1.0 + 0.5 * (step % 3))}) == []
+        # 20x is noise, 1000x is a spike, at any scale.
+        assert tracker.update(30, {"a": scale * 20}) == []
+        events = tracker.update(31, {"a": scale * 1000})
+        assert names(events) == [("a", "spike")]
+
+
+def test_depth_rule_names_every_layer_far_below_the_last_ones() -> None:
+    tracker = HealthTracker(HealthRules(vanishing_patience=1, vanishing_threshold=0.0))
+    norms = {"l0": 1e-7, "l1": 1e-6, "l2": 1e-2, "l3": 1e-5, "l4": 0.5, "l5": 0.2}
+    events = tracker.update(0, norms)
+    assert names(events, "vanishing") == [("l0", "depth"), ("l1", "depth"), ("l3", "depth")]
+
+
+def test_depth_rule_is_quiet_for_a_healthy_spread_and_for_shallow_models() -> None:
+    tracker = HealthTracker(HealthRules(vanishing_patience=1))
+    assert tracker.update(0, {"l0": 0.05, "l1": 0.1, "l2": 0.3, "l3": 0.5, "l4": 0.4}) == []
+    assert tracker.update(1, {"l0": 1e-6, "l1": 1.0, "l2": 1.0}) == []  # below depth_min_layers
+
+
+def test_state_dict_round_trip_continues_identically() -> None:
+    rules = HealthRules(warmup_steps=3, vanishing_patience=4)
+    a = HealthTracker(rules)
+    for step in range(6):
+        a.update(step, {"x": 1.0 + step, "y": 1e-9})
+    b = HealthTracker(rules)
+    b.load_state_dict(a.state_dict())
+    for step in range(6, 10):
+        norms = {"x": 500.0 if step == 8 else 2.0, "y": 1e-9}
+        assert a.update(step, norms) == b.update(step, norms)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "argument"),
+    [
+        ({"vanishing_threshold": -1.0}, "vanishing_threshold"),
+        ({"exploding_threshold": 0.0}, "exploding_threshold"),
+        ({"vanishing_threshold": 10.0, "exploding_threshold": 1.0}, "vanishing_threshold"),
+        ({"spike_factor": 0.5}, "spike_factor"),
+        ({"warmup_steps": -1}, "warmup_steps"),
+        ({"history_decay": 1.0}, "history_decay"),
+        ({"depth_ratio": 2.0}, "depth_ratio"),
+        ({"depth_window": 0}, "depth_window"),
+        ({"depth_window": 3, "depth_min_layers": 4}, "depth_min_layers"),
+        ({"vanishing_patience": 0}, "vanishing_patience"),
+        ({"exploding_patience": 1.5}, "exploding_patience"),
+    ],
+)
+def test_bad_rules_name_the_argument_and_value(kwargs: dict, argument: str) -> None:
+    with pytest.raises(ValueError, match=f"`{argument}=") as info:
+        HealthRules(**kwargs)
+    assert "expected" in str(info.value)
