@@ -125,21 +125,26 @@ def full_tensor(t: Tensor) -> Tensor:
 
 
 def stacked_norms(layout: ParamLayout, tensors: Sequence[Tensor], norm_type: float) -> Tensor:
-    """The p-norm of each tensor's local data as one float32 vector on the first group's device, in input order.
+    """The p-norm of each tensor's local data as one vector (float32, or float64 when any tensor is) on the first
+    group's device, in input order.
 
     ``tensors[i]`` must have the device and dtype of ``layout.params[i]`` (gradients, weights and updates do).
     No host sync happens here.
     """
     locals_ = [local_tensor(t) for t in tensors]
     if len(layout.groups) == 1:
-        return torch.stack(torch._foreach_norm(locals_, norm_type, dtype=torch.float32))
+        return _group_norms(locals_, norm_type)
     device = locals_[layout.groups[0][0]].device
-    parts = [
-        torch.stack(torch._foreach_norm([locals_[i] for i in group], norm_type, dtype=torch.float32)).to(device)
-        for group in layout.groups
-    ]
+    parts = [_group_norms([locals_[i] for i in group], norm_type).to(device) for group in layout.groups]
     stacked = torch.cat(parts)
     return stacked[layout._unpermute.to(device)] if layout._unpermute is not None else stacked
+
+
+def _group_norms(tensors: list[Tensor], norm_type: float) -> Tensor:
+    """One fused kernel for tensors of one device and dtype, accumulated in at least float32 (bf16 and fp16 norms
+    would lose digits; float64 cannot be narrowed)."""
+    dtype = torch.promote_types(tensors[0].dtype, torch.float32)
+    return torch.stack(torch._foreach_norm(tensors, norm_type, dtype=dtype))
 
 
 def global_power_sums(local_norms: Tensor, shard_weights: Tensor, norm_type: float) -> Tensor:

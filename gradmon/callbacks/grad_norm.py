@@ -153,8 +153,7 @@ class GradNormMonitor(Callback):
         for record, update in zip(pending, updates):
             _logging.log_scalars(trainer, self._metrics(record, update), record.step)
 
-    @staticmethod
-    def _metrics(record: _Pending, update: Norms | None) -> dict[str, float]:
+    def _metrics(self, record: _Pending, update: Norms | None) -> dict[str, float]:
         grad_layers, total = record.grads.per_layer()
         values: dict[str, float] = {}
         for layer, norm in grad_layers.items():
@@ -163,7 +162,8 @@ class GradNormMonitor(Callback):
         _add_log10(values, "grad_norm_log10", grad_layers)
         if record.weights is not None:
             weight_layers, _ = record.weights.per_layer()
-            values.update({f"weight_norm/{layer}": norm for layer, norm in weight_layers.items()})
+            if self.log_weight_norms:
+                values.update({f"weight_norm/{layer}": norm for layer, norm in weight_layers.items()})
             if update is not None:
                 update_layers, _ = update.per_layer()
                 ratios = {

@@ -1,0 +1,221 @@
+"""gradmon.norms without a Trainer: layer names, layouts, fused per-layer norms against torch.linalg.vector_norm."""
+
+from __future__ import annotations
+
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from gradmon.norms import ParamLayout, combine, compute_norms, compute_norms_many, layer_name, stacked_norms, transfer
+
+NORM_TYPES = [1.0, 2.0, 3.0, math.inf]
+
+
+def hand_norm(tensors: list[torch.Tensor], p: float) -> float:
+    """The p-norm of all elements of ``tensors`` together, in float64."""
+    return torch.linalg.vector_norm(torch.cat([t.detach().double().reshape(-1) for t in tensors]), p).item()
+
+
+class Tied(nn.Module):
+    """``decoder.weight`` is ``encoder.weight``; ``scale`` sits on the root module."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.encoder = nn.Linear(4, 4)
+        self.decoder = nn.Linear(4, 4)
+        self.decoder.weight = self.encoder.weight
+        self.scale = nn.Parameter(torch.randn(4))
+
+
+def named_with_duplicates(module: nn.Module) -> list[tuple[str, torch.Tensor]]:
+    return list(module.named_parameters(remove_duplicate=False))
+
+
+@pytest.mark.parametrize(
+    ("param_name", "layer"),
+    [("net.0.weight", "net.0"), ("net.0.bias", "net.0"), ("encoder.block.3.attn.bias", "encoder.block.3.attn"),
+     ("scale", "scale")],
+)
+def test_layer_name_is_the_owning_module_and_a_root_parameter_is_its_own_layer(param_name: str, layer: str) -> None:
+    assert layer_name(param_name) == layer
+    assert layer_name(param_name, "layer") == layer
+
+
+def test_layer_name_by_parameter_keeps_the_full_name() -> None:
+    assert layer_name("net.0.weight", "parameter") == "net.0.weight"
+    assert layer_name("scale", "parameter") == "scale"
+
+
+def test_layout_groups_parameters_by_owning_module_in_registration_order() -> None:
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 2))
+    layout = ParamLayout.from_named_parameters(net.named_parameters())
+    assert layout.param_names == ["0.weight", "0.bias", "2.weight", "2.bias"]
+    assert layout.layer_names == ["0", "2"]
+    assert layout.layer_of_param == [0, 0, 1, 1]
+    assert layout.groups == [[0, 1, 2, 3]]
+    assert len(layout) == 4 and not layout.sharded
+
+
+def test_layout_by_parameter_gives_one_layer_per_parameter() -> None:
+    net = nn.Sequential(nn.Linear(3, 4), nn.Linear(4, 2))
+    layout = ParamLayout.from_named_parameters(net.named_parameters(), group_by="parameter")
+    assert layout.layer_names == ["0.weight", "0.bias", "1.weight", "1.bias"]
+    assert layout.layer_of_param == [0, 1, 2, 3]
+
+
+def test_layout_counts_tied_weights_once_under_their_first_name() -> None:
+    model = Tied()
+    named = named_with_duplicates(model)
+    assert [n for n, _ in named].count("decoder.weight") == 1  # the duplicate really is offered to the layout
+    layout = ParamLayout.from_named_parameters(named)
+    # A module's own parameters come before its children's in named_parameters(): ``scale`` is first.
+    assert layout.param_names == ["scale", "encoder.weight", "encoder.bias", "decoder.bias"]
+    assert layout.param_layers == ["scale", "encoder", "encoder", "decoder"]
+    assert layout.layer_names == ["scale", "encoder", "decoder"]
+    assert layout.params[1] is model.encoder.weight
+
+
+def test_layout_subset_keeps_names_and_layers_of_the_kept_parameters() -> None:
+    net = nn.Sequential(nn.Linear(3, 4), nn.Linear(4, 2))
+    sub = ParamLayout.from_named_parameters(net.named_parameters()).subset([1, 2])
+    assert sub.param_names == ["0.bias", "1.weight"]
+    assert sub.layer_names == ["0", "1"]
+    assert sub.params[0] is net[0].bias
+
+
+def mixed_dtype_params(low: torch.dtype) -> tuple[list[str], list[torch.Tensor]]:
+    """float32, ``low``, float32, ``low``: two (device, dtype) groups whose concatenation is out of parameter order."""
+    torch.manual_seed(0)
+    names = ["a.weight", "a.bias", "b.weight", "b.bias"]
+    params = [torch.randn(5, 3), torch.randn(5).to(low), torch.randn(2, 5), torch.randn(2).to(low)]
+    return names, params
+
+
+@pytest.mark.parametrize("p", NORM_TYPES)
+def test_mixed_float32_and_bfloat16_give_two_groups_and_norms_in_parameter_order(p: float) -> None:
+    names, params = mixed_dtype_params(torch.bfloat16)
+    layout = ParamLayout.from_named_parameters(zip(names, params))
+    assert layout.groups == [[0, 2], [1, 3]]
+    got = stacked_norms(layout, params, p)
+    assert got.dtype == torch.float32
+    assert got.tolist() == pytest.approx([hand_norm([t], p) for t in params], rel=1e-5)
+
+
+@pytest.mark.parametrize("p", [2.0, math.inf])
+def test_mixed_float32_and_float64_give_two_groups_and_norms_in_parameter_order(p: float) -> None:
+    names, params = mixed_dtype_params(torch.float64)
+    layout = ParamLayout.from_named_parameters(zip(names, params))
+    assert layout.groups == [[0, 2], [1, 3]]
+    norms = compute_norms(layout, params, p)
+    assert norms.host() == pytest.approx([hand_norm([t], p) for t in params], rel=1e-6)
+    layers, total = norms.per_layer()
+    assert layers == pytest.approx({"a": hand_norm(params[:2], p), "b": hand_norm(params[2:], p)}, rel=1e-6)
+    assert total == pytest.approx(hand_norm(params, p), rel=1e-6)
+
+
+@pytest.mark.parametrize("p", NORM_TYPES)
+def test_compute_norms_per_layer_and_total_equal_hand_norms(p: float) -> None:
+    model = Tied()
+    layout = ParamLayout.from_named_parameters(named_with_duplicates(model))
+    tensors = [torch.randn_like(t) for t in layout.params]
+    layers, total = compute_norms(layout, tensors, p).per_layer()
+    assert list(layers) == ["scale", "encoder", "decoder"]
+    assert layers["scale"] == pytest.approx(hand_norm(tensors[:1], p), rel=1e-5)
+    assert layers["encoder"] == pytest.approx(hand_norm(tensors[1:3], p), rel=1e-5)
+    assert layers["decoder"] == pytest.approx(hand_norm(tensors[3:], p), rel=1e-5)
+    assert total == pytest.approx(hand_norm(tensors, p), rel=1e-5)
+
+
+@pytest.mark.parametrize("p", NORM_TYPES)
+def test_compute_norms_by_parameter_gives_each_parameter_its_norm(p: float) -> None:
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(3, 4), nn.Linear(4, 2))
+    layout = ParamLayout.from_named_parameters(net.named_parameters(), group_by="parameter")
+    layers, total = compute_norms(layout, layout.params, p).per_layer()
+    assert layers == pytest.approx({n: hand_norm([t], p) for n, t in net.named_parameters()}, rel=1e-5)
+    assert total == pytest.approx(hand_norm(list(net.parameters()), p), rel=1e-5)
+
+
+def test_compute_norms_does_not_transfer_to_the_host_until_asked(monkeypatch: pytest.MonkeyPatch) -> None:
+    calls = []
+    original = torch.Tensor.tolist
+    monkeypatch.setattr(torch.Tensor, "tolist", lambda self: calls.append(1) or original(self))
+    net = nn.Linear(3, 4)
+    layout = ParamLayout.from_named_parameters(net.named_parameters())
+    norms = compute_norms(layout, layout.params, 2.0)
+    assert calls == []
+    norms.per_layer()
+    norms.per_layer()
+    assert len(calls) == 1
+
+
+def test_compute_norms_many_gives_one_norms_per_list() -> None:
+    net = nn.Linear(3, 4)
+    layout = ParamLayout.from_named_parameters(net.named_parameters())
+    lists = [layout.params, [2 * t for t in layout.params]]
+    first, second = compute_norms_many(layout, lists, 2.0)
+    assert second.host() == pytest.approx([2 * v for v in first.host()], rel=1e-6)
+
+
+@pytest.mark.parametrize("p", [1.0, 2.0, 3.0])
+def test_combine_on_powers_sums_them_per_group_and_takes_the_root(p: float) -> None:
+    norms = [3.0, 4.0, 1.0, 2.0]
+    groups = [0, 0, 1, 0]
+    per_group, total = combine([v**p for v in norms], groups, 2, p, powers=True)
+    want = [(3.0**p + 4.0**p + 2.0**p) ** (1 / p), 1.0]
+    assert per_group == pytest.approx(want)
+    assert total == pytest.approx(sum(v**p for v in norms) ** (1 / p))
+    assert combine(norms, groups, 2, p) == (pytest.approx(want), pytest.approx(total))
+
+
+def test_combine_inf_takes_maxima_and_propagates_nan() -> None:
+    assert combine([3.0, 4.0, 1.0], [0, 0, 1], 2, math.inf) == ([4.0, 1.0], 4.0)
+    per_group, total = combine([1.0, 2.0, math.nan, 0.5], [0, 0, 1, 1], 2, math.inf)
+    assert per_group[0] == 2.0 and math.isnan(per_group[1]) and math.isnan(total)
+
+
+def test_combine_overflows_to_inf_rather_than_raising() -> None:
+    per_group, total = combine([1e200, 1.0], [0, 1], 2, 3.0)
+    assert per_group == [math.inf, 1.0] and total == math.inf
+
+
+def test_transfer_brings_several_norms_to_the_host_in_one_transfer(monkeypatch: pytest.MonkeyPatch) -> None:
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(3, 4), nn.Linear(4, 2))
+    layout = ParamLayout.from_named_parameters(net.named_parameters())
+    small = ParamLayout.from_named_parameters(net[1].named_parameters())
+    grads = compute_norms(layout, [torch.randn_like(t) for t in layout.params], 2.0)
+    weights = compute_norms(layout, layout.params, 2.0)
+    other = compute_norms(small, small.params, 1.0)
+    done = compute_norms(small, small.params, 2.0)
+    done_values = done.host()
+    want = [grads.device_values.tolist(), weights.device_values.tolist(), other.device_values.tolist()]
+
+    calls = []
+    original = torch.Tensor.tolist
+    monkeypatch.setattr(torch.Tensor, "tolist", lambda self: calls.append(self.numel()) or original(self))
+    transfer([grads, weights, done, other])
+    assert calls == [4 + 4 + 2]  # one transfer, and ``done`` was left out of it
+    assert [grads.host(), weights.host(), other.host()] == [pytest.approx(w) for w in want]
+    assert done.host() is done_values
+    assert len(calls) == 1
+    transfer([grads, done])
+    assert len(calls) == 1
+
+
+def test_core_modules_do_not_import_lightning() -> None:
+    code = (
+        "import sys, gradmon.norms, gradmon.health, gradmon.tensorboard\n"
+        "roots = ('lightning', 'pytorch_lightning', 'lightning_fabric')\n"
+        "bad = sorted(m for m in sys.modules if m.split('.')[0] in roots)\n"
+        "assert not bad, bad\n"
+    )
+    root = Path(__file__).resolve().parents[1]
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=root)
+    assert proc.returncode == 0, proc.stderr[-2000:]
