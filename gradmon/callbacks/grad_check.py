@@ -1,0 +1,203 @@
+"""GradCheck: the directional gradient check of :mod:`gradmon.gradcheck`, run on a Trainer's own training step."""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Callable, Mapping
+from dataclasses import asdict, dataclass
+from typing import Any, Literal
+
+from lightning.fabric.utilities.exceptions import MisconfigurationException
+from lightning.pytorch import Callback, LightningModule, Trainer
+from torch import Tensor
+
+from gradmon._validation import check_choice, check_float, check_int
+from gradmon.callbacks._logging import log_scalars
+from gradmon.errors import GradientHealthError, GradientHealthWarning
+from gradmon.gradcheck import LayerCheck, apply_to_tensors, check_gradients
+
+OnFailure = Literal["warn", "stop", "raise"]
+
+
+@dataclass(frozen=True)
+class GradCheckResult:
+    """One layer at one check: ``step`` is ``trainer.global_step`` when the check ran."""
+
+    step: int
+    layer: str
+    rel_error: float
+    passed: bool
+
+
+class GradCheck(Callback):
+    """Check, during training, that every layer's gradient is the derivative of the loss.
+
+    When: at the start of a training batch (``on_train_batch_start``), before ``training_step``, so the weights checked
+    are the ones this step differentiates. It runs when ``trainer.global_step`` (optimizer steps taken so far) is a
+    positive multiple of ``every_n_steps`` and, with ``check_at_start``, once more on the first batch with
+    ``global_step >= burn_in_steps``. Under gradient accumulation only the first micro-batch of a step is checked.
+
+    What: the first ``num_samples`` examples of the batch (every tensor in it sliced along dim 0) go through the
+    module's own ``training_step`` on a float64 copy of the module, and
+    :func:`gradmon.gradcheck.check_gradients` compares, per layer and along ``num_directions`` random directions, the
+    autograd directional derivative with a central difference. ``self.log`` calls made by ``training_step`` during the
+    check are discarded. The run itself is untouched: weights, gradients, buffers (BatchNorm statistics), train/eval
+    modes and the CPU and CUDA random states are the same after the check as before, so a run ends with bit-identical
+    weights with or without this callback. Dropout is off in the copy; BatchNorm in train mode uses the statistics of
+    the sliced batch, so ``num_samples`` must be at least 2 for a model with BatchNorm.
+
+    Logged at ``trainer.global_step``, on rank 0:
+
+    - ``gradcheck/rel_error/<layer>``: the layer's worst relative error ``|a - n| / max(|a|, |n|)`` at this check;
+    - ``gradcheck/max_rel_error``: the worst over all layers.
+
+    A layer fails above ``fail_above``; below ``good_below`` its gradient is good, in between acceptable (it passes).
+    On a failure, ``on_failure`` decides: ``"warn"`` issues a :class:`~gradmon.errors.GradientHealthWarning`,
+    ``"stop"`` warns and sets ``trainer.should_stop``, ``"raise"`` raises
+    :class:`~gradmon.errors.GradientHealthError`; each names the step, the layers and their errors. Under DDP each rank
+    checks its own copy without collectives and the decision is shared, so every rank stops or raises together.
+    Every layer at every check is appended to :attr:`results`.
+
+    Needs automatic optimization, and a ``training_step`` that returns the loss (a tensor or ``{"loss": ...}``).
+
+    Example::
+
+        trainer = Trainer(callbacks=[GradCheck(every_n_steps=1000, on_failure="raise")])
+
+    Args:
+        every_n_steps: check every this many optimizer steps.
+        num_samples: examples taken from the start of the batch.
+        num_directions: random directions per layer.
+        eps: step length of the central difference, along a unit direction, in float64.
+        fail_above: relative error above which a layer's gradient is wrong.
+        good_below: relative error below which a layer's gradient is good; must be below ``fail_above``.
+        check_at_start: also check once at the first batch with ``global_step >= burn_in_steps``.
+        burn_in_steps: optimizer steps before that first check (one lets lazy modules materialise).
+        on_failure: ``"warn"``, ``"stop"`` or ``"raise"``.
+        seed: seeds the directions (offset by the step, so each check draws new ones).
+    """
+
+    def __init__(
+        self,
+        every_n_steps: int = 1000,
+        num_samples: int = 8,
+        num_directions: int = 2,
+        eps: float = 1e-6,
+        fail_above: float = 1e-2,
+        good_below: float = 1e-7,
+        check_at_start: bool = True,
+        burn_in_steps: int = 1,
+        on_failure: OnFailure = "warn",
+        seed: int = 0,
+    ) -> None:
+        self.every_n_steps = check_int("every_n_steps", every_n_steps, 1)
+        self.num_samples = check_int("num_samples", num_samples, 1)
+        self.num_directions = check_int("num_directions", num_directions, 1)
+        self.eps = check_float("eps", eps)
+        self.fail_above = check_float("fail_above", fail_above)
+        self.good_below = check_float("good_below", good_below)
+        if self.good_below >= self.fail_above:
+            raise ValueError(
+                f"`good_below={good_below!r}` is not valid: expected a number below fail_above={fail_above!r}."
+            )
+        self.check_at_start = check_choice("check_at_start", check_at_start, (True, False))
+        self.burn_in_steps = check_int("burn_in_steps", burn_in_steps, 0)
+        self.on_failure = check_choice("on_failure", on_failure, ("warn", "stop", "raise"))
+        self.seed = check_int("seed", seed, 0)
+        self.results: list[GradCheckResult] = []
+        self._last_step: int | None = None
+
+    @property
+    def state_key(self) -> str:
+        return self._generate_state_key(every_n_steps=self.every_n_steps)
+
+    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        if stage == "fit" and not pl_module.automatic_optimization:
+            raise MisconfigurationException(
+                "GradCheck needs automatic optimization: under manual optimization `training_step` steps the "
+                "optimizers itself, so it cannot be rerun as a function of the weights."
+            )
+
+    def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int) -> None:
+        step = trainer.global_step
+        if not self._due(step):
+            return
+        self._last_step = step
+        samples = apply_to_tensors(batch, lambda t: t[: self.num_samples] if t.dim() > 0 else t)
+        records = check_gradients(
+            pl_module,
+            _training_step_loss(trainer, batch_idx),
+            samples,
+            num_directions=self.num_directions,
+            eps=self.eps,
+            fail_above=self.fail_above,
+            good_below=self.good_below,
+            seed=self.seed + step,
+        )
+        self.results += [GradCheckResult(step, r.layer, r.rel_error, r.passed) for r in records]
+        if trainer.is_global_zero and records:
+            values = {f"gradcheck/rel_error/{r.layer}": r.rel_error for r in records}
+            values["gradcheck/max_rel_error"] = max(r.rel_error for r in records)
+            log_scalars(trainer, values, step=step)
+        failures = [r for r in records if not r.passed]
+        if trainer.strategy.reduce_boolean_decision(bool(failures), all=False):
+            self._act(trainer, step, failures)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"last_step": self._last_step, "results": [asdict(r) for r in self.results]}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self._last_step = state_dict["last_step"]
+        self.results = [GradCheckResult(**r) for r in state_dict["results"]]
+
+    def _due(self, step: int) -> bool:
+        if step == self._last_step:  # the next micro-batch of a step under gradient accumulation, or a resumed step
+            return False
+        if self.check_at_start and self._last_step is None and step >= self.burn_in_steps:
+            return True
+        return step > 0 and step % self.every_n_steps == 0
+
+    def _act(self, trainer: Trainer, step: int, failures: list[LayerCheck]) -> None:
+        if failures:
+            layers = ", ".join(f"{r.layer!r} (relative error {r.rel_error:.3g})" for r in failures)
+            noun = "layer" if len(failures) == 1 else "layers"
+            message = f"GradCheck at step {step}: wrong gradient in {noun} {layers}; fail_above={self.fail_above:g}."
+        else:
+            message = f"GradCheck at step {step}: a layer failed the gradient check on another rank."
+        if self.on_failure == "raise":
+            raise GradientHealthError(message)
+        if self.on_failure == "stop":
+            trainer.should_stop = True
+            message += " Stopping the run."
+        warnings.warn(message, GradientHealthWarning, stacklevel=2)
+
+
+def _training_step_loss(trainer: Trainer, batch_idx: int) -> Callable[[LightningModule, Any], Tensor]:
+    """The loss of ``training_step`` on the checked copy of the module."""
+
+    def loss(module: LightningModule, batch: Any) -> Tensor:
+        _attach_without_logging(module, trainer)
+        output = module.training_step(batch, batch_idx)
+        if isinstance(output, Mapping):
+            output = output.get("loss")
+        if not isinstance(output, Tensor):
+            raise ValueError(
+                f"GradCheck needs `training_step` to return the loss, a tensor or a dict with a 'loss' tensor; "
+                f"got {type(output).__name__}."
+            )
+        return output
+
+    return loss
+
+
+def _attach_without_logging(module: LightningModule, trainer: Trainer) -> None:
+    """Give the copy the trainer (a step may read ``self.global_step`` and the like) but discard its ``self.log``
+    calls, which would otherwise land in the run's metrics. Idempotent: the copy is made inside ``check_gradients``."""
+    module.trainer = trainer
+    for submodule in module.modules():
+        if isinstance(submodule, LightningModule):
+            submodule.log = submodule.log_dict = _discard
+
+
+def _discard(*args: Any, **kwargs: Any) -> None:
+    return None

@@ -1,0 +1,227 @@
+import subprocess
+import sys
+from collections import namedtuple
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from gradmon.gradcheck import (
+    apply_to_tensors,
+    check_gradients,
+    float64_copy,
+    judge,
+    layer_parameters,
+    numerical_gradient,
+    relative_error,
+)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny models gain nothing from a second intra-op thread, and on a busy machine lose a lot to it."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+class _ScaleGrad(torch.autograd.Function):
+    """Identity forward, backward scaled by ``scale``: a wrong gradient autograd cannot see."""
+
+    @staticmethod
+    def forward(ctx, x, scale):
+        ctx.scale = scale
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad * ctx.scale, None
+
+
+class WrongLinear(nn.Linear):
+    def __init__(self, *args, scale: float, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.scale = scale
+
+    def forward(self, x):
+        return F.linear(x, _ScaleGrad.apply(self.weight, self.scale), _ScaleGrad.apply(self.bias, self.scale))
+
+
+def mlp(width=16, wrong_scale=None, dropout=0.0, batchnorm=False):
+    middle = nn.Linear(width, width) if wrong_scale is None else WrongLinear(width, width, scale=wrong_scale)
+    norm = [nn.BatchNorm1d(width)] if batchnorm else []
+    return nn.Sequential(
+        nn.Linear(8, width), *norm, nn.ReLU(), nn.Dropout(dropout), middle, nn.ReLU(), nn.Linear(width, 3)
+    )
+
+
+def cross_entropy(model, batch):
+    x, y = batch
+    return F.cross_entropy(model(x), y)
+
+
+def batch(n=16, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randn(n, 8, generator=generator), torch.randint(0, 3, (n,), generator=generator)
+
+
+def test_numerical_gradient_matches_analytic_gradient_of_known_function():
+    x = torch.randn(4, 5, dtype=torch.float64)
+    numerical = numerical_gradient(lambda t: (t.sin() * t**2).sum(), x)
+    analytic = x.cos() * x**2 + 2 * x * x.sin()
+    assert numerical.shape == x.shape
+    torch.testing.assert_close(numerical, analytic, rtol=1e-8, atol=1e-8)
+
+
+def test_numerical_gradient_of_selected_indices_returns_them_in_order_and_leaves_input_alone():
+    x = torch.randn(3, 4, dtype=torch.float64).t()  # not contiguous: flat indices follow x.reshape(-1)
+    before = x.clone()
+    numerical = numerical_gradient(lambda t: (t**3).sum(), x, indices=[7, 0, 5])
+    torch.testing.assert_close(numerical, 3 * x.reshape(-1)[[7, 0, 5]] ** 2, rtol=1e-8, atol=1e-8)
+    assert torch.equal(x, before)
+
+
+def test_relative_error_is_zero_for_equal_numbers_and_two_for_a_sign_flip():
+    assert relative_error(0.0, 0.0) == 0.0
+    assert relative_error(1.5, 1.5) == 0.0
+    assert relative_error(1.0, -1.0) == 2.0
+    assert relative_error(10.0, 1.0) == pytest.approx(0.9)
+    assert relative_error(1e-12, -1e-12, floor=1e-6) == pytest.approx(2e-6)
+
+
+def test_judge_reads_relative_errors_with_the_usual_thresholds():
+    assert judge(1e-9) == "good"
+    assert judge(1e-4) == "acceptable"
+    assert judge(0.5) == "wrong"
+    assert judge(float("nan")) == "wrong"
+
+
+def test_layers_are_owning_modules_with_tied_parameters_once_and_root_parameters_alone():
+    model = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 4), nn.Linear(4, 4))
+    model[2].weight = model[0].weight
+    model[1].bias.requires_grad_(False)
+    model.register_parameter("scale", nn.Parameter(torch.ones(())))
+    layers = layer_parameters(model)
+    assert list(layers) == ["scale", "0", "1", "2"]
+    assert [len(params) for params in layers.values()] == [1, 2, 1, 1]
+    assert layers["2"][0] is model[2].bias
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_correct_mlps_with_relu_dropout_and_batchnorm_pass(seed):
+    torch.manual_seed(seed)
+    model = mlp(dropout=0.5, batchnorm=True)
+    records = check_gradients(model, cross_entropy, batch(seed=seed), num_directions=3, seed=seed)
+    assert [r.layer for r in records] == ["0", "1", "4", "6"]
+    assert all(r.passed for r in records), records
+
+
+@pytest.mark.parametrize("scale", [10.0, -1.0])
+def test_a_wrong_backward_fails_only_its_own_layer(scale):
+    torch.manual_seed(0)
+    records = {r.layer: r for r in check_gradients(mlp(wrong_scale=scale), cross_entropy, batch())}
+    assert not records["3"].passed
+    assert records["3"].rel_error > 0.5
+    assert all(records[layer].passed for layer in ["0", "5"])
+
+
+def test_a_tenfold_error_in_a_64_element_bias_of_a_large_layer_is_caught():
+    class WrongBias(nn.Linear):
+        def forward(self, x):
+            return F.linear(x, self.weight, _ScaleGrad.apply(self.bias, 10.0))
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 64), nn.ReLU(), WrongBias(64, 64), nn.ReLU(), nn.Linear(64, 10))
+    x, y = torch.randn(32, 64), torch.randint(0, 10, (32,))
+    records = {r.layer: r for r in check_gradients(model, cross_entropy, (x, y))}
+    assert [layer for layer, r in records.items() if not r.passed] == ["2"]
+
+
+def test_a_direction_across_a_kink_is_retried_with_smaller_eps():
+    model = nn.Module()
+    model.w = nn.Parameter(torch.tensor([1e-7]))  # eps=1e-6 crosses the ReLU kink at 0, eps=1e-7 does not
+
+    def loss(m, _):
+        return F.relu(m.w).sum()
+
+    assert not check_gradients(model, loss, None, retries=0)[0].passed
+    (record,) = check_gradients(model, loss, None, retries=2)
+    assert record.passed
+    assert record.eps < 1e-6
+
+
+def test_randomness_inside_the_loss_is_the_same_in_every_evaluation():
+    torch.manual_seed(0)
+    model = mlp()
+
+    def noisy_loss(m, b):
+        x, y = b
+        return F.cross_entropy(F.dropout(m(x), p=0.5, training=True), y)
+
+    assert all(r.passed for r in check_gradients(model, noisy_loss, batch()))
+
+
+def test_check_leaves_model_gradients_buffers_modes_and_rng_untouched():
+    torch.manual_seed(0)
+    model = mlp(dropout=0.5, batchnorm=True)
+    model[3].eval()
+    cross_entropy(model, batch()).backward()
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    grads = [p.grad.clone() for p in model.parameters()]
+    modes = [m.training for m in model.modules()]
+    rng = torch.get_rng_state()
+
+    check_gradients(model, cross_entropy, batch(seed=1))
+
+    assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
+    assert all(torch.equal(p.grad, g) for p, g in zip(model.parameters(), grads))
+    assert [m.training for m in model.modules()] == modes
+    assert torch.equal(torch.get_rng_state(), rng)
+
+
+def test_float64_copy_keeps_modes_but_turns_dropout_off():
+    model = mlp(dropout=0.5, batchnorm=True)
+    model[1].eval()
+    replica = float64_copy(model)
+    assert replica[0].weight.dtype == torch.float64
+    assert torch.equal(replica[0].weight, model[0].weight.double())
+    assert [m.training for m in replica.modules()] == [True, True, False, True, False, True, True, True]
+    assert model[3].training
+
+
+def test_hooks_of_the_model_do_not_see_the_check():
+    model = mlp()
+    calls = []
+    model[0].register_forward_hook(lambda *args: calls.append("forward"))
+    model[0].register_full_backward_hook(lambda *args: calls.append("backward"))
+    model[0].weight.register_post_accumulate_grad_hook(lambda p: calls.append("grad"))
+    check_gradients(model, cross_entropy, batch())
+    assert calls == []
+
+
+def test_apply_to_tensors_reaches_every_tensor_in_nested_containers():
+    Pair = namedtuple("Pair", "a b")
+    nested = {"x": [torch.ones(2), (torch.zeros(3), "label")], "pair": Pair(torch.ones(1), 7)}
+    doubled = apply_to_tensors(nested, lambda t: t + 1)
+    assert torch.equal(doubled["x"][0], torch.full((2,), 2.0))
+    assert torch.equal(doubled["x"][1][0], torch.ones(3))
+    assert doubled["x"][1][1] == "label"
+    assert isinstance(doubled["pair"], Pair) and doubled["pair"].b == 7
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "name"), [({"num_directions": 0}, "num_directions"), ({"eps": 0.0}, "eps"), ({"retries": -1}, "retries")]
+)
+def test_check_gradients_rejects_invalid_arguments_by_name(kwargs, name):
+    with pytest.raises(ValueError, match=f"`{name}="):
+        check_gradients(mlp(), cross_entropy, batch(), **kwargs)
+
+
+def test_gradcheck_module_does_not_import_lightning():
+    code = (
+        "import sys, gradmon.gradcheck; "
+        "sys.exit(any(m.split('.')[0] in ('lightning', 'pytorch_lightning') for m in sys.modules))"
+    )
+    assert subprocess.run([sys.executable, "-c", code]).returncode == 0
