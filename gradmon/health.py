@@ -22,6 +22,7 @@ Condition = Literal["vanishing", "exploding", "nonfinite"]
 CONDITIONS: tuple[Condition, ...] = ("vanishing", "exploding", "nonfinite")
 # Norms at or below this count as this for the log-scale rules, so a dead (all-zero) layer compares as tiny.
 _TINY = 1e-45
+_LOG_TINY = math.log(_TINY)
 
 
 @dataclass(frozen=True)
@@ -117,66 +118,61 @@ class HealthTracker:
     ) -> list[HealthEvent]:
         """Classify one step's per-layer norms (in the model's registration order) and return what is flagged.
 
-        Non-finite layers come first, in registration order. ``confirm_nonfinite(layer)`` is asked only for layers
-        whose norm is inf, to tell a gradient holding inf from a finite one whose norm overflowed (that one is
-        exploding).
+        Non-finite layers come first, then the others in registration order. ``confirm_nonfinite(layer)`` is asked
+        only for layers whose norm is inf, to tell a gradient holding inf from a finite one whose norm overflowed
+        (that one is exploding). Runs every step, so it is one pass of plain float arithmetic.
         """
         rules = self.rules
-        candidates: dict[str, tuple[Condition, str]] = {}
+        starved = self._depth_starved(norms)
+        spike = math.log(rules.spike_factor) if rules.spike_factor is not None else None
+        patience = {"vanishing": rules.vanishing_patience, "exploding": rules.exploding_patience}
+        decay = rules.history_decay
+        mean_log, seen, old_streak = self._mean_log, self._seen, self._streak
+        streak: dict[tuple[str, str], int] = {}  # a condition absent this step ends its streak
         nonfinite: list[HealthEvent] = []
+        flagged: list[HealthEvent] = []
         for layer, value in norms.items():
-            if math.isnan(value) or (math.isinf(value) and (confirm_nonfinite is None or confirm_nonfinite(layer))):
+            if value != value or (value == math.inf and (confirm_nonfinite is None or confirm_nonfinite(layer))):
                 nonfinite.append(HealthEvent(step, layer, "nonfinite", value, "nonfinite"))
-            elif value > rules.exploding_threshold:
-                candidates[layer] = ("exploding", "threshold")
-            elif rules.spike_factor is not None and self._seen.get(layer, 0) >= rules.warmup_steps and (
-                math.log(max(value, _TINY)) > self._mean_log[layer] + math.log(rules.spike_factor)
-            ):
-                candidates[layer] = ("exploding", "spike")
+                continue
+            log_value = math.log(value) if value > _TINY else _LOG_TINY
+            n = seen.get(layer, 0)
+            if value > rules.exploding_threshold:
+                condition, rule = "exploding", "threshold"
+            elif spike is not None and n >= rules.warmup_steps and log_value > mean_log[layer] + spike:
+                condition, rule = "exploding", "spike"
             elif value < rules.vanishing_threshold:
-                candidates[layer] = ("vanishing", "threshold")
-        for layer in self._depth_starved(norms):
-            candidates.setdefault(layer, ("vanishing", "depth"))
-
-        events = list(nonfinite)
-        for layer, value in norms.items():
-            for condition in ("vanishing", "exploding"):
+                condition, rule = "vanishing", "threshold"
+            elif layer in starved:
+                condition, rule = "vanishing", "depth"
+            else:
+                condition = None
+            if condition is not None:
                 key = (layer, condition)
-                if layer in candidates and candidates[layer][0] == condition:
-                    self._streak[key] = self._streak.get(key, 0) + 1
-                    patience = rules.vanishing_patience if condition == "vanishing" else rules.exploding_patience
-                    if self._streak[key] >= patience:
-                        events.append(HealthEvent(step, layer, condition, value, candidates[layer][1]))
-                else:
-                    self._streak.pop(key, None)
-            if math.isfinite(value):
-                self._observe(layer, value)
-        return events
+                count = streak[key] = old_streak.get(key, 0) + 1
+                if count >= patience[condition]:
+                    flagged.append(HealthEvent(step, layer, condition, value, rule))
+            if value != math.inf:
+                mean_log[layer] = log_value if n == 0 else decay * mean_log[layer] + (1.0 - decay) * log_value
+                seen[layer] = n + 1
+        self._streak = streak
+        return nonfinite + flagged
 
-    def _depth_starved(self, norms: Mapping[str, float]) -> list[str]:
+    def _depth_starved(self, norms: Mapping[str, float]) -> set[str]:
         """Layers, other than the last ``depth_window``, far below the last ones when the first ones are."""
         rules = self.rules
-        values = [v for v in norms.values() if math.isfinite(v)]
-        if rules.depth_ratio is None or len(values) != len(norms) or len(values) < rules.depth_min_layers:
-            return []
+        if rules.depth_ratio is None or len(norms) < rules.depth_min_layers:
+            return set()
+        values = list(norms.values())
+        if not all(v < math.inf for v in values):  # NaN and inf compare False
+            return set()
         k = rules.depth_window
-        logs = [math.log(max(v, _TINY)) for v in values]
-        last = sum(logs[-k:]) / k
-        bound = last + math.log(rules.depth_ratio)
+        logs = [math.log(v) if v > _TINY else _LOG_TINY for v in values]
+        bound = sum(logs[-k:]) / k + math.log(rules.depth_ratio)
         if sum(logs[:k]) / k >= bound:
-            return []
+            return set()
         names = list(norms)
-        return [names[i] for i in range(len(names) - k) if logs[i] < bound]
-
-    def _observe(self, layer: str, value: float) -> None:
-        log_value = math.log(max(value, _TINY))
-        seen = self._seen.get(layer, 0)
-        if seen == 0:
-            self._mean_log[layer] = log_value
-        else:
-            decay = self.rules.history_decay
-            self._mean_log[layer] = decay * self._mean_log[layer] + (1.0 - decay) * log_value
-        self._seen[layer] = seen + 1
+        return {names[i] for i in range(len(names) - k) if logs[i] < bound}
 
     def state_dict(self) -> dict[str, Any]:
         return {

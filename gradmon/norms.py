@@ -131,7 +131,7 @@ def stacked_norms(layout: ParamLayout, tensors: Sequence[Tensor], norm_type: flo
     ``tensors[i]`` must have the device and dtype of ``layout.params[i]`` (gradients, weights and updates do).
     No host sync happens here.
     """
-    locals_ = [local_tensor(t) for t in tensors]
+    locals_ = [local_tensor(t) for t in tensors] if layout.sharded else tensors
     if len(layout.groups) == 1:
         return _group_norms(locals_, norm_type)
     device = locals_[layout.groups[0][0]].device
@@ -173,15 +173,22 @@ def combine(values: Sequence[float], groups: Sequence[int], num_groups: int, nor
         return acc, max(acc, default=0.0) if all(a == a for a in acc) else math.nan
     p = norm_type
     acc = [0.0] * num_groups
-    for v, g in zip(values, groups):
-        acc[g] += v if powers else _pow(v, p)
+    if powers:
+        for v, g in zip(values, groups):
+            acc[g] += v
+    elif p == 2.0:
+        for v, g in zip(values, groups):
+            acc[g] += v * v
+    else:
+        for v, g in zip(values, groups):
+            acc[g] += _pow(v, p)
     total = sum(acc)
     return [_root(a, p) for a in acc], _root(total, p)
 
 
 def _pow(v: float, p: float) -> float:
     try:
-        return v**p if p != 2.0 else v * v
+        return v**p
     except OverflowError:
         return math.inf
 

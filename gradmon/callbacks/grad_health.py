@@ -147,15 +147,14 @@ class GradHealthMonitor(Callback):
         if norms is not None:
             per_layer, _ = norms.per_layer()  # the step's one host transfer
             events = self.tracker.update(step, per_layer, self._confirm_nonfinite(norms))
-        found = {c: [e for e in events if e.condition == c] for c in CONDITIONS}
-        present = {c for c in CONDITIONS if found[c]}
+        present = {e.condition for e in events}
         if self._agree:
             present = self._reduce(trainer, present)
-        self._record(step, events, present)
         if present:
-            self._act(trainer, optimizer, step, present, found)
+            self._record(step, events, present)
+            self._act(trainer, optimizer, step, present, events)
         if trainer.is_global_zero and trainer.loggers and (present or step % self._every == 0):
-            counts = {f"grad_health/{c}": float(len(found[c])) for c in CONDITIONS}
+            counts = {f"grad_health/{c}": float(sum(e.condition == c for e in events)) for c in CONDITIONS}
             counts["grad_health/skipped_steps"] = float(self.skipped_steps)
             _logging.log_scalars(trainer, counts, step)
 
@@ -195,8 +194,9 @@ class GradHealthMonitor(Callback):
         optimizer: torch.optim.Optimizer,
         step: int,
         present: set[str],
-        found: dict[str, list[HealthEvent]],
+        events: list[HealthEvent],
     ) -> None:
+        found = {c: [e for e in events if e.condition == c] for c in present}
         ordered = [c for c in ("nonfinite", "exploding", "vanishing") if c in present]
         raising = [c for c in ordered if self.actions[c] == "raise"]
         if raising:
