@@ -77,7 +77,9 @@ class HealthRules:
         if self.depth_ratio is not None:
             check_float("depth_ratio", self.depth_ratio, minimum=0.0)
             if self.depth_ratio >= 1.0:
-                raise ValueError(f"`depth_ratio={self.depth_ratio!r}` is not valid: expected a number in (0, 1) or None.")
+                raise ValueError(
+                    f"`depth_ratio={self.depth_ratio!r}` is not valid: expected a number in (0, 1) or None."
+                )
         check_int("depth_window", self.depth_window, 1)
         check_int("depth_min_layers", self.depth_min_layers, 2)
         if self.depth_min_layers < 2 * self.depth_window:

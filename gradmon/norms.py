@@ -110,7 +110,9 @@ def _shard_fraction(p: Tensor, world: int) -> float:
         if isinstance(placement, Shard):
             shards *= size
         elif not isinstance(placement, Replicate):
-            raise ValueError(f"gradmon cannot take norms of a DTensor with placement {placement} (only Shard/Replicate)")
+            raise ValueError(
+                f"gradmon cannot take norms of a DTensor with placement {placement}: only Shard and Replicate."
+            )
     return shards / world
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import warnings
 from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass
+from functools import cached_property
 from typing import Any, Literal
 
 from lightning.fabric.utilities.exceptions import MisconfigurationException
@@ -107,7 +108,7 @@ class GradCheck(Callback):
         self.results: list[GradCheckResult] = []
         self._last_step: int | None = None
 
-    @property
+    @cached_property  # Lightning reads it around every hook call
     def state_key(self) -> str:
         return self._generate_state_key(every_n_steps=self.every_n_steps)
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import warnings
 from collections import Counter
 from dataclasses import asdict
+from functools import cached_property
 from typing import Any, Literal
 
 import lightning.pytorch as pl
@@ -18,7 +19,13 @@ from gradmon.callbacks import _logging
 from gradmon.callbacks._grad_source import GradNormSource
 from gradmon.callbacks.grad_norm import GradNormMonitor
 from gradmon.errors import GradientHealthError, GradientHealthWarning
-from gradmon.health import CONDITIONS, Condition, HealthEvent, HealthRules, HealthTracker
+from gradmon.health import (
+    CONDITIONS,
+    Condition,
+    HealthEvent,
+    HealthRules,
+    HealthTracker,
+)
 from gradmon.norms import GroupBy, Norms, has_nonfinite
 
 Action = Literal["ignore", "warn", "skip", "stop", "raise"]
@@ -121,7 +128,7 @@ class GradHealthMonitor(Callback):
         self._first_step: dict[str, int] = {}
         self._agree = any(a in _COLLECTIVE for a in self.actions.values())
 
-    @property
+    @cached_property  # Lightning reads it around every hook call
     def state_key(self) -> str:
         return self._generate_state_key(**asdict(self.rules), norm_type=self.norm_type, group_by=self.group_by)
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Any
 
 import lightning.pytorch as pl
@@ -14,7 +15,14 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from gradmon._validation import check_choice, check_int, check_norm_type
 from gradmon.callbacks import _logging
 from gradmon.callbacks._grad_source import GradNormSource
-from gradmon.norms import GroupBy, Norms, compute_norms_many, full_tensor, local_tensor, transfer
+from gradmon.norms import (
+    GroupBy,
+    Norms,
+    compute_norms_many,
+    full_tensor,
+    local_tensor,
+    transfer,
+)
 
 
 @dataclass(eq=False)
@@ -85,7 +93,7 @@ class GradNormMonitor(Callback):
         self._layout_written = False
         self._no_histograms: set[int] = set()
 
-    @property
+    @cached_property  # Lightning reads it around every hook call
     def state_key(self) -> str:
         return self._generate_state_key(norm_type=self.norm_type, group_by=self.group_by)
 

@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import re
 from collections.abc import Sequence
-from typing import Any, Union
+from functools import cached_property
+from typing import Any
 
 import torch
 from lightning.pytorch import LightningModule, Trainer
@@ -78,10 +79,10 @@ class WeightInit(Callback):
         self,
         scheme: str,
         *,
-        types: Union[str, type, Sequence[Union[str, type]]] = DEFAULT_TYPES,
+        types: str | type | Sequence[str | type] = DEFAULT_TYPES,
         include: str | None = None,
         exclude: str | None = None,
-        bias: Union[str, float] = "zeros",
+        bias: str | float = "zeros",
         seed: int | None = None,
         **arguments: Any,
     ) -> None:
@@ -94,7 +95,7 @@ class WeightInit(Callback):
         self.records: list[InitRecord] = []
         self._applied = False
 
-    @property
+    @cached_property  # Lightning reads it around every hook call
     def state_key(self) -> str:
         return self._generate_state_key(
             scheme=format_scheme(self.scheme, self.arguments),
