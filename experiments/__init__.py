@@ -1,0 +1,1 @@
+"""Experiments that reproduce vanishing, exploding and initialisation effects, plus the overhead benchmark."""
