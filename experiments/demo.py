@@ -1,0 +1,95 @@
+"""The main job (``make demo``): run the experiments, then write figures and a summary of every run::
+
+    python -m experiments.demo [--logdir runs]
+
+1. sigmoid saturation and 2. the matrix product (computed, not trained); 3. vanishing through depth (sigmoid, tanh,
+relu), 4. initialisation (N(0, 0.01), N(0, 1), Xavier, Kaiming, PyTorch's default), 5. exploding (stopped by
+GradHealthMonitor) and 6. the gradient check (buggy, fixed), each variant a TensorBoard run at
+``<logdir>/<experiment>/<variant>``; then ``gradmon report`` over all of them into ``<logdir>/report``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import time
+import warnings
+from pathlib import Path
+
+import torch
+
+from experiments import matrix_product, sigmoid
+from experiments.__main__ import THREADS, cli_main
+from gradmon.report import write_report
+
+CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+#: The training runs, in the order the README walks through them.
+CONFIGS = (
+    "vanishing_sigmoid",
+    "vanishing_tanh",
+    "vanishing_relu",
+    "init_normal_0.01",
+    "init_normal_1",
+    "init_xavier",
+    "init_kaiming",
+    "init_default",
+    "exploding_relu",
+    "gradcheck_buggy",
+    "gradcheck_fixed",
+)
+EXPERIMENTS = (sigmoid.EXPERIMENT, matrix_product.EXPERIMENT, "vanishing", "init", "exploding", "gradcheck")
+
+
+def train(config: str, logdir: Path) -> None:
+    start = time.perf_counter()
+    cli = cli_main(
+        [
+            "fit",
+            f"--config={CONFIG_DIR / f'{config}.yaml'}",
+            f"--trainer.logger.init_args.save_dir={logdir}",
+            "--trainer.enable_progress_bar=false",
+            "--trainer.enable_model_summary=false",
+        ]
+    )
+    trainer = cli.trainer
+    val_acc = trainer.callback_metrics.get("val/acc")
+    accuracy = f"val acc {float(val_acc):.3f}" if val_acc is not None else "no validation"
+    print(
+        f"==> {trainer.logger.name}/{trainer.logger.version}: {trainer.global_step} steps, {accuracy}, "
+        f"{time.perf_counter() - start:.1f} s",
+        flush=True,
+    )
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m experiments.demo", description=__doc__.split("\n")[0])
+    parser.add_argument("--logdir", type=Path, default=Path("runs"), help="TensorBoard log root (default: runs)")
+    logdir = parser.parse_args(argv).logdir
+    torch.set_num_threads(THREADS)
+    # The configs go to LightningCLI as `args`; the demo's own options are not for it.
+    warnings.filterwarnings("ignore", ".*LightningCLI's args parameter is intended to run from within Python.*")
+
+    start = time.perf_counter()
+    # A rerun would add a second event file to each run directory, and TensorBoard would draw both as one run.
+    for experiment in EXPERIMENTS:
+        shutil.rmtree(logdir / experiment, ignore_errors=True)
+    print(f"==> cleared earlier runs under {logdir}/ of: {', '.join(EXPERIMENTS)}", flush=True)
+    print(f"==> {sigmoid.run(logdir)}", flush=True)
+    print(f"==> {matrix_product.run(logdir)}", flush=True)
+    for config in CONFIGS:
+        train(config, logdir)
+    report = logdir / "report"
+    written = write_report(logdir, report)
+
+    print(f"\nDone in {time.perf_counter() - start:.0f} s.")
+    print(f"  TensorBoard runs:  {logdir}/<experiment>/<variant> ({', '.join(EXPERIMENTS)})")
+    print(
+        f"  Figures:           {logdir / sigmoid.EXPERIMENT / 'sigmoid.png'}, "
+        f"{logdir / matrix_product.EXPERIMENT / 'matrix_product.png'}, and {len(written) - 1} under {report}/"
+    )
+    print(f"  Summary:           {report / 'summary.md'}")
+    print(f"  Open TensorBoard:  tensorboard --logdir {logdir}")
+
+
+if __name__ == "__main__":
+    main()

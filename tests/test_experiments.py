@@ -1,0 +1,199 @@
+"""Each experiment shows what it exists to show, read back from what it logged.
+
+Every training config runs for a few steps through the same CLI as ``python -m experiments fit --config ...``, with
+its logs in a temporary directory, and the assertions read the TensorBoard event files (or the callbacks' records).
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+import gradmon
+from experiments import matrix_product, sigmoid
+from experiments.__main__ import cli_main
+from experiments.demo import CONFIGS
+from experiments.gradcheck_bug import PLANTED_LAYER, LinearWrongWeightGrad
+from gradmon.report import layer_norms, load_run
+
+CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+EPOCHS, BATCHES = 2, 3
+MAX_STEPS = EPOCHS * BATCHES
+
+pytestmark = pytest.mark.filterwarnings(
+    "ignore::gradmon.GradientHealthWarning", "ignore:.*LightningCLI's args parameter.*"
+)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def single_threaded():
+    """Train as ``python -m experiments`` does, and give the session its thread count back afterwards."""
+    from experiments.__main__ import THREADS
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(THREADS)
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_every_config_is_run_by_the_demo():
+    assert sorted(CONFIGS) == sorted(p.stem for p in CONFIG_DIR.glob("*.yaml"))
+
+
+def test_sigmoid_gradient_peaks_at_a_quarter_and_is_3e_4_at_8():
+    x = torch.linspace(-8.0, 8.0, 161)
+    y, grad = sigmoid.sigmoid_and_gradient(x)
+    assert grad.max().item() == pytest.approx(0.25, abs=1e-6)
+    assert x[grad.argmax()].item() == pytest.approx(0.0, abs=1e-6)
+    expected_at_8 = math.exp(-8) / (1 + math.exp(-8)) ** 2  # 3.3535e-4
+    assert grad[0].item() == pytest.approx(expected_at_8, rel=1e-3)
+    assert grad[-1].item() == pytest.approx(expected_at_8, rel=1e-3)
+    torch.testing.assert_close(y, torch.sigmoid(x))
+
+
+def test_sigmoid_run_writes_a_png_and_a_tensorboard_image(tmp_path):
+    png = sigmoid.run(tmp_path)
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    events = EventAccumulator(str(tmp_path / "sigmoid" / "saturation"))
+    events.Reload()
+    assert events.Tags()["images"] == ["sigmoid/curve_and_gradient"]
+
+
+def test_matrix_product_explodes_for_standard_normal_and_not_when_scaled():
+    standard = matrix_product.product_norms("standard_normal", k_max=50).median(dim=0).values
+    scaled = matrix_product.product_norms("scaled", k_max=50).median(dim=0).values
+    orthogonal = matrix_product.product_norms("orthogonal", k_max=50)
+    assert standard[-1] > 1e10  # the tutorial's entries near 1e12
+    # Variance 1/n keeps the mean square; at width 4 the median still drifts about 0.06 decades per factor.
+    assert 1e-4 < scaled[-1] < 1.0
+    torch.testing.assert_close(orthogonal, torch.full_like(orthogonal, 2.0))  # sqrt(4): exactly preserved
+
+
+def test_matrix_product_run_logs_the_median_norm_per_k_for_every_variant(tmp_path):
+    matrix_product.run(tmp_path, k_max=10, draws=16)
+    for variant in matrix_product.FACTORS:
+        series = load_run(tmp_path / "matrix_product" / variant).scalars["matrix_product/norm"]
+        assert series.steps.tolist() == list(range(1, 11))
+    assert (tmp_path / "matrix_product" / "matrix_product.png").stat().st_size > 10_000
+
+
+def test_the_planted_backward_fails_torch_gradcheck_and_nn_linear_passes():
+    torch.manual_seed(0)
+    x = torch.randn(4, 3, dtype=torch.float64)
+    for layer, passes in ((LinearWrongWeightGrad(3, 2), False), (torch.nn.Linear(3, 2), True)):
+        layer = layer.double()
+        check = torch.autograd.gradcheck(
+            lambda w, layer=layer: torch.func.functional_call(layer, {"weight": w}, x),
+            (layer.weight.detach().requires_grad_(),),
+            raise_exception=False,
+        )
+        assert check is passes
+
+
+def test_cli_overrides_reach_the_model_and_the_data_sizes_are_linked(tmp_path):
+    cli = cli_main(
+        [
+            "--config",
+            str(CONFIG_DIR / "vanishing_sigmoid.yaml"),
+            "--model.depth=20",
+            "--trainer.max_epochs=3",
+            f"--trainer.logger.init_args.save_dir={tmp_path}",
+        ],
+        run=False,
+    )
+    linears = [m for m in cli.model.net if isinstance(m, torch.nn.Linear)]
+    assert len(linears) == 21
+    assert (linears[0].in_features, linears[-1].out_features) == (64, 10)
+    assert cli.trainer.max_epochs == 3
+    assert (cli.trainer.logger.name, cli.trainer.logger.version) == ("vanishing", "sigmoid")
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory) -> dict[str, tuple[object, Path]]:
+    """Every config, two epochs of three batches with every step logged: config name -> (CLI, run directory)."""
+    logdir = tmp_path_factory.mktemp("runs")
+    done = {}
+    for config in CONFIGS:
+        cli = cli_main(
+            [
+                "fit",
+                f"--config={CONFIG_DIR / f'{config}.yaml'}",
+                f"--trainer.logger.init_args.save_dir={logdir}",
+                f"--trainer.max_epochs={EPOCHS}",
+                f"--trainer.limit_train_batches={BATCHES}",
+                "--trainer.limit_val_batches=2",
+                "--trainer.log_every_n_steps=1",
+                "--trainer.enable_progress_bar=false",
+                "--trainer.enable_model_summary=false",
+            ]
+        )
+        done[config] = (cli, Path(cli.trainer.logger.log_dir))
+    return done
+
+
+def first_layer_and_last(run_dir: Path) -> tuple[float, float]:
+    """First and last layer's gradient norm at the first logged step, before training has changed anything."""
+    _, norms = layer_norms(load_run(run_dir), 0)
+    values = list(norms.values())
+    return values[0], values[-1]
+
+
+def callback(cli, kind: type):
+    return next(c for c in cli.trainer.callbacks if isinstance(c, kind))
+
+
+def test_every_variant_is_its_own_run_with_hparams_config_and_accuracy(runs):
+    directories = {(d.parent.name, d.name) for _, d in runs.values()}
+    assert len(directories) == len(CONFIGS)
+    for _, run_dir in runs.values():
+        assert "depth:" in (run_dir / "hparams.yaml").read_text()
+        assert (run_dir / "config.yaml").is_file()
+        assert {"train/loss", "train/acc", "val/acc"} <= set(load_run(run_dir).scalars), run_dir
+
+
+def test_deep_sigmoid_starves_its_first_layer_and_relu_and_tanh_do_not(runs):
+    sigmoid_first, sigmoid_last = first_layer_and_last(runs["vanishing_sigmoid"][1])
+    relu_first, _ = first_layer_and_last(runs["vanishing_relu"][1])
+    tanh_first, tanh_last = first_layer_and_last(runs["vanishing_tanh"][1])
+    assert sigmoid_first < 1e-6 * sigmoid_last  # about 0.25 per layer over 16 layers
+    assert sigmoid_first < 1e-4 * relu_first
+    assert 1e-1 < tanh_first / tanh_last < 1e1
+
+
+def test_initialisations_order_the_first_layer_gradient_by_their_scale(runs):
+    first = {
+        v: first_layer_and_last(runs[f"init_{v}"][1])[0]
+        for v in ("normal_0.01", "default", "xavier", "kaiming", "normal_1")
+    }
+    assert list(first) == sorted(first, key=first.get), first
+    assert first["normal_0.01"] < 1e-12 and first["normal_1"] > 1e6
+    kaiming_first, kaiming_last = first_layer_and_last(runs["init_kaiming"][1])
+    assert 1e-1 < kaiming_first / kaiming_last < 1e1  # the gain sqrt(2) keeps every layer's gradient alike
+
+
+def test_exploding_run_is_stopped_by_grad_health_monitor(runs):
+    cli, run_dir = runs["exploding_relu"]
+    assert cli.trainer.global_step < MAX_STEPS
+    events = callback(cli, gradmon.GradHealthMonitor).events
+    assert events and events[0].condition == "exploding" and events[0].step == 0
+    assert load_run(run_dir).scalars["grad_health/exploding"].values[0] > 0
+
+
+def test_gradcheck_names_the_planted_layer_and_stops_the_buggy_run(runs):
+    cli, run_dir = runs["gradcheck_buggy"]
+    results = callback(cli, gradmon.GradCheck).results
+    assert {r.layer for r in results if not r.passed} == {PLANTED_LAYER}
+    assert cli.trainer.global_step < MAX_STEPS
+    assert load_run(run_dir).scalars[f"gradcheck/rel_error/{PLANTED_LAYER}"].values[0] > 0.1
+
+
+def test_gradcheck_passes_the_fixed_model(runs):
+    cli, run_dir = runs["gradcheck_fixed"]
+    results = callback(cli, gradmon.GradCheck).results
+    assert results and all(r.passed for r in results)
+    assert cli.trainer.global_step == MAX_STEPS
+    assert load_run(run_dir).scalars["gradcheck/max_rel_error"].values.max() < 1e-4
