@@ -36,7 +36,9 @@ class HealthRules:
       (norms of 1e6 and up) is caught at its first step. Raise it for losses with very large targets.
     - ``spike_factor=100`` after ``warmup_steps=20``: a layer whose norm jumps 100x above its own running
       (geometric) mean within one step is exploding whatever the loss's scale; ordinary training noise stays within
-      about 10x, and the first steps of training, where norms legitimately move fast, are excluded.
+      about 10x, and the first steps of training, where norms legitimately move fast, are excluded. A layer whose
+      running mean is below ``vanishing_threshold`` is not judged by it: climbing out of vanishing (or out of an
+      all-zero gradient) is not an explosion.
       ``history_decay=0.9`` gives the running mean a memory of about ten steps.
     - ``depth_ratio=1e-3`` with ``depth_window=2``: when the geometric mean of the first two layers' norms is a
       thousand times below that of the last two, gradients are dying on their way back through depth (a sigmoid MLP
@@ -129,6 +131,7 @@ class HealthTracker:
         spike = math.log(rules.spike_factor) if rules.spike_factor is not None else None
         patience = {"vanishing": rules.vanishing_patience, "exploding": rules.exploding_patience}
         decay = rules.history_decay
+        log_vanishing = math.log(rules.vanishing_threshold) if rules.vanishing_threshold > 0 else _LOG_TINY
         mean_log, seen, old_streak = self._mean_log, self._seen, self._streak
         streak: dict[tuple[str, str], int] = {}  # a condition absent this step ends its streak
         nonfinite: list[HealthEvent] = []
@@ -141,10 +144,15 @@ class HealthTracker:
             n = seen.get(layer, 0)
             if value > rules.exploding_threshold:
                 condition, rule = "exploding", "threshold"
-            elif spike is not None and n >= rules.warmup_steps and log_value > mean_log[layer] + spike:
-                condition, rule = "exploding", "spike"
             elif value < rules.vanishing_threshold:
                 condition, rule = "vanishing", "threshold"
+            elif (
+                spike is not None
+                and n >= rules.warmup_steps
+                and mean_log[layer] > log_vanishing  # a layer climbing out of vanishing is not exploding
+                and log_value > mean_log[layer] + spike
+            ):
+                condition, rule = "exploding", "spike"
             elif layer in starved:
                 condition, rule = "vanishing", "depth"
             else:

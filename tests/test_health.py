@@ -105,3 +105,12 @@ def test_bad_rules_name_the_argument_and_value(kwargs: dict, argument: str) -> N
     with pytest.raises(ValueError, match=f"`{argument}=") as info:
         HealthRules(**kwargs)
     assert "expected" in str(info.value)
+
+
+def test_a_layer_climbing_out_of_vanishing_or_zero_is_not_a_spike() -> None:
+    tracker = HealthTracker(HealthRules(warmup_steps=3, depth_ratio=None, vanishing_patience=100))
+    for step in range(10):
+        assert tracker.update(step, {"dead": 0.0, "faint": 1e-12}) == []
+    # Jumps of 1e22x and 1e6x, but from below the vanishing threshold: neither is exploding.
+    events = tracker.update(10, {"dead": 4e-23, "faint": 1e-6})
+    assert [e for e in events if e.condition == "exploding"] == []
