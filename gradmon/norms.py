@@ -57,12 +57,14 @@ class ParamLayout:
         index = {name: j for j, name in enumerate(self.layer_names)}
         self.layer_of_param = [index[name] for name in self.param_layers]
 
-        by_key: dict[tuple[torch.device, torch.dtype], list[int]] = {}
+        by_key: dict[tuple[torch.device, torch.dtype, bool], list[int]] = {}
         for i, p in enumerate(self.params):
             local = local_tensor(p)
-            by_key.setdefault((local.device, local.dtype), []).append(i)
-        #: Indices into ``params`` per (device, dtype) group: one fused kernel each.
+            by_key.setdefault((local.device, local.dtype, _blas_friendly(local)), []).append(i)
+        #: Indices into ``params`` per (device, dtype) group: one fused kernel each (large CPU tensors apart).
         self.groups = list(by_key.values())
+        #: Per group: whether its 2-norms are taken with BLAS dot products (see :func:`_group_norms`).
+        self.group_uses_dot = [key[2] for key in by_key]
         order = [i for g in self.groups for i in g]
         # Puts the concatenated group results back into parameter order.
         self._unpermute = torch.argsort(torch.tensor(order)) if order != sorted(order) else None
@@ -126,6 +128,7 @@ def full_tensor(t: Tensor) -> Tensor:
     return t.full_tensor() if isinstance(t, DTensor) else t
 
 
+@torch.no_grad()
 def stacked_norms(layout: ParamLayout, tensors: Sequence[Tensor], norm_type: float) -> Tensor:
     """The p-norm of each tensor's local data as one vector (float32, or float64 when any tensor is) on the first
     group's device, in input order.
@@ -135,16 +138,32 @@ def stacked_norms(layout: ParamLayout, tensors: Sequence[Tensor], norm_type: flo
     """
     locals_ = [local_tensor(t) for t in tensors] if layout.sharded else tensors
     if len(layout.groups) == 1:
-        return _group_norms(locals_, norm_type)
+        return _group_norms(locals_, norm_type, layout.group_uses_dot[0])
     device = locals_[layout.groups[0][0]].device
-    parts = [_group_norms([locals_[i] for i in group], norm_type).to(device) for group in layout.groups]
+    parts = [
+        _group_norms([locals_[i] for i in group], norm_type, dot).to(device)
+        for group, dot in zip(layout.groups, layout.group_uses_dot)
+    ]
     stacked = torch.cat(parts)
     return stacked[layout._unpermute.to(device)] if layout._unpermute is not None else stacked
 
 
-def _group_norms(tensors: list[Tensor], norm_type: float) -> Tensor:
-    """One fused kernel for tensors of one device and dtype, accumulated in at least float32 (bf16 and fp16 norms
-    would lose digits; float64 cannot be narrowed)."""
+# On the CPU, torch's norm kernel runs on one thread; for the 2-norm of a large float tensor a BLAS dot product
+# (multi-threaded, SIMD) is about three times as fast and, measured on 262k-element gradients, closer to the float64
+# norm (1e-7 against 1e-5 relative error). Below this size the per-tensor call costs more than the fused kernel saves
+# (measured inside a training loop, where the fused kernel is slower than in isolation).
+_DOT_MIN_NUMEL = 1 << 14
+
+
+def _blas_friendly(t: Tensor) -> bool:
+    return t.device.type == "cpu" and t.dtype in (torch.float32, torch.float64) and t.numel() >= _DOT_MIN_NUMEL
+
+
+def _group_norms(tensors: list[Tensor], norm_type: float, dot: bool = False) -> Tensor:
+    """Norms of tensors of one device and dtype: one fused ``_foreach_norm``, accumulated in at least float32 (bf16
+    and fp16 norms would lose digits; float64 cannot be narrowed); or, for the 2-norm of large CPU tensors, dots."""
+    if dot and norm_type == 2.0:
+        return torch.stack([torch.dot(f, f) for f in (t.reshape(-1) for t in tensors)]).sqrt_()
     dtype = torch.promote_types(tensors[0].dtype, torch.float32)
     return torch.stack(torch._foreach_norm(tensors, norm_type, dtype=dtype))
 

@@ -149,9 +149,9 @@ class GradNormMonitor(Callback):
             if record.snapshot is None:
                 updates.append(None)
                 continue
-            current = [local_tensor(p).detach() for p in record.grads.layout.params]
-            deltas = torch._foreach_sub(current, record.snapshot)
-            updates.append(compute_norms_many(record.grads.layout, [deltas], self.norm_type)[0])
+            # The snapshot becomes w_before - w_after in place: no second copy of the weights.
+            torch._foreach_sub_(record.snapshot, [local_tensor(p).detach() for p in record.grads.layout.params])
+            updates.append(compute_norms_many(record.grads.layout, [record.snapshot], self.norm_type)[0])
         transfer([n for r, u in zip(pending, updates) for n in (r.grads, r.weights, u) if n is not None])
         if not trainer.is_global_zero:
             return
