@@ -7,6 +7,7 @@ on the whole batch, and reports the medians and their ratio. Run with ``python -
 
 from __future__ import annotations
 
+import functools
 import statistics
 import time
 from collections.abc import Callable
@@ -96,7 +97,7 @@ def main(threads: int = 1) -> None:
     num_samples, batch_size = 8, 128
     rows = []
     for name, (depth, width) in REFERENCE_MLPS.items():
-        m = measure(lambda: kaiming_mlp(depth, width), batch_size=batch_size, num_samples=num_samples)
+        m = measure(functools.partial(kaiming_mlp, depth, width), batch_size=batch_size, num_samples=num_samples)
         rows.append([
             f"{name} ({depth}x{width})",
             f"{m['params']:,}",

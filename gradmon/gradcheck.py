@@ -24,6 +24,7 @@ import torch
 from torch import Tensor, nn
 
 from gradmon._validation import check_float, check_int
+from gradmon.norms import layer_name
 
 Status = Literal["good", "acceptable", "wrong"]
 
@@ -127,7 +128,7 @@ def layer_parameters(model: nn.Module) -> dict[str, list[nn.Parameter]]:
     layers: dict[str, list[nn.Parameter]] = {}
     for name, param in model.named_parameters():
         if param.requires_grad:
-            layers.setdefault(name.rpartition(".")[0] or name, []).append(param)
+            layers.setdefault(layer_name(name), []).append(param)
     return layers
 
 
@@ -244,7 +245,7 @@ def _check_direction(
         direction = _unit_direction(layer, generator)
         analytic = sum((g * v).sum() for g, v in zip(grads, direction)).item()
 
-        def loss_along(t: float) -> float:
+        def loss_along(t: float, direction: list[Tensor] = direction) -> float:
             with torch.no_grad():
                 for p, w, v in zip(layer, weights, direction):
                     p.copy_(w + t * v)

@@ -25,7 +25,7 @@ import re
 import warnings
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Union
+from typing import Any
 
 import torch
 from torch import nn
@@ -55,7 +55,7 @@ NONLINEARITIES = (
 BIAS_CHOICES = ("zeros", "keep")
 
 #: A layer type, or its name: ``"Linear"`` (from ``torch.nn``) or a dotted path such as ``"torch.nn.Embedding"``.
-LayerType = Union[str, type]
+LayerType = str | type
 
 _ANY_NUMBER = {"minimum": -math.inf, "inclusive": True}
 

@@ -29,17 +29,6 @@ pytestmark = pytest.mark.filterwarnings(
 )
 
 
-@pytest.fixture(scope="module", autouse=True)
-def single_threaded():
-    """Train as ``python -m experiments`` does, and give the session its thread count back afterwards."""
-    from experiments.__main__ import THREADS
-
-    threads = torch.get_num_threads()
-    torch.set_num_threads(THREADS)
-    yield
-    torch.set_num_threads(threads)
-
-
 def test_every_config_is_run_by_the_demo():
     assert sorted(CONFIGS) == sorted(p.stem for p in CONFIG_DIR.glob("*.yaml"))
 

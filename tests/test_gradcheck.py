@@ -18,15 +18,6 @@ from gradmon.gradcheck import (
 )
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models gain nothing from a second intra-op thread, and on a busy machine lose a lot to it."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 class _ScaleGrad(torch.autograd.Function):
     """Identity forward, backward scaled by ``scale``: a wrong gradient autograd cannot see."""
 

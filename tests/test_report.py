@@ -10,7 +10,6 @@ from pathlib import Path
 import matplotlib.image
 import numpy as np
 import pytest
-import torch
 from torch.utils.tensorboard import SummaryWriter
 
 from gradmon.cli import main
@@ -22,17 +21,6 @@ PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 pytestmark = pytest.mark.filterwarnings(
     "ignore::gradmon.GradientHealthWarning", "ignore:.*LightningCLI's args parameter.*"
 )
-
-
-@pytest.fixture(scope="module", autouse=True)
-def single_threaded():
-    """Train as ``python -m experiments`` does, and give the session its thread count back afterwards."""
-    from experiments.__main__ import THREADS
-
-    threads = torch.get_num_threads()
-    torch.set_num_threads(THREADS)
-    yield
-    torch.set_num_threads(threads)
 
 
 def write_run(path: Path, steps: dict[int, dict[str, float]]) -> Path:
