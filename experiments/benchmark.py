@@ -8,7 +8,9 @@ init, so the healthy path is timed; batch 128, CPU) three ways:
 
   (a) no callbacks;
   (b) GradNormMonitor + GradHealthMonitor, computing every step and logging every 50;
-  (c) ``self.log_dict(grad_norm(self, norm_type=2))`` in ``on_before_optimizer_step``, logging every 50.
+  (c) ``self.log_dict(grad_norm(self, norm_type=2))`` in ``on_before_optimizer_step``, logging every 50;
+  (f) the floor: one callback that does nothing but ``torch._foreach_norm`` over the gradients in
+      ``on_before_optimizer_step``, i.e. the least any per-step, per-layer monitor at that hook can cost.
 
 All three log to TensorBoard with ``log_every_n_steps=50``. Step times are taken between callback hooks after a
 warm-up, so Trainer start-up is excluded. Prints ms/step and the ratios (b)/(a) and (c)/(b), then the cost of one
@@ -67,6 +69,13 @@ class RecipeMLP(BenchMLP):
         self.log_dict(grad_norm(self, norm_type=2))
 
 
+class NormFloor(pl.Callback):
+    """Reads every gradient once per step and nothing else: what (b) cannot go below at its hook."""
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
+        torch._foreach_norm([p.grad for p in pl_module.parameters()], 2.0)
+
+
 class StepTimer(pl.Callback):
     def __init__(self) -> None:
         self.start = self.end = 0.0
@@ -86,6 +95,8 @@ def ms_per_step(variant: str, depth: int, width: int, steps: int, logdir: str) -
     callbacks: list[pl.Callback] = [timer]
     if variant == "b":
         callbacks = [GradNormMonitor(log_every_n_steps=50), GradHealthMonitor(), timer]
+    elif variant == "f":
+        callbacks = [NormFloor(), timer]
     g = torch.Generator().manual_seed(0)
     x = torch.randn(BATCH * steps, IN_FEATURES, generator=g)
     y = torch.randint(0, 10, (BATCH * steps,), generator=g)
@@ -110,15 +121,17 @@ def main(argv: list[str] | None = None) -> None:
     models = {"20x64": (20, 64, 400), "4x512": (4, 512, 150)}
     print(f"machine: {platform.processor() or platform.machine()}, {torch.get_num_threads()} torch threads, "
           f"torch {torch.__version__}, lightning {pl.__version__}")
-    print(f"{'model':<8}{'(a) none':>12}{'(b) gradmon':>14}{'(c) recipe':>13}{'(b)/(a)':>10}{'(c)/(b)':>10}")
+    print(f"{'model':<8}{'(a) none':>12}{'(b) gradmon':>14}{'(c) recipe':>13}{'(f) floor':>12}"
+          f"{'(b)/(a)':>10}{'(c)/(b)':>10}{'(f)/(a)':>10}")
     with tempfile.TemporaryDirectory() as logdir:
         for name, (depth, width, steps) in models.items():
-            times: dict[str, list[float]] = {"a": [], "b": [], "c": []}
+            times: dict[str, list[float]] = {"a": [], "b": [], "c": [], "f": []}
             for _ in range(max(args.repeats, 5)):
                 for variant in times:  # interleaved, so drifts in machine load hit all three alike
                     times[variant].append(ms_per_step(variant, depth, width, steps, logdir))
-            a, b, c = (statistics.median(times[v]) for v in "abc")
-            print(f"{name:<8}{a:>10.3f}ms{b:>12.3f}ms{c:>11.3f}ms{b / a:>10.3f}{c / b:>10.2f}", flush=True)
+            a, b, c, f = (statistics.median(times[v]) for v in "abcf")
+            times_ms = f"{a:>10.3f}ms{b:>12.3f}ms{c:>11.3f}ms{f:>10.3f}ms"
+            print(f"{name:<8}{times_ms}{b / a:>10.3f}{c / b:>10.2f}{f / a:>10.3f}", flush=True)
     print()
     benchmark_gradcheck.main(threads=torch.get_num_threads())
 

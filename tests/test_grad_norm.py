@@ -160,7 +160,7 @@ def test_no_host_sync_and_no_work_on_steps_that_do_not_log(tmp_path: Path, monke
     monitor = GradNormMonitor(log_every_n_steps=2)
     original_grad_norms = monitor.source.grad_norms
     monkeypatch.setattr(
-        monitor.source, "grad_norms", lambda t, m, o: computed.append(t.global_step) or original_grad_norms(t, m, o)
+        monitor.source, "grad_norms", lambda s, m, o: computed.append(s) or original_grad_norms(s, m, o)
     )
     for method in ("tolist", "item"):
         original = getattr(torch.Tensor, method)

@@ -38,10 +38,11 @@ class GradNormSource:
         return layout
 
     def grad_norms(
-        self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer
+        self, step: int, pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer
     ) -> Norms | None:
-        """Norms of this step's gradients (``None`` when no parameter has one). No host sync."""
-        key = (id(optimizer), trainer.global_step)
+        """Norms of the gradients at optimizer step ``step`` (``trainer.global_step``; ``None`` when no parameter
+        has one). No host sync."""
+        key = (id(optimizer), step)
         if key == self._key:
             return self._norms
         layout = self.layout(pl_module, optimizer)

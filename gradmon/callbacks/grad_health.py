@@ -149,7 +149,7 @@ class GradHealthMonitor(Callback):
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer
     ) -> None:
         step = trainer.global_step
-        norms = self._source.grad_norms(trainer, pl_module, optimizer)
+        norms = self._source.grad_norms(step, pl_module, optimizer)
         events: list[HealthEvent] = []
         if norms is not None:
             per_layer, _ = norms.per_layer()  # the step's one host transfer
@@ -160,7 +160,7 @@ class GradHealthMonitor(Callback):
         if present:
             self._record(step, events, present)
             self._act(trainer, optimizer, step, present, events)
-        if trainer.is_global_zero and trainer.loggers and (present or step % self._every == 0):
+        if (present or step % self._every == 0) and trainer.is_global_zero and trainer.loggers:
             counts = {f"grad_health/{c}": float(sum(e.condition == c for e in events)) for c in CONDITIONS}
             counts["grad_health/skipped_steps"] = float(self.skipped_steps)
             _logging.log_scalars(trainer, counts, step)

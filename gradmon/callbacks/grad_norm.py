@@ -100,7 +100,7 @@ class GradNormMonitor(Callback):
     def grad_norms(self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer
                    ) -> Norms | None:
         """This step's gradient norms for ``optimizer``'s parameters, computed once and shared (no host sync)."""
-        return self.source.grad_norms(trainer, pl_module, optimizer)
+        return self.source.grad_norms(trainer.global_step, pl_module, optimizer)
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self.source.reset()
