@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import shutil
+import sys
 import time
 import warnings
 from pathlib import Path
@@ -88,7 +89,8 @@ def main(argv: list[str] | None = None) -> None:
         f"{logdir / matrix_product.EXPERIMENT / 'matrix_product.png'}, and {len(written) - 1} under {report}/"
     )
     print(f"  Summary:           {report / 'summary.md'}")
-    print(f"  Open TensorBoard:  tensorboard --logdir {logdir}")
+    tensorboard = Path(sys.executable).parent / "tensorboard"
+    print(f"  Open TensorBoard:  {tensorboard if tensorboard.exists() else 'tensorboard'} --logdir {logdir}")
 
 
 if __name__ == "__main__":
