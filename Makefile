@@ -3,7 +3,7 @@ PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: setup test demo benchmark clean
+.PHONY: setup test demo benchmark report clean
 
 $(BIN)/.installed: pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -16,10 +16,14 @@ $(BIN)/.installed: pyproject.toml
 setup: $(BIN)/.installed
 
 test: setup
+	$(BIN)/ruff check gradmon experiments tests
 	$(BIN)/python -m pytest -q
 
 demo: setup
 	$(BIN)/python -m experiments.demo
+
+report: setup
+	$(BIN)/gradmon report runs
 
 benchmark: setup
 	$(BIN)/python -m experiments.benchmark

@@ -9,6 +9,9 @@ from lightning.pytorch import LightningModule
 from torch import nn
 from torchmetrics.classification import MulticlassAccuracy
 
+from gradmon import WeightInit
+from gradmon.init import format_scheme
+
 ACTIVATIONS: dict[str, type[nn.Module]] = {"sigmoid": nn.Sigmoid, "tanh": nn.Tanh, "relu": nn.ReLU}
 
 
@@ -28,7 +31,8 @@ def build_mlp(in_features: int, num_classes: int, depth: int, width: int, activa
 class MLP(LightningModule):
     """A deep MLP trained with SGD on cross-entropy.
 
-    Logs ``train/loss``, ``train/acc``, ``val/loss`` and ``val/acc`` (multiclass accuracy from torchmetrics). It
+    Logs ``train/loss``, ``train/acc``, ``val/loss`` and ``val/acc`` (multiclass accuracy from torchmetrics), and its
+    hyperparameters with the WeightInit schemes in use and ``hp/val_acc`` for TensorBoard's HPARAMS tab. It
     initialises its weights the PyTorch way; the experiments change that with the ``gradmon.WeightInit`` callback.
 
     Args:
@@ -61,6 +65,16 @@ class MLP(LightningModule):
         self.train_acc = MulticlassAccuracy(num_classes, average="micro")
         self.val_acc = MulticlassAccuracy(num_classes, average="micro")
 
+    def on_fit_start(self) -> None:
+        # The HPARAMS tab compares runs: the model's settings, each WeightInit scheme in use, and the final accuracy.
+        if self.logger is None:
+            return
+        params = dict(self.hparams)
+        inits = [cb for cb in self.trainer.callbacks if isinstance(cb, WeightInit)]
+        for i, cb in enumerate(inits):
+            params[f"weight_init_{i}"] = format_scheme(cb.scheme, cb.arguments)
+        self.logger.log_hyperparams(params, {"hp/val_acc": 0.0})
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net(x)
 
@@ -79,6 +93,7 @@ class MLP(LightningModule):
         self.val_acc(logits, y)
         self.log("val/loss", F.cross_entropy(logits, y))
         self.log("val/acc", self.val_acc)
+        self.log("hp/val_acc", self.val_acc)
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
         return torch.optim.SGD(self.parameters(), lr=self.hparams.lr, momentum=self.hparams.momentum)

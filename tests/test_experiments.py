@@ -186,3 +186,15 @@ def test_gradcheck_passes_the_fixed_model(runs):
     assert results and all(r.passed for r in results)
     assert cli.trainer.global_step == MAX_STEPS
     assert load_run(run_dir).scalars["gradcheck/max_rel_error"].values.max() < 1e-4
+
+
+def test_the_hparams_tab_holds_the_model_settings_the_init_scheme_and_the_accuracy(runs):
+    from tensorboard.plugins.hparams import plugin_data_pb2
+
+    acc = EventAccumulator(str(runs["init_kaiming"][1]), size_guidance={"tensors": 0})
+    acc.Reload()
+    content = acc.SummaryMetadata("_hparams_/session_start_info").plugin_data.content
+    hparams = plugin_data_pb2.HParamsPluginData.FromString(content).session_start_info.hparams
+    assert hparams["depth"].number_value == 16
+    assert hparams["weight_init_0"].string_value == "kaiming_normal(nonlinearity='relu')"
+    assert "hp/val_acc" in acc.Tags()["scalars"]
