@@ -252,16 +252,16 @@ class Norms:
 
 def compute_norms(layout: ParamLayout, tensors: Sequence[Tensor], norm_type: float) -> Norms:
     """Fused norms of ``tensors`` (laid out as ``layout.params``), with one collective when sharded."""
-    return compute_norms_many(layout, [tensors], norm_type)[0]
+    return reduce_norms(layout, [stacked_norms(layout, tensors, norm_type)], norm_type)[0]
 
 
-def compute_norms_many(layout: ParamLayout, tensor_lists: Sequence[Sequence[Tensor]], norm_type: float) -> list[Norms]:
-    """Norms of several lists of tensors laid out alike (weights and updates, say), sharing one collective."""
-    local = [stacked_norms(layout, tensors, norm_type) for tensors in tensor_lists]
+def reduce_norms(layout: ParamLayout, local: Sequence[Tensor], norm_type: float) -> list[Norms]:
+    """Several vectors of this rank's :func:`stacked_norms` (weights and updates, say) made whole, sharing one
+    collective when the layout is sharded."""
     if not layout.sharded:
         return [Norms(layout, values, norm_type) for values in local]
     n = len(layout)
-    both = global_power_sums(torch.cat(local), layout._shard_weights.repeat(len(local)), norm_type)
+    both = global_power_sums(torch.cat(list(local)), layout._shard_weights.repeat(len(local)), norm_type)
     return [Norms(layout, both[i * n : (i + 1) * n], norm_type, powers=True) for i in range(len(local))]
 
 

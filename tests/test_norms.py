@@ -11,7 +11,7 @@ import pytest
 import torch
 from torch import nn
 
-from gradmon.norms import ParamLayout, combine, compute_norms, compute_norms_many, layer_name, stacked_norms, transfer
+from gradmon.norms import ParamLayout, combine, compute_norms, layer_name, reduce_norms, stacked_norms, transfer
 
 NORM_TYPES = [1.0, 2.0, 3.0, math.inf]
 
@@ -155,11 +155,11 @@ def test_compute_norms_does_not_transfer_to_the_host_until_asked(monkeypatch: py
     assert len(calls) == 1
 
 
-def test_compute_norms_many_gives_one_norms_per_list() -> None:
+def test_reduce_norms_gives_one_norms_per_stacked_vector() -> None:
     net = nn.Linear(3, 4)
     layout = ParamLayout.from_named_parameters(net.named_parameters())
     lists = [layout.params, [2 * t for t in layout.params]]
-    first, second = compute_norms_many(layout, lists, 2.0)
+    first, second = reduce_norms(layout, [stacked_norms(layout, tensors, 2.0) for tensors in lists], 2.0)
     assert second.host() == pytest.approx([2 * v for v in first.host()], rel=1e-6)
 
 

@@ -18,9 +18,11 @@ from gradmon.callbacks._grad_source import GradNormSource
 from gradmon.norms import (
     GroupBy,
     Norms,
-    compute_norms_many,
+    compute_norms,
     full_tensor,
     local_tensor,
+    reduce_norms,
+    stacked_norms,
     transfer,
 )
 
@@ -128,10 +130,11 @@ class GradNormMonitor(Callback):
             return
         params = grads.layout.params
         weights = snapshot = None
-        if self.log_weight_norms or self.log_update_ratios:
-            weights = compute_norms_many(grads.layout, [[p.detach() for p in params]], self.norm_type)[0]
         if self.log_update_ratios:
+            # The weights before the step: their norms and the update are taken from this copy after the step.
             snapshot = [local_tensor(p).detach().clone() for p in params]
+        elif self.log_weight_norms:
+            weights = compute_norms(grads.layout, [p.detach() for p in params], self.norm_type)
         self._pending.append(_Pending(step, grads, weights, snapshot))
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any) -> None:
@@ -149,9 +152,13 @@ class GradNormMonitor(Callback):
             if record.snapshot is None:
                 updates.append(None)
                 continue
+            layout = record.grads.layout
+            before = stacked_norms(layout, record.snapshot, self.norm_type)
             # The snapshot becomes w_before - w_after in place: no second copy of the weights.
-            torch._foreach_sub_(record.snapshot, [local_tensor(p).detach() for p in record.grads.layout.params])
-            updates.append(compute_norms_many(record.grads.layout, [record.snapshot], self.norm_type)[0])
+            torch._foreach_sub_(record.snapshot, [local_tensor(p).detach() for p in layout.params])
+            delta = stacked_norms(layout, record.snapshot, self.norm_type)
+            record.weights, update = reduce_norms(layout, [before, delta], self.norm_type)
+            updates.append(update)
         transfer([n for r, u in zip(pending, updates) for n in (r.grads, r.weights, u) if n is not None])
         if not trainer.is_global_zero:
             return
