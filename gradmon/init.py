@@ -31,6 +31,7 @@ import torch
 from torch import nn
 
 from gradmon._validation import check_choice, check_float
+from gradmon.norms import DTensor
 
 #: The layers initialised unless ``types`` says otherwise; subclasses count. Normalisation layers and embeddings
 #: are left alone because their weights are not fan-scaled matrices: select them explicitly to initialise them.
@@ -522,7 +523,16 @@ def _draw(
     arguments: Mapping[str, Any],
     generator: torch.Generator | None,
 ) -> None:
-    if generator is None or generator.device == tensor.device:
+    if isinstance(tensor, DTensor):
+        # A shard (FSDP2): draw the whole tensor as a single process would, so fans, orthogonality and a seed's
+        # weights are those of the unsharded model, then hand each rank its piece of rank 0's draw.
+        from torch.distributed.tensor import distribute_tensor
+
+        local = tensor.to_local()
+        device = generator.device if generator is not None else local.device
+        full = function(torch.empty(tensor.shape, dtype=local.dtype, device=device), **arguments, generator=generator)
+        tensor.copy_(distribute_tensor(full.to(local.device), tensor.device_mesh, tensor.placements))
+    elif generator is None or generator.device == tensor.device:
         function(tensor, **arguments, generator=generator)
     else:
         # Drawing on the generator's device keeps a seed's weights the same wherever the model lives.

@@ -20,7 +20,7 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).parent))
 from helpers import MLP, make_loader  # noqa: E402
 
-from gradmon import GradHealthMonitor, GradNormMonitor  # noqa: E402
+from gradmon import GradHealthMonitor, GradNormMonitor, WeightInit  # noqa: E402
 
 PER_DEVICE_BATCH = 16
 STEPS = 4
@@ -51,6 +51,18 @@ class PlantNaN(pl.Callback):
             (grad.to_local() if hasattr(grad, "to_local") else grad)[0, 0] = float("nan")
 
 
+class InitialWeights(pl.Callback):
+    """The full weights as the first training step sees them."""
+
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch, batch_idx) -> None:
+        if trainer.global_step == 0:
+            self.weights = {k: _full(v).detach().clone() for k, v in pl_module.state_dict().items()}
+
+
+def _full(t: torch.Tensor) -> torch.Tensor:
+    return t.full_tensor() if hasattr(t, "full_tensor") else t
+
+
 def main(scenario: str, out: Path) -> None:
     torch.manual_seed(0)
     callbacks: list[pl.Callback] = []
@@ -62,6 +74,12 @@ def main(scenario: str, out: Path) -> None:
         callbacks = [GradNormMonitor(log_every_n_steps=1), GradHealthMonitor(on_nonfinite="skip")]
         if scenario == "fsdp_norms":
             callbacks.append(PlantNaN(step=2, rank=1))
+    elif scenario == "fsdp_init":
+        # WeightInit on DTensor shards: the full weights must be those a single process draws with the same seeds.
+        strategy = ModelParallelStrategy(data_parallel_size=2, tensor_parallel_size=1)
+        model = ShardedMLP()
+        callbacks = [WeightInit("kaiming_normal", nonlinearity="relu", seed=0),
+                     WeightInit("orthogonal", include=r"^net\.2$", seed=1), InitialWeights()]
     elif scenario == "ddp_disagree":
         # Only rank 1 sees an "explosion" (a threshold no gradient passes): without a cross-rank decision rank 1
         # would stop alone and rank 0 would wait forever in its next collective.
@@ -89,14 +107,15 @@ def main(scenario: str, out: Path) -> None:
     shard = torch.utils.data.Subset(dataset, range(int(os.environ.get("LOCAL_RANK", 0)), len(dataset), 2))
     trainer.fit(model, torch.utils.data.DataLoader(shard, batch_size=PER_DEVICE_BATCH, shuffle=False))
     health = next((c for c in callbacks if isinstance(c, GradHealthMonitor)), None)
-    weights = {k: (v.full_tensor() if hasattr(v, "full_tensor") else v).detach().clone()
-               for k, v in model.state_dict().items()}
+    weights = {k: _full(v).detach().clone() for k, v in model.state_dict().items()}
+    initial = next((c.weights for c in callbacks if isinstance(c, InitialWeights)), None)
     torch.save(
         {
             "global_step": trainer.global_step,
             "skipped_steps": health.skipped_steps if health else 0,
             "events": [(e.step, e.layer, e.condition) for e in health.events] if health else [],
             "weights": weights,
+            "initial_weights": initial,
         },
         out / f"rank{trainer.global_rank}.pt",
     )

@@ -15,6 +15,7 @@ from distributed_runs import PER_DEVICE_BATCH, STEPS, PlantNaN
 from helpers import MLP, make_loader, read_scalars, trainer
 
 from gradmon import GradHealthMonitor, GradNormMonitor
+from gradmon.init import initialize
 
 HERE = Path(__file__).parent
 LAYERS = ["net.0", "net.2", "net.4", "net.6"]
@@ -88,3 +89,17 @@ def test_ddp_ranks_take_the_same_decision_when_only_one_rank_flags(tmp_path: Pat
     launch("ddp_disagree", tmp_path / "ddp", timeout=180)
     steps = [torch.load(tmp_path / "ddp" / f"rank{r}.pt")["global_step"] for r in (0, 1)]
     assert steps == [1, 1]
+
+
+def test_weight_init_on_fsdp_shards_gives_the_single_process_weights(tmp_path: Path) -> None:
+    launch("fsdp_init", tmp_path / "fsdp")
+    torch.manual_seed(0)
+    reference = MLP()
+    initialize(reference, "kaiming_normal", nonlinearity="relu", generator=torch.Generator().manual_seed(0))
+    initialize(reference, "orthogonal", include=r"^net\.2$", generator=torch.Generator().manual_seed(1))
+    for r in (0, 1):
+        initial = torch.load(tmp_path / "fsdp" / f"rank{r}.pt")["initial_weights"]
+        for name, w in reference.state_dict().items():
+            torch.testing.assert_close(initial[name], w, rtol=0, atol=0, msg=name)
+    w2 = initial["net.2.weight"]
+    torch.testing.assert_close(w2 @ w2.T, torch.eye(w2.shape[0]), rtol=0, atol=1e-5)
