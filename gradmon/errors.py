@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 
 class GradientHealthWarning(UserWarning):
     """Issued when gradients are vanishing, exploding or non-finite, and when a gradient check fails."""
@@ -9,3 +11,12 @@ class GradientHealthWarning(UserWarning):
 
 class GradientHealthError(RuntimeError):
     """Raised when a monitor's action is ``"raise"``; the message names the step, the layers and their values."""
+
+
+def warn_health(message: str) -> None:
+    """Issue a :class:`GradientHealthWarning` from a callback.
+
+    Raised inside Lightning's loop there is no user line to point at, so the warning is attributed to ``gradmon``
+    itself: the console shows the message alone, not a line of gradmon's source. Filters by category work as usual.
+    """
+    warnings.warn_explicit(message, GradientHealthWarning, filename="gradmon", lineno=0, module="gradmon")

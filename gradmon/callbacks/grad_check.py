@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass
 from functools import cached_property
@@ -14,7 +13,7 @@ from torch import Tensor
 
 from gradmon._validation import check_choice, check_float, check_int
 from gradmon.callbacks._logging import log_scalars
-from gradmon.errors import GradientHealthError, GradientHealthWarning
+from gradmon.errors import GradientHealthError, warn_health
 from gradmon.gradcheck import LayerCheck, apply_to_tensors, check_gradients
 
 OnFailure = Literal["warn", "stop", "raise"]
@@ -170,7 +169,7 @@ class GradCheck(Callback):
         if self.on_failure == "stop":
             trainer.should_stop = True
             message += " Stopping the run."
-        warnings.warn(message, GradientHealthWarning, stacklevel=2)
+        warn_health(message)
 
 
 def _training_step_loss(trainer: Trainer, batch_idx: int) -> Callable[[LightningModule, Any], Tensor]:

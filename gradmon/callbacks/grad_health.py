@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import warnings
 from collections import Counter
 from dataclasses import asdict
 from functools import cached_property
@@ -18,7 +17,7 @@ from gradmon._validation import check_choice, check_int, check_norm_type
 from gradmon.callbacks import _logging
 from gradmon.callbacks._grad_source import GradNormSource
 from gradmon.callbacks.grad_norm import GradNormMonitor
-from gradmon.errors import GradientHealthError, GradientHealthWarning
+from gradmon.errors import GradientHealthError, warn_health
 from gradmon.health import (
     CONDITIONS,
     Condition,
@@ -235,7 +234,7 @@ class GradHealthMonitor(Callback):
         if suppressed:
             message += f" ({suppressed} more {condition} steps since the last report.)"
         if _is_rank_zero():
-            warnings.warn(message, GradientHealthWarning, stacklevel=2)
+            warn_health(message)
 
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self.summary and (self.flagged_steps or self.skipped_steps):
