@@ -49,6 +49,31 @@ class MLP(pl.LightningModule):
         return torch.optim.SGD(self.parameters(), lr=self.lr)
 
 
+class ScaleGrad(torch.autograd.Function):
+    """Identity forward, backward scaled by ``scale``: a wrong gradient autograd cannot see."""
+
+    @staticmethod
+    def forward(ctx, x, scale):
+        ctx.scale = scale
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad * ctx.scale, None
+
+
+class WrongLinear(nn.Linear):
+    """A Linear whose weight and bias gradients are ``scale`` times the true ones (a planted backward bug)."""
+
+    def __init__(self, *args, scale: float, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.scale = scale
+
+    def forward(self, x):
+        weight, bias = ScaleGrad.apply(self.weight, self.scale), ScaleGrad.apply(self.bias, self.scale)
+        return nn.functional.linear(x, weight, bias)
+
+
 def make_data(n: int, in_features: int = 8, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(n, in_features, generator=g)

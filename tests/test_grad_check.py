@@ -3,6 +3,7 @@ import warnings
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import WrongLinear
 from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch import LightningModule, Trainer, seed_everything
 from lightning.pytorch.loggers import Logger, TensorBoardLogger
@@ -11,28 +12,6 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from gradmon import GradCheck, GradientHealthError, GradientHealthWarning
-
-
-class _ScaleGrad(torch.autograd.Function):
-    """Identity forward, backward scaled by ``scale``: a wrong gradient autograd cannot see."""
-
-    @staticmethod
-    def forward(ctx, x, scale):
-        ctx.scale = scale
-        return x.clone()
-
-    @staticmethod
-    def backward(ctx, grad):
-        return grad * ctx.scale, None
-
-
-class WrongLinear(nn.Linear):
-    def __init__(self, *args, scale: float, **kwargs):
-        super().__init__(*args, **kwargs)
-        self.scale = scale
-
-    def forward(self, x):
-        return F.linear(x, _ScaleGrad.apply(self.weight, self.scale), _ScaleGrad.apply(self.bias, self.scale))
 
 
 class Classifier(LightningModule):

@@ -5,6 +5,7 @@ from collections import namedtuple
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import ScaleGrad, WrongLinear
 from torch import nn
 
 from gradmon.gradcheck import (
@@ -16,28 +17,6 @@ from gradmon.gradcheck import (
     numerical_gradient,
     relative_error,
 )
-
-
-class _ScaleGrad(torch.autograd.Function):
-    """Identity forward, backward scaled by ``scale``: a wrong gradient autograd cannot see."""
-
-    @staticmethod
-    def forward(ctx, x, scale):
-        ctx.scale = scale
-        return x.clone()
-
-    @staticmethod
-    def backward(ctx, grad):
-        return grad * ctx.scale, None
-
-
-class WrongLinear(nn.Linear):
-    def __init__(self, *args, scale: float, **kwargs):
-        super().__init__(*args, **kwargs)
-        self.scale = scale
-
-    def forward(self, x):
-        return F.linear(x, _ScaleGrad.apply(self.weight, self.scale), _ScaleGrad.apply(self.bias, self.scale))
 
 
 def mlp(width=16, wrong_scale=None, dropout=0.0, batchnorm=False):
@@ -121,7 +100,7 @@ def test_a_wrong_backward_fails_only_its_own_layer(scale):
 def test_a_tenfold_error_in_a_64_element_bias_of_a_large_layer_is_caught():
     class WrongBias(nn.Linear):
         def forward(self, x):
-            return F.linear(x, self.weight, _ScaleGrad.apply(self.bias, 10.0))
+            return F.linear(x, self.weight, ScaleGrad.apply(self.bias, 10.0))
 
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(64, 64), nn.ReLU(), WrongBias(64, 64), nn.ReLU(), nn.Linear(64, 10))
