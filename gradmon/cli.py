@@ -31,9 +31,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _report(args: argparse.Namespace) -> int:
-    from gradmon.report import (
-        write_report,  # tensorboard and matplotlib load only for this subcommand
-    )
+    # tensorboard and matplotlib load only for this subcommand.
+    from gradmon.report import write_report
 
     out = args.out if args.out is not None else args.logdir / "report"
     try:

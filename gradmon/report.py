@@ -30,8 +30,9 @@ from matplotlib import colormaps
 from matplotlib.figure import Figure
 from tensorboard.backend.event_processing import event_accumulator
 
+from gradmon.health import CONDITIONS
+
 EVENT_FILE_GLOB = "events.out.tfevents.*"
-CONDITIONS = ("vanishing", "exploding", "nonfinite")
 # Tag groups that mark a run as watched by gradmon, and so as a row of the summary.
 _GRADMON_GROUPS = ("grad_norm", "grad_health", "gradcheck")
 _SUMMARY_HEADER = (
