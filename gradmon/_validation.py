@@ -17,7 +17,8 @@ def _fail(name: str, value: Any, accepted: str) -> ValueError:
 
 def check_choice(name: str, value: Any, choices: Iterable[Any]) -> Any:
     choices = tuple(choices)
-    if value not in choices:
+    # Same type as well as equal: 1 is not True, 1.0 is not "1".
+    if not any(value == c and type(value) is type(c) for c in choices):
         raise _fail(name, value, "one of " + ", ".join(repr(c) for c in choices))
     return value
 

@@ -206,6 +206,7 @@ def test_manual_optimization_is_refused():
         ({"burn_in_steps": -1}, "burn_in_steps"),
         ({"check_at_start": "yes"}, "check_at_start"),
         ({"on_failure": "ignore"}, "on_failure"),
+        ({"check_at_start": 1}, "check_at_start"),
     ],
 )
 def test_invalid_arguments_raise_at_construction_naming_the_argument(kwargs, name):
