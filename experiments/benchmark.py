@@ -9,8 +9,8 @@ init, so the healthy path is timed; batch 128, CPU) three ways:
   (a) no callbacks;
   (b) GradNormMonitor + GradHealthMonitor, computing every step and logging every 50;
   (c) ``self.log_dict(grad_norm(self, norm_type=2))`` in ``on_before_optimizer_step``, logging every 50;
-  (f) the floor: one callback that does nothing but ``torch._foreach_norm`` over the gradients in
-      ``on_before_optimizer_step``, i.e. the least any per-step, per-layer monitor at that hook can cost.
+  (f) a reference floor: one callback that does nothing but ``torch._foreach_norm`` over the gradients in
+      ``on_before_optimizer_step``: roughly what reading the gradients once at that hook costs.
 
 All three log to TensorBoard with ``log_every_n_steps=50``. Step times are taken between callback hooks after a
 warm-up, so Trainer start-up is excluded. Prints ms/step and the ratios (b)/(a) and (c)/(b), then the cost of one
