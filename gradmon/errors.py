@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import warnings
 
+import torch.distributed as dist
+
 
 class GradientHealthWarning(UserWarning):
     """Issued when gradients are vanishing, exploding or non-finite, and when a gradient check fails."""
@@ -14,9 +16,12 @@ class GradientHealthError(RuntimeError):
 
 
 def warn_health(message: str) -> None:
-    """Issue a :class:`GradientHealthWarning` from a callback.
+    """Issue a :class:`GradientHealthWarning` from a callback, on rank 0 only in a distributed run (every rank
+    reaches the same decision; one report is enough).
 
     Raised inside Lightning's loop there is no user line to point at, so the warning is attributed to ``gradmon``
     itself: the console shows the message alone, not a line of gradmon's source. Filters by category work as usual.
     """
+    if dist.is_available() and dist.is_initialized() and dist.get_rank() != 0:
+        return
     warnings.warn_explicit(message, GradientHealthWarning, filename="gradmon", lineno=0, module="gradmon")

@@ -233,8 +233,7 @@ class GradHealthMonitor(Callback):
         suppressed = self._unreported.pop(condition, 0)
         if suppressed:
             message += f" ({suppressed} more {condition} steps since the last report.)"
-        if _is_rank_zero():
-            warn_health(message)
+        warn_health(message)
 
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self.summary and (self.flagged_steps or self.skipped_steps):
@@ -283,6 +282,3 @@ def _describe(condition: str, step: int, events: list[HealthEvent]) -> str:
         return f"gradmon: non-finite gradients at step {step}, first in layer {events[0].layer}; layers: {named}{more}."
     return f"gradmon: {condition} gradients at step {step} in {len(events)} layer(s): {named}{more}."
 
-
-def _is_rank_zero() -> bool:
-    return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
