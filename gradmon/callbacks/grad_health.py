@@ -211,9 +211,7 @@ class GradHealthMonitor(Callback):
             if self.actions[c] in ("warn", "skip", "stop"):
                 self._warn(c, step, found[c])
         if any(self.actions[c] == "skip" for c in ordered):
-            for group in optimizer.param_groups:
-                for p in group["params"]:
-                    p.grad = None
+            optimizer.zero_grad(set_to_none=True)  # no gradient, no update: optimizers skip such parameters
             self.skipped_steps += 1
         if any(self.actions[c] == "stop" for c in ordered):
             trainer.should_stop = True
