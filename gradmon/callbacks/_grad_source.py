@@ -23,13 +23,14 @@ class GradNormSource:
     def __init__(self, norm_type: float, group_by: GroupBy) -> None:
         self.norm_type = norm_type
         self.group_by = group_by
+        self.reset()
+
+    def reset(self) -> None:
+        """Forget layouts and cached norms (a new fit may bring new optimizers and parameters)."""
         self._layouts: dict[int, ParamLayout] = {}
         self._subsets: dict[tuple[int, tuple[int, ...]], ParamLayout] = {}
         self._key: tuple[int, int] | None = None
         self._norms: Norms | None = None
-
-    def reset(self) -> None:
-        self.__init__(self.norm_type, self.group_by)  # type: ignore[misc]
 
     def layout(self, pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer) -> ParamLayout:
         layout = self._layouts.get(id(optimizer))
