@@ -118,15 +118,16 @@ class GradNormMonitor(Callback):
         if not trainer.loggers:
             return
         step = trainer.global_step
+        log = step % self._every == 0
         hist = self.histogram_every_n_steps is not None and step % self.histogram_every_n_steps == 0
-        if step % self._every != 0 and not hist:
+        if not (log or hist):
             return
         grads = self.grad_norms(trainer, pl_module, optimizer)
         if grads is None:
             return
         if hist:
             self._log_histograms(trainer, grads, step)
-        if step % self._every != 0:
+        if not log:
             return
         params = grads.layout.params
         weights = snapshot = None
