@@ -36,23 +36,13 @@ from gradmon import GradHealthMonitor, GradNormMonitor
 
 WARMUP_STEPS = 20
 BATCH = 128
-IN_FEATURES = 64
+IN_FEATURES = benchmark_gradcheck.IN_FEATURES
 
 
 class BenchMLP(pl.LightningModule):
     def __init__(self, depth: int, width: int) -> None:
         super().__init__()
-        layers: list[nn.Module] = []
-        d = IN_FEATURES
-        for _ in range(depth):
-            layers += [nn.Linear(d, width), nn.ReLU()]
-            d = width
-        layers.append(nn.Linear(d, 10))
-        self.net = nn.Sequential(*layers)
-        for m in self.net:
-            if isinstance(m, nn.Linear):
-                nn.init.kaiming_normal_(m.weight, nonlinearity="relu")
-                nn.init.zeros_(m.bias)
+        self.net = benchmark_gradcheck.kaiming_mlp(depth, width)
 
     def training_step(self, batch, batch_idx):
         x, y = batch
