@@ -102,8 +102,7 @@ def trainer(tmp_path: Path | None = None, **kwargs) -> pl.Trainer:
 
 def read_scalars(logdir: Path) -> dict[str, dict[int, float]]:
     """Every scalar tag of the event files under ``logdir``, as {tag: {step: value}}."""
-    acc = EventAccumulator(str(logdir), size_guidance={"scalars": 0, "histograms": 0, "tensors": 0})
-    acc.Reload()
+    acc = accumulator(logdir)
     return {tag: {e.step: e.value for e in acc.Scalars(tag)} for tag in acc.Tags()["scalars"]}
 
 
