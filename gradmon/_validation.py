@@ -1,7 +1,8 @@
 """Argument checks shared by every public constructor.
 
-Each raises ``ValueError`` naming the argument, the bad value and what is accepted, so the error points at the line
-the user wrote rather than at a failure deep inside training.
+Each raises ``ValueError`` (``TypeError`` for a value of the wrong kind where that is clearer, such as a string for a
+boolean) naming the argument, the bad value and what is accepted, so the error points at the line the user wrote
+rather than at a failure deep inside training.
 """
 
 from __future__ import annotations
@@ -9,6 +10,14 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable
 from typing import Any
+
+#: The largest integer gradmon accepts for a count or a step: beyond it a float cannot hold the value exactly and
+#: arithmetic on it overflows later, far from the line that set it.
+MAX_INT = 2**53
+#: Seeds are handed to ``torch.Generator.manual_seed``, which takes unsigned 64-bit values.
+MAX_SEED = 2**64 - 1
+#: The largest finite float32: a weight, bias or standard deviation above it is inf once it is in a float32 tensor.
+FLOAT32_MAX = 3.4028234663852886e38
 
 
 def _fail(name: str, value: Any, accepted: str) -> ValueError:
@@ -23,13 +32,27 @@ def check_choice(name: str, value: Any, choices: Iterable[Any]) -> Any:
     return value
 
 
-def check_int(name: str, value: Any, minimum: int = 0, *, allow_none: bool = False) -> int | None:
+def check_bool(name: str, value: Any) -> bool:
+    """``True`` or ``False`` only: ``"false"`` and ``0`` are refused rather than read as truthy or falsy."""
+    if not isinstance(value, bool):
+        raise TypeError(f"`{name}={value!r}` is not valid: expected True or False.")
+    return value
+
+
+def check_int(
+    name: str, value: Any, minimum: int = 0, *, maximum: int = MAX_INT, allow_none: bool = False
+) -> int | None:
     if value is None and allow_none:
         return None
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        accepted = f"an integer >= {minimum}" + (" or None" if allow_none else "")
+    if isinstance(value, bool) or not isinstance(value, int) or not minimum <= value <= maximum:
+        accepted = f"an integer in [{minimum}, {maximum}]" + (" or None" if allow_none else "")
         raise _fail(name, value, accepted)
     return value
+
+
+def check_seed(name: str, value: Any, *, allow_none: bool = False) -> int | None:
+    """A seed ``torch.Generator.manual_seed`` takes: an integer in [0, 2**64 - 1]."""
+    return check_int(name, value, 0, maximum=MAX_SEED, allow_none=allow_none)
 
 
 def check_float(
@@ -38,21 +61,33 @@ def check_float(
     *,
     minimum: float = 0.0,
     inclusive: bool = False,
+    maximum: float = math.inf,
+    max_inclusive: bool = True,
     allow_inf: bool = False,
     allow_none: bool = False,
 ) -> float | None:
+    """A real number (``int`` or ``float``, not ``bool``, not NaN) above ``minimum`` (or equal, with ``inclusive``)
+    and below ``maximum`` (or equal, with ``max_inclusive``); infinite only with ``allow_inf``."""
     if value is None and allow_none:
         return None
-    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and not math.isnan(value)
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool)
     if ok:
-        ok = value >= minimum if inclusive else value > minimum
-        if ok and math.isinf(value) and not allow_inf:
-            ok = False
+        try:
+            number = float(value)
+        except OverflowError:  # an int beyond any float
+            number = math.copysign(math.inf, value)
+        ok = not math.isnan(number)
+        ok = ok and (number >= minimum if inclusive else number > minimum)
+        ok = ok and (number <= maximum if max_inclusive else number < maximum)
+        ok = ok and (allow_inf or not math.isinf(number))
     if not ok:
-        bound = ">=" if inclusive else ">"
-        accepted = f"a finite number {bound} {minimum}" + (" or None" if allow_none else "")
+        low = f"{'>=' if inclusive else '>'} {minimum:g}" if minimum > -math.inf else ""
+        high = f"{'<=' if max_inclusive else '<'} {maximum:g}" if maximum < math.inf else ""
+        bounds = " and ".join(b for b in (low, high) if b)
+        kind = "a number" if allow_inf else "a finite number"
+        accepted = f"{kind} {bounds}".rstrip() + (" or None" if allow_none else "")
         raise _fail(name, value, accepted)
-    return float(value)
+    return number
 
 
 def check_norm_type(name: str, value: Any) -> float:
@@ -64,6 +99,12 @@ def check_norm_type(name: str, value: Any) -> float:
             value = float(value)
         except ValueError:
             raise _fail(name, value, 'a number p > 0 or "inf"') from None
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or math.isnan(value) or value <= 0:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise _fail(name, value, 'a number p > 0 or "inf"')
-    return float(value)
+    try:
+        number = float(value)
+    except OverflowError:
+        number = math.inf
+    if math.isnan(number) or number <= 0:
+        raise _fail(name, value, 'a number p > 0 or "inf"')
+    return number

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Mapping
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Any, Literal
 
 from gradmon._validation import check_float, check_int
@@ -23,6 +23,7 @@ CONDITIONS: tuple[Condition, ...] = ("vanishing", "exploding", "nonfinite")
 # Norms at or below this count as this for the log-scale rules, so a dead (all-zero) layer compares as tiny.
 _TINY = 1e-45
 _LOG_TINY = math.log(_TINY)
+_OTHER = {"vanishing": "exploding", "exploding": "vanishing"}
 
 
 @dataclass(frozen=True)
@@ -132,13 +133,16 @@ class HealthTracker:
         patience = {"vanishing": rules.vanishing_patience, "exploding": rules.exploding_patience}
         decay = rules.history_decay
         log_vanishing = math.log(rules.vanishing_threshold) if rules.vanishing_threshold > 0 else _LOG_TINY
-        mean_log, seen, old_streak = self._mean_log, self._seen, self._streak
-        streak: dict[tuple[str, str], int] = {}  # a condition absent this step ends its streak
+        # Streaks belong to the layers: a layer absent from this step (another optimizer's, or frozen) keeps its own.
+        mean_log, seen, streak = self._mean_log, self._seen, self._streak
         nonfinite: list[HealthEvent] = []
         flagged: list[HealthEvent] = []
         for layer, value in norms.items():
             if value != value or (value == math.inf and (confirm_nonfinite is None or confirm_nonfinite(layer))):
                 nonfinite.append(HealthEvent(step, layer, "nonfinite", value, "nonfinite"))
+                if streak:
+                    streak.pop((layer, "vanishing"), None)
+                    streak.pop((layer, "exploding"), None)
                 continue
             log_value = math.log(value) if value > _TINY else _LOG_TINY
             n = seen.get(layer, 0)
@@ -148,6 +152,7 @@ class HealthTracker:
                 condition, rule = "vanishing", "threshold"
             elif (
                 spike is not None
+                and n > 0
                 and n >= rules.warmup_steps
                 and mean_log[layer] > log_vanishing  # a layer climbing out of vanishing is not exploding
                 and log_value > mean_log[layer] + spike
@@ -159,13 +164,16 @@ class HealthTracker:
                 condition = None
             if condition is not None:
                 key = (layer, condition)
-                count = streak[key] = old_streak.get(key, 0) + 1
+                count = streak[key] = streak.get(key, 0) + 1
+                streak.pop((layer, _OTHER[condition]), None)
                 if count >= patience[condition]:
                     flagged.append(HealthEvent(step, layer, condition, value, rule))
+            elif streak:
+                streak.pop((layer, "vanishing"), None)
+                streak.pop((layer, "exploding"), None)
             if value != math.inf:
                 mean_log[layer] = log_value if n == 0 else decay * mean_log[layer] + (1.0 - decay) * log_value
                 seen[layer] = n + 1
-        self._streak = streak
         return nonfinite + flagged
 
     def _depth_starved(self, norms: Mapping[str, float]) -> set[str]:
@@ -185,8 +193,9 @@ class HealthTracker:
         return {names[i] for i in range(len(names) - k) if logs[i] < bound}
 
     def state_dict(self) -> dict[str, Any]:
+        """The history (running means, counts, streaks): data, not settings, so a resume with other thresholds keeps
+        it and applies the new thresholds. Its size grows with the number of layers, not with the steps."""
         return {
-            "rules": asdict(self.rules),
             "mean_log": dict(self._mean_log),
             "seen": dict(self._seen),
             "streak": [[layer, condition, n] for (layer, condition), n in self._streak.items()],

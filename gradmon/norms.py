@@ -16,10 +16,11 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from typing import Literal
 
 import torch
 from torch import Tensor
+
+from gradmon.naming import GroupBy, clean_name, layer_name
 
 try:
     import torch.distributed as dist
@@ -27,19 +28,6 @@ try:
 except ImportError:  # a torch build without distributed support
     dist = None  # type: ignore[assignment]
     DTensor = ()  # type: ignore[assignment,misc]
-
-GroupBy = Literal["layer", "parameter"]
-
-
-def layer_name(param_name: str, group_by: GroupBy = "layer") -> str:
-    """The layer a parameter belongs to: the module that owns it (``net.0`` for ``net.0.weight``).
-
-    A parameter registered directly on the root module is its own layer; ``group_by="parameter"`` keeps every
-    parameter separate.
-    """
-    if group_by == "parameter" or "." not in param_name:
-        return param_name
-    return param_name.rsplit(".", 1)[0]
 
 
 class ParamLayout:
@@ -86,14 +74,15 @@ class ParamLayout:
     def from_named_parameters(
         cls, named_params: Iterable[tuple[str, Tensor]], group_by: GroupBy = "layer"
     ) -> ParamLayout:
-        """Layout of the given parameters; a tensor seen twice (tied weights) is counted once, under its first name."""
+        """Layout of the given parameters under their cleaned names (:func:`gradmon.naming.clean_name`); a tensor
+        seen twice (tied weights) is counted once, under its first name."""
         seen: set[int] = set()
         params, names = [], []
         for name, p in named_params:
             if id(p) not in seen:
                 seen.add(id(p))
                 params.append(p)
-                names.append(name)
+                names.append(clean_name(name))
         return cls(params, names, [layer_name(n, group_by) for n in names])
 
     def subset(self, keep: Sequence[int]) -> ParamLayout:

@@ -77,8 +77,14 @@ class Run:
     scalars: dict[str, Series]
 
     def layers(self, prefix: str = "grad_norm/") -> list[str]:
-        """Layer names logged under ``prefix``, in first-logged order (``grad_norm/total`` is not a layer)."""
-        return [tag[len(prefix) :] for tag in self.scalars if tag.startswith(prefix) and tag != f"{prefix}total"]
+        """Layer names logged under ``prefix``, in first-logged order (``grad_norm/total`` and the per-optimizer
+        ``grad_norm/total-<optimizer>`` are not layers)."""
+        total = f"{prefix}total"
+        return [
+            tag[len(prefix) :]
+            for tag in self.scalars
+            if tag.startswith(prefix) and tag != total and not tag.startswith(total + "-")
+        ]
 
     @property
     def has_grad_norms(self) -> bool:

@@ -17,7 +17,7 @@ from tensorboard.compat.proto.summary_pb2 import Summary
 #: axis shows a layer at 1e-9 and one at 1e-3 both sitting on zero, which is exactly what vanishing looks like.
 LAYOUT_CHARTS: dict[str, list[tuple[str, str]]] = {
     "gradmon": [
-        ("gradient norm by layer", r"grad_norm/(?!total$).*"),
+        ("gradient norm by layer", r"grad_norm/(?!total$|total-).*"),
         ("log10 gradient norm by layer", r"grad_norm_log10/.*"),
         ("update ratio by layer", r"update_ratio/.*"),
         ("log10 update ratio by layer", r"update_ratio_log10/.*"),
@@ -38,9 +38,23 @@ def write_scalars(writer: Any, values: Mapping[str, float], step: int) -> None:
 
 
 def write_histograms(writer: Any, tensors: Mapping[str, torch.Tensor], step: int) -> None:
-    """One histogram per tag, of the flattened tensor's values (float32 on the CPU)."""
+    """One histogram per tag, of the flattened tensor's finite values (float32 on the CPU).
+
+    NaN and inf cannot be binned (TensorBoard raises on them, and on an empty histogram): they are left out, and a
+    tensor with no finite value at all gets no histogram at that step. :func:`count_nonfinite` says how many.
+    """
     for tag, tensor in tensors.items():
-        writer.add_histogram(tag, tensor.detach().float().cpu().reshape(-1), step)
+        values = tensor.detach().float().cpu().reshape(-1)
+        finite = torch.isfinite(values)
+        if not bool(finite.all()):
+            values = values[finite]
+        if values.numel():
+            writer.add_histogram(tag, values, step)
+
+
+def count_nonfinite(tensor: torch.Tensor) -> int:
+    """How many NaN and inf entries ``tensor`` holds (the ones a histogram leaves out)."""
+    return int((~torch.isfinite(tensor.detach())).sum())
 
 
 def write_text(writer: Any, tag: str, text: str, step: int = 0) -> None:

@@ -1,6 +1,11 @@
-"""Per-step gradient norms shared by the callbacks of one Trainer, computed at most once per optimizer step."""
+"""Per-step gradient norms shared by the callbacks of one Trainer, computed at most once per optimizer step; and the
+per-optimizer bookkeeping (names, step counts) both monitors use when a module has several optimizers."""
 
 from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Sequence
+from typing import Any
 
 import lightning.pytorch as pl
 import torch
@@ -9,11 +14,71 @@ from gradmon.norms import GroupBy, Norms, ParamLayout, compute_norms
 
 
 def optimizer_layout(pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer, group_by: GroupBy) -> ParamLayout:
-    """The module's trainable parameters that ``optimizer`` updates, in registration order."""
+    """Every parameter of the module that ``optimizer`` holds, in registration order, trainable or not.
+
+    Frozen parameters are in the layout but have no gradient, so they drop out at each step (see
+    :meth:`GradNormSource.grad_norms`); a parameter unfrozen later is then monitored from its first gradient without
+    a rebuild.
+    """
     in_optimizer = {id(p) for group in optimizer.param_groups for p in group["params"]}
     return ParamLayout.from_named_parameters(
-        ((n, p) for n, p in pl_module.named_parameters() if p.requires_grad and id(p) in in_optimizer), group_by
+        ((n, p) for n, p in pl_module.named_parameters() if id(p) in in_optimizer), group_by  # TODO-module
     )
+
+
+def optimizer_signature(optimizer: torch.optim.Optimizer) -> tuple[int, ...]:
+    """Changes when parameters are added to or removed from ``optimizer`` (``add_param_group``, as Lightning's
+    ``BackboneFinetuning`` does): the size of each parameter group. A few integers, so it is checked every step."""
+    return tuple(len(group["params"]) for group in optimizer.param_groups)
+
+
+def optimizer_names(optimizers: Sequence[Any]) -> list[str]:
+    """Names as Lightning's ``LearningRateMonitor`` gives them: the class name, and ``-1``, ``-2``, ... for the
+    second, third, ... optimizer of the same class (``["Adam", "Adam-1", "SGD"]``)."""
+    seen: defaultdict[type, int] = defaultdict(int)
+    names = []
+    for optimizer in optimizers:
+        cls = type(optimizer)
+        seen[cls] += 1
+        names.append(cls.__name__ if seen[cls] == 1 else f"{cls.__name__}-{seen[cls] - 1}")
+    return names
+
+
+def _grad_or_zeros(p: torch.Tensor) -> torch.Tensor:
+    return p.grad if p.grad is not None else torch.zeros_like(p)
+
+
+class OptimizerSteps:
+    """Counts each optimizer's own steps, so that a schedule of "every n steps" means every n steps of *that*
+    optimizer.
+
+    With several optimizers (a GAN under manual optimization) ``trainer.global_step`` advances once per optimizer
+    step, so the generator may only ever step at even global steps: an interval counted on ``global_step`` would
+    never log the discriminator. With one optimizer the count is ``trainer.global_step`` itself, which a resumed run
+    restores.
+    """
+
+    def __init__(self) -> None:
+        self.counts: dict[int, int] = {}
+
+    def reset(self) -> None:
+        self.counts = {}
+
+    def advance(self, trainer: pl.Trainer, optimizer: torch.optim.Optimizer) -> tuple[int, int]:
+        """``(index of optimizer in trainer.optimizers, its step count before this step)``; counts this step."""
+        optimizers = trainer.optimizers
+        index = next((i for i, o in enumerate(optimizers) if o is optimizer), 0)
+        if len(optimizers) <= 1:
+            return index, trainer.global_step
+        count = self.counts.get(index, 0)
+        self.counts[index] = count + 1
+        return index, count
+
+    def state_dict(self) -> dict[str, Any]:
+        return {str(i): n for i, n in self.counts.items()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.counts = {int(i): int(n) for i, n in state.items()}
 
 
 class GradNormSource:
@@ -27,35 +92,47 @@ class GradNormSource:
 
     def reset(self) -> None:
         """Forget layouts and cached norms (a new fit may bring new optimizers and parameters)."""
-        self._layouts: dict[int, ParamLayout] = {}
+        self._layouts: dict[int, tuple[tuple[int, ...], ParamLayout]] = {}
         self._subsets: dict[tuple[int, tuple[int, ...]], ParamLayout] = {}
         self._key: tuple[int, int] | None = None
         self._norms: Norms | None = None
 
     def layout(self, pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer) -> ParamLayout:
-        layout = self._layouts.get(id(optimizer))
-        if layout is None:
-            layout = self._layouts[id(optimizer)] = optimizer_layout(pl_module, optimizer, self.group_by)
-        return layout
+        """The layout of every parameter ``optimizer`` holds, rebuilt only when its parameter groups change."""
+        signature = optimizer_signature(optimizer)
+        cached = self._layouts.get(id(optimizer))
+        if cached is None or cached[0] != signature:
+            cached = self._layouts[id(optimizer)] = (signature, optimizer_layout(pl_module, optimizer, self.group_by))
+            self._subsets = {k: v for k, v in self._subsets.items() if k[0] != id(optimizer)}
+        return cached[1]
 
     def grad_norms(
         self, step: int, pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer
     ) -> Norms | None:
-        """Norms of the gradients at optimizer step ``step`` (``trainer.global_step``; ``None`` when no parameter
-        has one). No host sync."""
+        """Norms of the gradients at optimizer step ``step`` (``trainer.global_step``), over every parameter of the
+        optimizer that has a gradient now (``None`` when none has). No host sync."""
         key = (id(optimizer), step)
         if key == self._key:
             return self._norms
         layout = self.layout(pl_module, optimizer)
-        grads = [p.grad for p in layout.params]
-        if any(g is None for g in grads):
-            # Frozen or unused this step: norms over the parameters that do have a gradient.
-            keep = tuple(i for i, g in enumerate(grads) if g is not None)
+        if layout.sharded:
+            # Every rank must take the same layout for the collective to line up: trainable parameters are all in
+            # (requires_grad agrees across ranks); a rank whose piece has no gradient contributes zeros.
+            keep = tuple(i for i, p in enumerate(layout.params) if p.requires_grad)
+            grads = [_grad_or_zeros(layout.params[i]) for i in keep]
+        else:
+            grads = [p.grad for p in layout.params]
+            keep = None
+            if None in grads:
+                # Frozen, not yet unfrozen, or unused this step: norms over the parameters that have a gradient.
+                keep = tuple(i for i, g in enumerate(grads) if g is not None)
+                grads = [grads[i] for i in keep]
+        if keep is not None and len(keep) < len(layout):
             sub_key = (id(optimizer), keep)
-            if sub_key not in self._subsets:
-                self._subsets[sub_key] = layout.subset(keep)
-            layout = self._subsets[sub_key]
-            grads = [grads[i] for i in keep]
+            subset = self._subsets.get(sub_key)
+            if subset is None:
+                subset = self._subsets[sub_key] = layout.subset(keep)
+            layout = subset
         self._key = key
         self._norms = compute_norms(layout, grads, self.norm_type) if grads else None
         return self._norms

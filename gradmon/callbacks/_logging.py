@@ -7,9 +7,11 @@ Call from rank 0 only (``trainer.is_global_zero``); the loggers are rank-zero ob
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
 
 import torch
+from lightning.fabric.utilities.logger import _add_prefix
 from lightning.pytorch import Trainer
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities.rank_zero import rank_zero_info
@@ -17,22 +19,41 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_info
 from gradmon import tensorboard as tb
 
 
+def _prefixed(logger: TensorBoardLogger, values: Mapping[str, object]) -> Mapping[str, object]:
+    """The tags the logger's own ``log_metrics`` would write: its ``prefix`` and ``-`` before each key."""
+    prefix = getattr(logger, "_prefix", "")
+    return _add_prefix(dict(values), prefix, logger.LOGGER_JOIN_CHAR) if prefix else values
+
+
 def log_scalars(trainer: Trainer, values: Mapping[str, float], step: int) -> None:
     for logger in trainer.loggers:
         if isinstance(logger, TensorBoardLogger):
-            tb.write_scalars(logger.experiment, values, step)
+            tb.write_scalars(logger.experiment, _prefixed(logger, values), step)
         else:
             logger.log_metrics(dict(values), step=step)
 
 
 def log_histograms(trainer: Trainer, tensors: Mapping[str, torch.Tensor], step: int, warned: set[int]) -> None:
-    """Histograms go to TensorBoard loggers; each other logger is named once in ``warned`` and skipped."""
+    """Histograms go to TensorBoard loggers; each other logger is named once in ``warned`` and skipped.
+
+    Non-finite values are left out of a histogram (TensorBoard cannot bin them); how many there were goes to every
+    logger as ``<metric>_nonfinite/<layer>`` for the tag ``<metric>/<layer>``, when there are any.
+    """
+    nonfinite = {tag: tb.count_nonfinite(t) for tag, t in tensors.items()}
+    counts = {_nonfinite_tag(tag): float(n) for tag, n in nonfinite.items() if n}
     for logger in trainer.loggers:
         if isinstance(logger, TensorBoardLogger):
-            tb.write_histograms(logger.experiment, tensors, step)
+            tb.write_histograms(logger.experiment, _prefixed(logger, tensors), step)
         elif id(logger) not in warned:
             warned.add(id(logger))
             rank_zero_info(f"gradmon: {type(logger).__name__} has no histograms; logging only its scalars.")
+    if counts:
+        log_scalars(trainer, counts, step)
+
+
+def _nonfinite_tag(tag: str) -> str:
+    metric, _, layer = tag.partition("/")
+    return f"{metric}_nonfinite/{layer}"
 
 
 def log_text(trainer: Trainer, tag: str, text: str, step: int = 0) -> None:
@@ -45,4 +66,9 @@ def log_text(trainer: Trainer, tag: str, text: str, step: int = 0) -> None:
 def write_layout(trainer: Trainer) -> None:
     for logger in trainer.loggers:
         if isinstance(logger, TensorBoardLogger):
-            tb.write_layout(logger.experiment)
+            prefix = getattr(logger, "_prefix", "")
+            charts = tb.LAYOUT_CHARTS
+            if prefix:  # the charts must pick the tags as written, prefix included
+                start = re.escape(prefix + logger.LOGGER_JOIN_CHAR)
+                charts = {k: [(title, start + regex) for title, regex in v] for k, v in charts.items()}
+            tb.write_layout(logger.experiment, charts)

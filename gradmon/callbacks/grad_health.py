@@ -13,9 +13,9 @@ import torch.distributed as dist
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities.rank_zero import rank_zero_info
 
-from gradmon._validation import check_choice, check_int, check_norm_type
+from gradmon._validation import check_bool, check_choice, check_int, check_norm_type
 from gradmon.callbacks import _logging
-from gradmon.callbacks._grad_source import GradNormSource
+from gradmon.callbacks._grad_source import GradNormSource, OptimizerSteps
 from gradmon.callbacks.grad_norm import GradNormMonitor
 from gradmon.errors import GradientHealthError, warn_health
 from gradmon.health import (
@@ -32,6 +32,13 @@ ACTIONS: tuple[str, ...] = ("ignore", "warn", "skip", "stop", "raise")
 # Actions that change the run: every rank must take them together.
 _COLLECTIVE = ("skip", "stop", "raise")
 _MAX_NAMED = 5
+#: Events kept in a checkpoint: the latest ones. The per-step counts are in the logs, so a checkpoint's size does
+#: not grow with the length of the run.
+EVENTS_IN_CHECKPOINT = 100
+#: A GradScaler whose scale is below this when it overflows again is shrinking the loss, not just fitting it to fp16:
+#: the gradients overflow unscaled, or are NaN/inf at any scale. Healthy runs overflow only at scales far above 1
+#: (routinely at the start, from the default 65536 or a larger ``init_scale``, and when the scale grows again).
+AMP_SCALE_FLOOR = 1.0
 
 
 class GradHealthMonitor(Callback):
@@ -57,11 +64,26 @@ class GradHealthMonitor(Callback):
 
     Under DDP and FSDP the decision to skip, stop or raise is reduced across ranks, so all ranks act together.
 
+    Several optimizers (a GAN under manual optimization): each optimizer's step is judged on the layers it updates;
+    a layer's patience streak changes only at steps where that layer has a gradient, and ``log_every_n_steps`` counts
+    each optimizer's own steps.
+
+    fp16 with a ``GradScaler`` (``precision="16-mixed"``): a step the scaler skips because its scaled gradients
+    overflowed is the scaler's business. It is counted in :attr:`amp_overflow_steps` (logged as
+    ``grad_health/amp_overflow_steps``), not judged, never flagged non-finite and never acted on. When the scaler
+    overflows with its scale already below :data:`AMP_SCALE_FLOOR` (1), overflowing has driven the scale ever down
+    (from the default 65536 that takes 17 overflows in a row): the gradients are non-finite or too large for fp16
+    even unscaled. One warning says so, once per fit.
+
     Logged (to ``trainer.loggers``, rank 0) every ``log_every_n_steps`` steps and at every step with a flag, at
     ``trainer.global_step``: ``grad_health/vanishing``, ``grad_health/exploding``, ``grad_health/nonfinite`` (layers
-    flagged that step) and ``grad_health/skipped_steps`` (cumulative). ``events`` holds a
-    :class:`~gradmon.health.HealthEvent` (step, layer, condition, value, rule) for every flag (the first
-    ``max_events``); a summary table is printed at the end of fit. The running history is saved in checkpoints.
+    flagged that step) and ``grad_health/skipped_steps`` (cumulative), and ``grad_health/amp_overflow_steps``
+    (cumulative) when a GradScaler is in use. ``events`` holds a :class:`~gradmon.health.HealthEvent` (step, layer,
+    condition, value, rule) for every flag (the first ``max_events``); a summary table is printed at the end of fit.
+
+    Checkpoints keep the running history, the counts and the latest :data:`EVENTS_IN_CHECKPOINT` events (a few KB
+    whatever the run's length); a resume restores them even when thresholds changed (history is data, thresholds are
+    settings: the new thresholds apply). A new ``fit`` without ``ckpt_path`` starts from a clean history.
 
     Example::
 
@@ -113,23 +135,39 @@ class GradHealthMonitor(Callback):
         self.log_every_n_steps = check_int("log_every_n_steps", log_every_n_steps, 1, allow_none=True)
         self.warn_every_n_steps = check_int("warn_every_n_steps", warn_every_n_steps, 1)
         self.max_events = check_int("max_events", max_events, 0)
-        self.summary = bool(summary)
-        self.tracker = HealthTracker(self.rules)
-        self.events: list[HealthEvent] = []
-        self.skipped_steps = 0
-        self.flagged_steps: Counter[str] = Counter()
+        self.summary = check_bool("summary", summary)
         self._own_source = GradNormSource(self.norm_type, self.group_by)
         self._source = self._own_source
         self._every = self.log_every_n_steps or 50
+        self._agree = any(a in _COLLECTIVE for a in self.actions.values())
+        self._reset()
+
+    def _reset(self) -> None:
+        """A clean history: at construction and at the start of every fit (a resume then loads its state)."""
+        self.tracker = HealthTracker(self.rules)
+        self.events: list[HealthEvent] = []
+        self.skipped_steps = 0
+        #: Steps a GradScaler skipped because its scaled gradients overflowed (fp16).
+        self.amp_overflow_steps = 0
+        self.flagged_steps: Counter[str] = Counter()
         self._last_report: dict[str, int] = {}
         self._unreported: Counter[str] = Counter()
         self._layer_counts: dict[str, Counter[str]] = {c: Counter() for c in CONDITIONS}
         self._first_step: dict[str, int] = {}
-        self._agree = any(a in _COLLECTIVE for a in self.actions.values())
+        self._steps = OptimizerSteps()
+        self._overflow_run = 0
+        self._overflow_warned = False
 
     @cached_property  # Lightning reads it around every hook call
     def state_key(self) -> str:
-        return self._generate_state_key(**asdict(self.rules), norm_type=self.norm_type, group_by=self.group_by)
+        # Thresholds are settings, not part of the identity: a resume with new thresholds keeps the history.
+        return self._generate_state_key(norm_type=self.norm_type, group_by=self.group_by)
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        # Lightning calls setup before it restores callback state, so a resumed fit gets its history back and a
+        # fresh fit of the same instance starts clean.
+        if stage == "fit":
+            self._reset()
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._every = self.log_every_n_steps or trainer.log_every_n_steps
@@ -148,21 +186,47 @@ class GradHealthMonitor(Callback):
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer
     ) -> None:
         step = trainer.global_step
-        norms = self._source.grad_norms(step, pl_module, optimizer)
-        events: list[HealthEvent] = []
-        if norms is not None:
-            per_layer, _ = norms.per_layer()  # the step's one host transfer
-            events = self.tracker.update(step, per_layer, self._confirm_nonfinite(norms))
+        _, count = self._steps.advance(trainer, optimizer)
+        log_now = count % self._every == 0
+        overflow = _amp_overflow(trainer, optimizer)
+        if overflow:
+            # The scaler skips this step and lowers its scale: its gradients are not the model's.
+            self._count_overflow(step, trainer)
+            events: list[HealthEvent] = []
+        else:
+            if overflow is not None:
+                self._overflow_run = 0
+            norms = self._source.grad_norms(step, pl_module, optimizer)
+            events = []
+            if norms is not None:
+                per_layer, _ = norms.per_layer()  # the step's one host transfer
+                events = self.tracker.update(step, per_layer, self._confirm_nonfinite(norms))
         present = {e.condition for e in events}
         if self._agree:
             present = self._reduce(trainer, present)
         if present:
             self._record(step, events, present)
-            self._act(trainer, optimizer, step, present, events)
-        if (present or step % self._every == 0) and trainer.is_global_zero and trainer.loggers:
+            self._act(trainer, pl_module, optimizer, step, present, events)
+        if (present or log_now) and trainer.is_global_zero and trainer.loggers:
             counts = {f"grad_health/{c}": float(sum(e.condition == c for e in events)) for c in CONDITIONS}
             counts["grad_health/skipped_steps"] = float(self.skipped_steps)
+            if overflow is not None:
+                counts["grad_health/amp_overflow_steps"] = float(self.amp_overflow_steps)
             _logging.log_scalars(trainer, counts, step)
+
+    def _count_overflow(self, step: int, trainer: pl.Trainer) -> None:
+        self.amp_overflow_steps += 1
+        self._overflow_run += 1
+        scale = _amp_scale(trainer)
+        if scale < AMP_SCALE_FLOOR and not self._overflow_warned:
+            self._overflow_warned = True
+            warn_health(
+                f"gradmon: the fp16 GradScaler skipped step {step} for overflowing gradients with its scale already "
+                f"down to {scale:.3g} ({self._overflow_run} overflows in a row, {self.amp_overflow_steps} in all): "
+                "the gradients are non-finite or beyond fp16's range even unscaled, and every step is being skipped. "
+                "Look for a NaN or inf in the loss or the forward pass (a log or division of zero, an overflowing "
+                "exp), or train with bf16-mixed."
+            )
 
     def _confirm_nonfinite(self, norms: Norms) -> Any:
         layout = norms.layout
@@ -197,6 +261,7 @@ class GradHealthMonitor(Callback):
     def _act(
         self,
         trainer: pl.Trainer,
+        pl_module: pl.LightningModule,
         optimizer: torch.optim.Optimizer,
         step: int,
         present: set[str],
@@ -211,10 +276,19 @@ class GradHealthMonitor(Callback):
             if self.actions[c] in ("warn", "skip", "stop"):
                 self._warn(c, step, found[c])
         if any(self.actions[c] == "skip" for c in ordered):
-            optimizer.zero_grad(set_to_none=True)  # no gradient, no update: optimizers skip such parameters
+            self._skip(trainer, pl_module, optimizer)
             self.skipped_steps += 1
         if any(self.actions[c] == "stop" for c in ordered):
             trainer.should_stop = True
+
+    def _skip(self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer) -> None:
+        """Discard the step's update: every gradient of the optimizer set to ``None`` (optimizers leave such
+        parameters, and their state, alone). A GradNormMonitor listed after this callback takes its numbers of the
+        step first, so what it logs does not depend on the order of the callbacks."""
+        for callback in trainer.callbacks:
+            if isinstance(callback, GradNormMonitor):
+                callback.on_before_optimizer_step(trainer, pl_module, optimizer)
+        optimizer.zero_grad(set_to_none=True)
 
     def _warn(self, condition: str, step: int, events: list[HealthEvent]) -> None:
         last = self._last_report.get(condition)
@@ -234,7 +308,7 @@ class GradHealthMonitor(Callback):
         warn_health(message)
 
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if self.summary and (self.flagged_steps or self.skipped_steps):
+        if self.summary and (self.flagged_steps or self.skipped_steps or self._overflow_warned):
             rank_zero_info(self.summary_table())
 
     def summary_table(self) -> str:
@@ -248,22 +322,28 @@ class GradHealthMonitor(Callback):
         lines = ["GradHealthMonitor summary"]
         lines += ["  " + "  ".join(r[i].ljust(widths[i]) for i in range(3)) + "  " + r[3] for r in rows]
         lines.append(f"  skipped steps: {self.skipped_steps}")
+        if self.amp_overflow_steps:
+            lines.append(f"  steps the GradScaler skipped for overflow (not flagged): {self.amp_overflow_steps}")
         return "\n".join(lines)
 
     def state_dict(self) -> dict[str, Any]:
         return {
             "tracker": self.tracker.state_dict(),
             "skipped_steps": self.skipped_steps,
+            "amp_overflow_steps": self.amp_overflow_steps,
+            "optimizer_steps": self._steps.state_dict(),
             "flagged_steps": dict(self.flagged_steps),
             "first_step": dict(self._first_step),
             "layer_counts": {c: dict(n) for c, n in self._layer_counts.items()},
             "last_report": dict(self._last_report),
-            "events": [asdict(e) for e in self.events],
+            "events": [asdict(e) for e in self.events[-EVENTS_IN_CHECKPOINT:]],
         }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.tracker.load_state_dict(state_dict["tracker"])
         self.skipped_steps = int(state_dict["skipped_steps"])
+        self.amp_overflow_steps = int(state_dict.get("amp_overflow_steps", 0))
+        self._steps.load_state_dict(state_dict.get("optimizer_steps", {}))
         self.flagged_steps = Counter(state_dict["flagged_steps"])
         self._first_step = dict(state_dict["first_step"])
         self._layer_counts = {c: Counter(state_dict["layer_counts"].get(c, {})) for c in CONDITIONS}
@@ -280,3 +360,26 @@ def _describe(condition: str, step: int, events: list[HealthEvent]) -> str:
         return f"gradmon: non-finite gradients at step {step}, first in layer {events[0].layer}; layers: {named}{more}."
     return f"gradmon: {condition} gradients at step {step} in {len(events)} layer(s): {named}{more}."
 
+
+
+def _scaler(trainer: pl.Trainer) -> Any:
+    scaler = getattr(trainer.precision_plugin, "scaler", None)
+    return scaler if scaler is not None and scaler.is_enabled() else None
+
+
+def _amp_overflow(trainer: pl.Trainer, optimizer: torch.optim.Optimizer) -> bool | None:
+    """Whether the precision plugin's GradScaler found inf/NaN when it unscaled this step's gradients (it then skips
+    ``optimizer.step`` and lowers its scale); ``None`` when no enabled scaler has unscaled this optimizer."""
+    scaler = _scaler(trainer)
+    if scaler is None:
+        return None
+    # Lightning unscales before on_before_optimizer_step; the scaler keeps what it found per optimizer until update().
+    found = scaler._per_optimizer_states.get(id(optimizer), {}).get("found_inf_per_device")
+    if not found:
+        return None
+    return bool(sum(float(v.sum()) for v in found.values()))
+
+
+def _amp_scale(trainer: pl.Trainer) -> float:
+    scaler = _scaler(trainer)
+    return float(scaler.get_scale()) if scaler is not None else float("nan")

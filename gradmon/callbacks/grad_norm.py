@@ -12,9 +12,9 @@ import torch
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 
-from gradmon._validation import check_choice, check_int, check_norm_type
+from gradmon._validation import check_bool, check_choice, check_int, check_norm_type
 from gradmon.callbacks import _logging
-from gradmon.callbacks._grad_source import GradNormSource
+from gradmon.callbacks._grad_source import GradNormSource, OptimizerSteps, optimizer_names
 from gradmon.norms import (
     GroupBy,
     Norms,
@@ -32,6 +32,7 @@ class _Pending:
     """What one logging step captured before the optimizer step, completed after it."""
 
     step: int
+    total_tag: str
     grads: Norms
     weights: Norms | None
     snapshot: list[torch.Tensor] | None
@@ -47,19 +48,27 @@ class GradNormMonitor(Callback):
 
     A *layer* is the module that owns the parameters (``net.0`` for ``net.0.weight`` and ``net.0.bias``); a parameter
     registered on the root module is its own layer; ``group_by="parameter"`` logs every parameter separately.
-    Tied weights count once. Frozen parameters (``requires_grad=False`` or no gradient this step) are left out.
+    Names are the user's: pieces inserted by ``torch.compile`` (``_orig_mod``), FSDP and activation checkpointing
+    are dropped. Tied weights count once. Parameters without a gradient at a step (frozen, or unused) are left out of
+    that step; a parameter unfrozen during training (``requires_grad`` flipped, or a parameter group added, as
+    Lightning's ``BackboneFinetuning`` does) is monitored from its first gradient on.
 
     Logged every ``log_every_n_steps`` optimizer steps (steps 0, n, 2n, ...; default: the Trainer's
     ``log_every_n_steps``), with ``trainer.global_step`` of the step being taken as the step axis:
 
-    - ``grad_norm/<layer>`` and ``grad_norm/total``: p-norm of the gradients (``norm_type``, default 2).
+    - ``grad_norm/<layer>`` and ``grad_norm/total``: p-norm of the gradients (``norm_type``, default 2), the total
+      over every gradient the optimizer is about to apply. With several optimizers each has its own total,
+      ``grad_norm/total-<optimizer>``, named as Lightning's ``LearningRateMonitor`` names them (``Adam``,
+      ``Adam-1``, ...), and ``log_every_n_steps`` counts each optimizer's own steps.
     - ``grad_norm_log10/<layer>``: its log10, for charts where layers span many orders of magnitude (left out for a
       zero or non-finite norm).
     - ``weight_norm/<layer>``: p-norm of the weights the gradient was computed at (``log_weight_norms``).
     - ``update_ratio/<layer>`` and ``update_ratio_log10/<layer>``: ||w_after - w_before|| / ||w_before|| of the step
       just taken, whatever the optimizer (``log_update_ratios``; the weights are copied on logging steps only).
     - ``grad_hist/<layer>`` and ``weight_hist/<layer>``: histograms, every ``histogram_every_n_steps`` steps (off by
-      default), to TensorBoard loggers only; other loggers get their scalars and one message.
+      default), to TensorBoard loggers only; other loggers get their scalars and one message. Non-finite values are
+      left out of a histogram and counted in ``grad_hist_nonfinite/<layer>`` / ``weight_hist_nonfinite/<layer>``
+      (logged only when there are any).
 
     A TensorBoard custom-scalars layout is written once per run so that every layer of a metric shows as one
     multi-line chart (see :data:`gradmon.tensorboard.LAYOUT_CHARTS`). Values go straight to ``trainer.loggers``
@@ -87,10 +96,12 @@ class GradNormMonitor(Callback):
         self.group_by: GroupBy = check_choice("group_by", group_by, ("layer", "parameter"))
         self.log_every_n_steps = check_int("log_every_n_steps", log_every_n_steps, 1, allow_none=True)
         self.histogram_every_n_steps = check_int("histogram_every_n_steps", histogram_every_n_steps, 1, allow_none=True)
-        self.log_weight_norms = bool(log_weight_norms)
-        self.log_update_ratios = bool(log_update_ratios)
+        self.log_weight_norms = check_bool("log_weight_norms", log_weight_norms)
+        self.log_update_ratios = check_bool("log_update_ratios", log_update_ratios)
         self.source = GradNormSource(self.norm_type, self.group_by)
         self._every = self.log_every_n_steps or 50
+        self._steps = OptimizerSteps()
+        self._done: tuple[int, int] | None = None
         self._pending: list[_Pending] = []
         self._layout_written = False
         self._no_histograms: set[int] = set()
@@ -104,8 +115,20 @@ class GradNormMonitor(Callback):
         """This step's gradient norms for ``optimizer``'s parameters, computed once and shared (no host sync)."""
         return self.source.grad_norms(trainer.global_step, pl_module, optimizer)
 
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        # Before Lightning restores callback state: a fresh fit counts from zero, a resumed one gets its counts back.
+        if stage == "fit":
+            self._steps.reset()
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"optimizer_steps": self._steps.state_dict()}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self._steps.load_state_dict(state_dict.get("optimizer_steps", {}))
+
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self.source.reset()
+        self._done = None
         self._every = self.log_every_n_steps or trainer.log_every_n_steps
         self._pending = []
         self._layout_written = False
@@ -118,8 +141,12 @@ class GradNormMonitor(Callback):
         if not trainer.loggers:
             return
         step = trainer.global_step
-        log = step % self._every == 0
-        hist = self.histogram_every_n_steps is not None and step % self.histogram_every_n_steps == 0
+        if self._done == (id(optimizer), step):  # already taken, before a GradHealthMonitor discarded the gradients
+            return
+        self._done = (id(optimizer), step)
+        index, count = self._steps.advance(trainer, optimizer)
+        log = count % self._every == 0
+        hist = self.histogram_every_n_steps is not None and count % self.histogram_every_n_steps == 0
         if not (log or hist):
             return
         grads = self.grad_norms(trainer, pl_module, optimizer)
@@ -136,7 +163,11 @@ class GradNormMonitor(Callback):
             snapshot = [local_tensor(p).detach().clone() for p in params]
         elif self.log_weight_norms:
             weights = compute_norms(grads.layout, [p.detach() for p in params], self.norm_type)
-        self._pending.append(_Pending(step, grads, weights, snapshot))
+        optimizers = trainer.optimizers
+        total_tag = "grad_norm/total"
+        if len(optimizers) > 1:
+            total_tag += f"-{optimizer_names(optimizers)[index]}"
+        self._pending.append(_Pending(step, total_tag, grads, weights, snapshot))
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any) -> None:
         if self._pending:
@@ -174,7 +205,7 @@ class GradNormMonitor(Callback):
         values: dict[str, float] = {}
         for layer, norm in grad_layers.items():
             values[f"grad_norm/{layer}"] = norm
-        values["grad_norm/total"] = total
+        values[record.total_tag] = total
         _add_log10(values, "grad_norm_log10", grad_layers)
         if record.weights is not None:
             weight_layers, _ = record.weights.per_layer()
@@ -196,6 +227,8 @@ class GradNormMonitor(Callback):
         grad_parts: dict[str, list[torch.Tensor]] = {}
         weight_parts: dict[str, list[torch.Tensor]] = {}
         for p, layer in zip(layout.params, layout.param_layers):
+            if p.grad is None:  # another callback already discarded this step's update; its norms are logged
+                continue
             # full_tensor() is a collective under FSDP: every rank takes part, rank 0 writes.
             grad_parts.setdefault(layer, []).append(full_tensor(p.grad).reshape(-1))
             weight_parts.setdefault(layer, []).append(full_tensor(p.detach()).reshape(-1))
