@@ -138,13 +138,13 @@ class GradNormMonitor(Callback):
     def on_before_optimizer_step(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer
     ) -> None:
-        if not trainer.loggers:
-            return
         step = trainer.global_step
         if self._done == (id(optimizer), step):  # already taken, before a GradHealthMonitor discarded the gradients
             return
         self._done = (id(optimizer), step)
-        index, count = self._steps.advance(trainer, optimizer)
+        index, count = self._steps.advance(trainer, optimizer)  # counted even unlogged: a resume may add a logger
+        if not trainer.loggers:
+            return
         log = count % self._every == 0
         hist = self.histogram_every_n_steps is not None and count % self.histogram_every_n_steps == 0
         if not (log or hist):
