@@ -75,7 +75,7 @@ def check_float(
         try:
             number = float(value)
         except OverflowError:  # an int beyond any float
-            number = math.copysign(math.inf, value)
+            number = math.inf if value > 0 else -math.inf
         ok = not math.isnan(number)
         ok = ok and (number >= minimum if inclusive else number > minimum)
         ok = ok and (number <= maximum if max_inclusive else number < maximum)
@@ -103,8 +103,8 @@ def check_norm_type(name: str, value: Any) -> float:
         raise _fail(name, value, 'a number p > 0 or "inf"')
     try:
         number = float(value)
-    except OverflowError:
-        number = math.inf
+    except OverflowError:  # an int beyond any float
+        number = math.inf if value > 0 else -math.inf
     if math.isnan(number) or number <= 0:
         raise _fail(name, value, 'a number p > 0 or "inf"')
     return number

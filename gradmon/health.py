@@ -74,15 +74,8 @@ class HealthRules:
             )
         check_float("spike_factor", self.spike_factor, minimum=1.0, allow_none=True)
         check_int("warmup_steps", self.warmup_steps, 0)
-        check_float("history_decay", self.history_decay, minimum=0.0, inclusive=True)
-        if self.history_decay >= 1.0:
-            raise ValueError(f"`history_decay={self.history_decay!r}` is not valid: expected a number in [0, 1).")
-        if self.depth_ratio is not None:
-            check_float("depth_ratio", self.depth_ratio, minimum=0.0)
-            if self.depth_ratio >= 1.0:
-                raise ValueError(
-                    f"`depth_ratio={self.depth_ratio!r}` is not valid: expected a number in (0, 1) or None."
-                )
+        check_float("history_decay", self.history_decay, minimum=0.0, inclusive=True, maximum=1.0, max_inclusive=False)
+        check_float("depth_ratio", self.depth_ratio, minimum=0.0, maximum=1.0, max_inclusive=False, allow_none=True)
         check_int("depth_window", self.depth_window, 1)
         check_int("depth_min_layers", self.depth_min_layers, 2)
         if self.depth_min_layers < 2 * self.depth_window:
