@@ -30,7 +30,33 @@ pytestmark = pytest.mark.filterwarnings(
 
 
 def test_every_config_is_run_by_the_demo():
-    assert sorted(CONFIGS) == sorted(p.stem for p in CONFIG_DIR.glob("*.yaml"))
+    assert sorted(CONFIGS) == sorted(p.stem for p in CONFIG_DIR.glob("*.yaml") if p.stem != "base")
+
+
+def test_variant_configs_state_only_what_differs_from_the_base():
+    # The shared settings live in configs/base.yaml, loaded first by the CLI: no variant repeats the model's width.
+    for path in CONFIG_DIR.glob("*.yaml"):
+        if path.stem != "base":
+            assert "width: 64" not in path.read_text(), path
+    cli = cli_main(["--config", str(CONFIG_DIR / "vanishing_tanh.yaml")], run=False)
+    assert (cli.model.hparams.depth, cli.model.hparams.width, cli.model.hparams.activation) == (16, 64, "tanh")
+    assert [type(c).__name__ for c in cli.trainer.callbacks if type(c).__module__.startswith("gradmon")] == [
+        "WeightInit", "GradNormMonitor", "GradHealthMonitor"
+    ]
+
+
+def test_rerunning_a_variant_replaces_its_run_instead_of_adding_a_second_event_file(tmp_path, capsys):
+    for depth in (16, 3):
+        cli_main([
+            "fit", f"--config={CONFIG_DIR / 'vanishing_tanh.yaml'}", f"--trainer.logger.init_args.save_dir={tmp_path}",
+            f"--model.depth={depth}", "--trainer.max_epochs=1", "--trainer.limit_train_batches=2",
+            "--trainer.limit_val_batches=1", "--trainer.log_every_n_steps=1", "--trainer.enable_progress_bar=false",
+            "--trainer.enable_model_summary=false",
+        ])
+    run_dir = tmp_path / "vanishing" / "tanh"
+    assert len(list(run_dir.glob("events.out.tfevents.*"))) == 1
+    assert "replacing the earlier run" in capsys.readouterr().out
+    assert load_run(run_dir).layers() == ["net.0", "net.2", "net.4", "net.6"]  # the second run's 3 + head only
 
 
 def test_sigmoid_gradient_peaks_at_a_quarter_and_is_3e_4_at_8():
