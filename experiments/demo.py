@@ -11,6 +11,7 @@ GradHealthMonitor) and 6. the gradient check (buggy, fixed), each variant a Tens
 from __future__ import annotations
 
 import argparse
+import logging
 import shutil
 import sys
 import time
@@ -21,6 +22,7 @@ import torch
 
 from experiments import matrix_product, sigmoid
 from experiments.__main__ import THREADS, cli_main
+from gradmon import GradCheck, GradHealthMonitor, GradientHealthWarning
 from gradmon.report import write_report
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
@@ -41,7 +43,9 @@ CONFIGS = (
 EXPERIMENTS = (sigmoid.EXPERIMENT, matrix_product.EXPERIMENT, "vanishing", "init", "exploding", "gradcheck")
 
 
-def train(config: str, logdir: Path) -> None:
+def train(config: str, logdir: Path, *overrides: str) -> str:
+    """Run one config (with LightningCLI ``overrides``); return its line: name, steps, accuracy, seconds, and what
+    gradmon flagged."""
     start = time.perf_counter()
     cli = cli_main(
         [
@@ -50,16 +54,54 @@ def train(config: str, logdir: Path) -> None:
             f"--trainer.logger.init_args.save_dir={logdir}",
             "--trainer.enable_progress_bar=false",
             "--trainer.enable_model_summary=false",
+            *overrides,
         ]
     )
     trainer = cli.trainer
     val_acc = trainer.callback_metrics.get("val/acc")
-    accuracy = f"val acc {float(val_acc):.3f}" if val_acc is not None else "no validation"
-    print(
-        f"==> {trainer.logger.name}/{trainer.logger.version}: {trainer.global_step} steps, {accuracy}, "
-        f"{time.perf_counter() - start:.1f} s",
-        flush=True,
-    )
+    accuracy = f"val acc {float(val_acc):.2f}" if val_acc is not None else "no validation"
+    name = f"{trainer.logger.name}/{trainer.logger.version}"
+    seconds = time.perf_counter() - start
+    return f"  {name:<24} {trainer.global_step:>4} steps  {accuracy}  {seconds:4.1f} s  {flagged(trainer)}"
+
+
+def flagged(trainer) -> str:
+    """What gradmon's callbacks found in a run, in a few words."""
+    found = []
+    for callback in trainer.callbacks:
+        if isinstance(callback, GradHealthMonitor):
+            for condition, steps in callback.flagged_steps.items():
+                found.append(f"{condition} at {steps} steps from step {callback.first_flagged_steps[condition]}")
+            if trainer.should_stop and callback.flagged_steps:
+                found.append("stopped")
+        elif isinstance(callback, GradCheck):
+            failed = sorted({r.layer for r in callback.results if not r.passed})
+            found.append(f"gradcheck failed in {', '.join(failed)}" if failed else "gradcheck passed")
+    return "; ".join(found) or "nothing flagged"
+
+
+class quiet:
+    """Keep a run to its one line: Lightning's start-up notes, WeightInit's tables, the health summaries and the
+    warnings the lines already report (all still in the logs and on the callbacks) are not printed."""
+
+    def __enter__(self) -> None:
+        self._loggers = [logging.getLogger(name) for name in ("lightning.pytorch", "lightning.fabric")]
+        self._levels = [logger.level for logger in self._loggers]
+        for logger in self._loggers:
+            logger.setLevel(logging.WARNING)
+        self._warnings = warnings.catch_warnings()
+        self._warnings.__enter__()
+        warnings.simplefilter("ignore", GradientHealthWarning)
+        warnings.filterwarnings("ignore", ".*isinstance\\(treespec, LeafSpec\\).*")
+        warnings.filterwarnings("ignore", ".*does not have many workers.*")
+        warnings.filterwarnings("ignore", ".*smaller than the logging interval.*")
+        # The configs go to LightningCLI as `args`; the demo's own options are not for it.
+        warnings.filterwarnings("ignore", ".*LightningCLI's args parameter is intended to run from within Python.*")
+
+    def __exit__(self, *exc: object) -> None:
+        self._warnings.__exit__(*exc)
+        for logger, level in zip(self._loggers, self._levels):
+            logger.setLevel(level)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -67,18 +109,17 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--logdir", type=Path, default=Path("runs"), help="TensorBoard log root (default: runs)")
     logdir = parser.parse_args(argv).logdir
     torch.set_num_threads(THREADS)
-    # The configs go to LightningCLI as `args`; the demo's own options are not for it.
-    warnings.filterwarnings("ignore", ".*LightningCLI's args parameter is intended to run from within Python.*")
 
     start = time.perf_counter()
     # A rerun would add a second event file to each run directory, and TensorBoard would draw both as one run.
     for experiment in EXPERIMENTS:
         shutil.rmtree(logdir / experiment, ignore_errors=True)
-    print(f"==> cleared earlier runs under {logdir}/ of: {', '.join(EXPERIMENTS)}", flush=True)
-    print(f"==> {sigmoid.run(logdir)}", flush=True)
-    print(f"==> {matrix_product.run(logdir)}", flush=True)
-    for config in CONFIGS:
-        train(config, logdir)
+    print(f"Running the experiments into {logdir}/ (earlier runs of them cleared):", flush=True)
+    print(f"  {sigmoid.run(logdir)}", flush=True)
+    print(f"  {matrix_product.run(logdir)}", flush=True)
+    with quiet():
+        for config in CONFIGS:
+            print(train(config, logdir), flush=True)
     report = logdir / "report"
     written = write_report(logdir, report)
 

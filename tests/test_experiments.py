@@ -16,7 +16,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 import gradmon
 from experiments import matrix_product, sigmoid
 from experiments.__main__ import cli_main
-from experiments.demo import CONFIGS
+from experiments.demo import CONFIGS, quiet, train
 from experiments.gradcheck_bug import PLANTED_LAYER, LinearWrongWeightGrad
 from gradmon.report import layer_norms, load_run
 
@@ -224,3 +224,26 @@ def test_the_hparams_tab_holds_the_model_settings_the_init_scheme_and_the_accura
     assert hparams["depth"].number_value == 16
     assert hparams["weight_init_0"].string_value == "kaiming_normal(nonlinearity='relu')"
     assert "hp/val_acc" in acc.Tags()["scalars"]
+
+
+def test_a_demo_run_prints_one_line_with_its_steps_accuracy_and_findings(tmp_path, capfd, caplog):
+    with quiet():
+        line = train("init_normal_1", tmp_path, "--trainer.max_epochs=1", "--trainer.limit_train_batches=3",
+                     "--trainer.limit_val_batches=1")
+    out, err = capfd.readouterr()
+    assert out == "" and err == ""  # nothing but the returned line: no tables, tips, summaries or warnings
+    assert not [r for r in caplog.records if r.levelno >= 20 and r.name.startswith(("lightning", "gradmon"))]
+    assert line.split()[:4] == ["init/normal_1", "3", "steps", "val"]
+    assert "exploding at 1 steps from step 0" in line and "nonfinite at 2 steps from step 1" in line
+
+
+def test_health_warnings_print_as_the_category_and_message(capfd):
+    import warnings
+
+    from gradmon.errors import warn_health
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("always")
+        warnings.showwarning = warnings._showwarning_orig  # pytest's capture replaces it
+        warn_health("gradmon: test")
+    assert capfd.readouterr().err == "GradientHealthWarning: gradmon: test\n"

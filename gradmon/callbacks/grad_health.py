@@ -163,6 +163,11 @@ class GradHealthMonitor(Callback):
         # Thresholds are settings, not part of the identity: a resume with new thresholds keeps the history.
         return self._generate_state_key(norm_type=self.norm_type, group_by=self.group_by)
 
+    @property
+    def first_flagged_steps(self) -> dict[str, int]:
+        """The first step each condition was flagged at (only the conditions flagged so far)."""
+        return dict(self._first_step)
+
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         # Lightning calls setup before it restores callback state, so a resumed fit gets its history back and a
         # fresh fit of the same instance starts clean.
