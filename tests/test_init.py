@@ -1,3 +1,4 @@
+import copy
 import math
 import subprocess
 import sys
@@ -9,11 +10,17 @@ from torch import nn
 from gradmon.init import (
     SCHEME_NAMES,
     compute_fans,
+    constant_,
     format_scheme,
     initialize,
+    normal_,
     parse_scheme,
     resolve_scheme,
     resolve_types,
+    select_layers,
+    trunc_normal_,
+    uniform_,
+    xavier_uniform_,
 )
 
 # A wide layer, so fan_in (1024) and fan_out (512) differ and a formula using the wrong one fails.
@@ -268,14 +275,14 @@ def test_string_form_round_trips():
     ("scheme", "arguments", "message"),
     [
         ("glorot", {}, "scheme='glorot'.*xavier_uniform"),
-        ("normal", {"sigma": 1.0}, "'normal'.*sigma.*accepts mean, std"),
+        ("normal", {"sigma": 1.0}, "sigma=1.0.*'normal' accepts: mean, std"),
         ("constant", {}, "'constant'.*'val'"),
         ("normal", {"std": -1.0}, "'normal'.*std=-1.0"),
         ("kaiming_normal", {"mode": "fan_avg"}, "'kaiming_normal'.*mode='fan_avg'.*'fan_in'"),
         ("xavier_uniform", {"nonlinearity": "gelu"}, "nonlinearity='gelu'.*'tanh'"),
         ("xavier_uniform", {"gain": 2.0, "nonlinearity": "relu"}, "both given"),
         ("uniform", {"a": 1.0, "b": 0.0}, "b=0.0"),
-        ("default", {"std": 1.0}, "'default' takes no arguments"),
+        ("default", {"std": 1.0}, "std=1.0.*'default' accepts none"),
         ("normal(std=0.1)", {"std": 0.2}, "`std` is given both"),
         ("normal(0.1)", {}, "literal keyword arguments"),
         ("normal(std=0.1, std=0.2)", {}, "literal keyword arguments"),
@@ -297,7 +304,7 @@ def test_invalid_schemes_raise_before_touching_any_layer(scheme, arguments, mess
     [
         ({"types": ["Lnear"]}, "'Lnear'"),
         ({"types": [int]}, "nn.Module subclass"),
-        ({"types": []}, "types=()"),
+        ({"types": []}, "types=\\[\\]"),
         ({"include": "("}, r"include='\('"),
         ({"bias": "random"}, "bias='random'.*'zeros', 'keep'"),
         ({"bias": float("nan")}, "bias=nan"),
@@ -314,3 +321,235 @@ def test_every_scheme_name_resolves():
         assert resolve_scheme(name, arguments.get(name))[0] == name
     assert resolve_types("Linear") == (nn.Linear,)
 
+
+# ----------------------------------------------------------------------------------------------------------------
+# Names under wrappers, recurrent and attention weights, float32 range, types
+# ----------------------------------------------------------------------------------------------------------------
+
+
+class Wrapped(nn.Module):
+    """Holds ``inner`` under ``attribute``, as torch.compile (``_orig_mod``), FSDP1 (``_fsdp_wrapped_module``) and
+    activation checkpointing (``_checkpoint_wrapped_module``) do."""
+
+    def __init__(self, inner: nn.Module, attribute: str) -> None:
+        super().__init__()
+        setattr(self, attribute, inner)
+
+
+def wrapped_model() -> nn.Module:
+    model = nn.Module()
+    model.net = Wrapped(nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2)), "_orig_mod")
+    model.block = Wrapped(Wrapped(nn.Linear(2, 2), "_checkpoint_wrapped_module"), "_fsdp_wrapped_module")
+    return model
+
+
+def test_wrapper_pieces_are_dropped_from_names_for_selection_and_records():
+    model = wrapped_model()
+    assert [name for name, _ in select_layers(model)] == ["net.0", "net.2", "block"]
+    records = initialize(model, "ones", include=r"^(net\.0|block)$")
+    assert [record.name for record in records] == ["net.0", "block"]
+    assert torch.all(model.net._orig_mod[0].weight == 1) and not torch.all(model.net._orig_mod[2].weight == 1)
+    assert torch.all(model.block._fsdp_wrapped_module._checkpoint_wrapped_module.weight == 1)
+    assert initialize(model, "zeros", exclude=r"^net\.") and torch.all(model.net._orig_mod[0].weight == 1)
+
+
+def lstm_reference_draws(lstm: nn.LSTM, init, seed: int) -> dict[str, torch.Tensor]:
+    """What drawing ``init`` into each weight matrix in parameter order, one generator throughout, gives."""
+    generator = seeded(seed)
+    reference = copy.deepcopy(lstm)
+    with torch.no_grad():
+        for name, tensor in reference.named_parameters():
+            if name.startswith("weight_"):
+                init(tensor, generator)
+    return {name: tensor for name, tensor in reference.named_parameters() if name.startswith("weight_")}
+
+
+def test_lstm_weights_are_initialised_one_matrix_at_a_time_with_their_own_fans():
+    lstm = nn.LSTM(16, 32, num_layers=2, bidirectional=True)
+    expected = lstm_reference_draws(lstm, lambda w, g: nn.init.xavier_uniform_(w, generator=g), seed=4)
+    records = initialize(lstm, "xavier_uniform", generator=seeded(4))
+    assert [record.name for record in records] == list(expected)
+    assert list(expected) == [
+        f"weight_{kind}_l{layer}{suffix}" for layer in (0, 1) for suffix in ("", "_reverse") for kind in ("ih", "hh")
+    ]
+    for name, weight in expected.items():
+        assert torch.equal(getattr(lstm, name), weight), name
+    # Gates stacked: fan_out is 4 * hidden; fan_in is the input (16), twice the hidden (bidirectional) or the hidden.
+    assert compute_fans(lstm.weight_ih_l0) == (16, 128) and compute_fans(lstm.weight_ih_l1) == (64, 128)
+    assert lstm.weight_ih_l0.abs().max() <= math.sqrt(6 / (16 + 128)) < lstm.weight_hh_l0.abs().max() * 1.2
+    assert all(torch.all(p == 0) for name, p in lstm.named_parameters() if name.startswith("bias_"))
+
+
+def test_xavier_on_input_hidden_and_orthogonal_on_hidden_hidden_with_two_calls():
+    model = nn.Sequential(nn.LSTM(8, 16), nn.Linear(16, 4))
+    head_before = copy.deepcopy(model[1])
+    bias_hh_before = model[0].bias_hh_l0.clone()
+    initialize(model, "xavier_uniform", weights="weight_ih", bias=0.5, generator=seeded(0))
+    records = initialize(model, "orthogonal", weights="weight_hh", bias="keep", generator=seeded(1))
+    assert [record.name for record in records] == ["0.weight_hh_l0"]
+    lstm = model[0]
+    torch.testing.assert_close(lstm.weight_hh_l0.T @ lstm.weight_hh_l0, torch.eye(16), atol=1e-5, rtol=0)
+    assert lstm.weight_ih_l0.abs().max() <= math.sqrt(6 / (8 + 64))
+    # Each bias goes with its own weight: bias_ih by the first call, bias_hh by neither, the Linear by neither.
+    assert torch.all(lstm.bias_ih_l0 == 0.5) and torch.equal(lstm.bias_hh_l0, bias_hh_before)
+    assert torch.equal(model[1].weight, head_before.weight) and torch.equal(model[1].bias, head_before.bias)
+
+
+@pytest.mark.parametrize(
+    "layer",
+    [nn.RNN(3, 5, num_layers=2), nn.GRU(3, 5, bidirectional=True), nn.LSTM(3, 6, proj_size=2), nn.GRUCell(3, 5)],
+)
+def test_every_recurrent_weight_and_bias_is_initialised(layer):
+    records = initialize(layer, "constant(val=0.25)", bias=-1.0)
+    names = [name for name, _ in layer.named_parameters() if name.startswith("weight_")]
+    assert [record.name for record in records] == names and names
+    for name, tensor in layer.named_parameters():
+        assert torch.all(tensor == (0.25 if name.startswith("weight_") else -1.0)), name
+
+
+def test_multihead_attention_in_projection_is_initialised_by_default():
+    model = nn.Module()
+    model.attn = nn.MultiheadAttention(16, 2)
+    expected = copy.deepcopy(model.attn)
+    generator = seeded(2)
+    with torch.no_grad():
+        nn.init.xavier_normal_(expected.in_proj_weight, generator=generator)
+        nn.init.xavier_normal_(expected.out_proj.weight, generator=generator)
+    nn.init.normal_(model.attn.in_proj_bias)
+    records = initialize(model, "xavier_normal", generator=seeded(2))
+    assert [record.name for record in records] == ["attn.in_proj_weight", "attn.out_proj"]
+    assert torch.equal(model.attn.in_proj_weight, expected.in_proj_weight)
+    assert torch.equal(model.attn.out_proj.weight, expected.out_proj.weight)
+    assert torch.all(model.attn.in_proj_bias == 0)
+
+
+def test_attention_with_other_key_and_value_sizes_initialises_q_k_v_separately():
+    attn = nn.MultiheadAttention(16, 2, kdim=4, vdim=64)
+    records = initialize(attn, "xavier_uniform", types="MultiheadAttention", generator=seeded(0))
+    assert [record.name for record in records] == ["q_proj_weight", "k_proj_weight", "v_proj_weight"]
+    for name, fan_in in (("q_proj_weight", 16), ("k_proj_weight", 4), ("v_proj_weight", 64)):
+        weight = getattr(attn, name)
+        bound = math.sqrt(6 / (fan_in + 16))
+        assert bound * 0.9 < weight.abs().max() <= bound, name
+
+
+def test_default_resets_recurrent_and_attention_layers_with_their_own_rule():
+    model = nn.Sequential(nn.LSTM(4, 8), nn.MultiheadAttention(8, 2))
+    nn.init.zeros_(model[0].weight_hh_l0)
+    nn.init.zeros_(model[1].in_proj_weight)
+    records = initialize(model, "default", generator=seeded(0))
+    assert [r.name for r in records] == ["0.weight_ih_l0", "0.weight_hh_l0", "1.in_proj_weight", "1.out_proj"]
+    assert records[1].std_before == 0 and 0 < model[0].weight_hh_l0.abs().max() <= 1 / math.sqrt(8)
+    assert records[2].std_before == 0 and model[1].in_proj_weight.abs().max() <= math.sqrt(6 / (8 + 24))
+
+
+def test_weights_matching_no_weight_warns_and_is_refused_with_default():
+    with pytest.warns(UserWarning, match="weights='weight_hr'"):
+        assert initialize(nn.LSTM(2, 2), "zeros", weights="weight_hr") == []
+    with pytest.raises(ValueError, match="weights='weight'.*'default'"):
+        initialize(nn.Linear(2, 2), "default", weights="weight")
+    with pytest.raises(ValueError, match=r"weights='\('"):
+        initialize(nn.Linear(2, 2), "zeros", weights="(")
+
+
+@pytest.mark.parametrize(
+    ("scheme", "name"),
+    [
+        ("normal(std=1e39)", "std"),
+        ("normal(mean=-1e39)", "mean"),
+        ("uniform(a=-1e39)", "a"),
+        ("uniform(b=1e39)", "b"),
+        ("constant(val=1e39)", "val"),
+        ("xavier_uniform(gain=1e39)", "gain"),
+        ("xavier_normal(nonlinearity='leaky_relu', param=-1e39)", "param"),
+        ("kaiming_normal(a=1e39)", "a"),
+        ("orthogonal(gain=3.5e38)", "gain"),
+        ("trunc_normal(std=1e39)", "std"),
+        ("trunc_normal(mean=1e39)", "mean"),
+        ("trunc_normal(b=1e39)", "b"),
+    ],
+)
+def test_scheme_values_beyond_float32_are_refused_naming_the_argument(scheme, name):
+    with pytest.raises(ValueError, match=f"`{name}=-?3.5e\\+38|`{name}=-?1e\\+39"):
+        resolve_scheme(scheme)
+
+
+@pytest.mark.parametrize(
+    ("function", "arguments", "name"),
+    [
+        (normal_, {"std": 1e39}, "std"),
+        (normal_, {"std": 3e38}, "std"),  # finite itself, but the draws overflow float32
+        (uniform_, {"a": -3e38, "b": 3e38}, "b"),  # torch would raise a RuntimeError about to - from
+        (constant_, {"val": 1e39}, "val"),
+        (xavier_uniform_, {"gain": 1e39}, "gain"),
+        (trunc_normal_, {"std": 1e39}, "std"),
+    ],
+)
+def test_pure_scheme_functions_refuse_values_that_become_inf(function, arguments, name):
+    with pytest.raises(ValueError, match=f"`{name}="):
+        function(torch.empty(8, 8), **arguments)
+
+
+def test_values_beyond_a_half_precision_weight_or_bias_are_refused():
+    layer = nn.Linear(4, 4).half()
+    with pytest.raises(ValueError, match=r"'0' \(Linear\).*`std=100000.0`.*float16"):
+        initialize(nn.Sequential(layer), "normal", std=1e5)
+    with pytest.raises(ValueError, match=r"`bias=100000.0`.*float16"):
+        initialize(layer, "zeros", bias=1e5)
+    with pytest.raises(ValueError, match="bias=1e\\+39"):
+        initialize(nn.Linear(4, 4), "zeros", bias=1e39)
+
+
+class UserBlock(nn.Module):
+    """A user's own layer: accepted as a type although nothing can be known about its weights before fit."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.zeros(3, 3))
+
+
+@pytest.mark.parametrize(
+    "types",
+    [
+        "LSTM",
+        "GRU",
+        "RNNCell",
+        "MultiheadAttention",
+        "Bilinear",
+        "ConvTranspose2d",
+        "EmbeddingBag",
+        "RMSNorm",
+        "BatchNorm2d",
+        "GroupNorm",
+        UserBlock,
+        Scaled,
+        f"{__name__}.UserBlock",
+    ],
+)
+def test_types_with_known_weights_and_user_classes_are_accepted(types):
+    assert len(resolve_types(types)) == 1
+
+
+@pytest.mark.parametrize(
+    ("types", "message"),
+    [
+        ("ReLU", "torch.nn.modules.activation.ReLU has no weights"),
+        ("Sequential", "Sequential has no weights"),
+        ("Dropout", "Dropout has no weights"),
+        ([nn.Linear, nn.Module], "Module has no weights"),
+        ("torch.nn.Identity", "Identity has no weights"),
+        (None, "types=None"),
+        (3, "types=3"),
+        (["Linear", 3], r"types=\['Linear', 3\].*3 is not an nn.Module subclass"),
+    ],
+)
+def test_types_without_weights_or_of_the_wrong_kind_are_refused_naming_what_is_accepted(types, message):
+    with pytest.raises(ValueError, match=message) as error:
+        resolve_types(types)
+    assert "`types=" in str(error.value) and "Linear, Bilinear, Conv1d/2d/3d" in str(error.value)
+
+
+def test_user_layer_type_is_initialised():
+    model = nn.Sequential(UserBlock(), nn.Linear(3, 3))
+    assert [r.name for r in initialize(model, "ones", types=UserBlock)] == ["0"]
+    assert torch.all(model[0].weight == 1)
