@@ -21,7 +21,14 @@ FLOAT32_MAX = 3.4028234663852886e38
 
 
 def _fail(name: str, value: Any, accepted: str) -> ValueError:
-    return ValueError(f"`{name}={value!r}` is not valid: expected {accepted}.")
+    return ValueError(f"`{name}={_show(value)}` is not valid: expected {accepted}.")
+
+
+def _show(value: Any) -> str:
+    """``repr(value)``, shortened for an integer too long to print whole (Python refuses beyond 4300 digits)."""
+    if isinstance(value, int) and not isinstance(value, bool) and value.bit_length() > 200:
+        return f"{'-' if value < 0 else ''}<an integer of about {int(value.bit_length() * 0.30103)} digits>"
+    return repr(value)
 
 
 def check_choice(name: str, value: Any, choices: Iterable[Any]) -> Any:

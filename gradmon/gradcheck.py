@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import copy
 import math
+import sys
+import types
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -23,8 +25,8 @@ from typing import Any, Literal
 import torch
 from torch import Tensor, nn
 
-from gradmon._validation import check_float, check_int
-from gradmon.norms import layer_name
+from gradmon._validation import check_float, check_int, check_seed
+from gradmon.naming import clean_name, layer_name
 
 Status = Literal["good", "acceptable", "wrong"]
 
@@ -41,6 +43,9 @@ DROPOUT_MODULES = (
 
 #: How many float64 rounding units the loss may be off by; the difference of two such losses is rounding noise.
 _LOSS_ROUNDING_UNITS = 100.0
+
+#: ``|a - n| / max(|a|, |n|)`` never exceeds 2 (reached for ``n = -a``): a threshold at or above it can never fail.
+MAX_RELATIVE_ERROR = 2.0
 
 
 @dataclass(frozen=True)
@@ -147,10 +152,18 @@ def apply_to_tensors(obj: Any, fn: Callable[[Tensor], Tensor]) -> Any:
 
 def float64_copy(model: nn.Module) -> nn.Module:
     """The function :func:`check_gradients` differentiates: a deep copy of ``model`` in float64, in the same
-    train/eval modes except for dropout (eval), and without module hooks.
+    train/eval modes except for dropout (eval), without module hooks, and uncompiled.
 
     Hooks are left behind because they belong to the real run: a monitor's hook must not see the check's passes, and
     a hook bound to an object (a callback) would otherwise be deep-copied with it.
+
+    ``torch.compile`` is undone in the copy, wherever it was applied, so that the check differentiates the model's
+    own Python code in float64 and never compiles it again for float64: an ``OptimizedModule`` (the model itself or
+    a submodule such as ``self.net = torch.compile(net)``) is replaced by the module it wraps, and a compiled
+    callable stored on a module is replaced by the function it compiles, a method rebound to the copy. Lightning's
+    ``trainer.fit(torch.compile(model))`` stores such callables as the module's ``forward`` and ``training_step``;
+    a deep copy keeps them calling the original float32 module, so without this the copy would run the real model.
+    (``Module.compile()`` needs nothing: a deep copy drops its compiled call.)
     """
     memo: dict[int, Any] = {
         id(hooks): type(hooks)()
@@ -158,11 +171,89 @@ def float64_copy(model: nn.Module) -> nn.Module:
         for name, hooks in vars(module).items()
         if "_hooks" in name and isinstance(hooks, dict)
     }
-    replica = copy.deepcopy(model, memo).double()
+    replica = _uncompiled(copy.deepcopy(model, memo), memo).double()
     for module in replica.modules():
         if isinstance(module, DROPOUT_MODULES):
             module.eval()
     return replica
+
+
+def _uncompiled(replica: nn.Module, copies: dict[int, Any]) -> nn.Module:
+    """``replica`` with every trace of ``torch.compile`` replaced by the code it compiles (see :func:`float64_copy`);
+    ``copies`` is the deep copy's memo, mapping ``id`` of an original object to its copy."""
+    compiled_type = _compiled_module_type()
+    if compiled_type is None:
+        return replica
+    replica = _unwrap_module(replica, compiled_type)
+    for module in replica.modules():
+        for name, child in list(module._modules.items()):
+            module._modules[name] = None if child is None else _unwrap_module(child, compiled_type)
+    for module in replica.modules():
+        for name, value in list(vars(module).items()):
+            if callable(value) and hasattr(value, "_torchdynamo_orig_callable"):
+                module.__dict__[name] = _uncompiled_callable(value, copies)
+    return replica
+
+
+def _compiled_module_type() -> type | None:
+    """``torch._dynamo.OptimizedModule``, or None while ``torch._dynamo`` is not imported: nothing can have been
+    compiled then, and importing it costs seconds."""
+    dynamo = sys.modules.get("torch._dynamo")
+    return getattr(dynamo, "OptimizedModule", None)
+
+
+def _unwrap_module(module: nn.Module, compiled_type: type) -> nn.Module:
+    while isinstance(module, compiled_type):
+        module = module._orig_mod
+    return module
+
+
+def _uncompiled_callable(fn: Callable[..., Any], copies: dict[int, Any]) -> Callable[..., Any]:
+    """The function a dynamo wrapper compiles; a method of an original module is rebound to that module's copy."""
+    # Follow only real wrappers, as dynamo's own `innermost_fn` does: `functools.wraps` copies the attribute onto
+    # functions that merely wrap a compiled one, and their id does not match.
+    while hasattr(fn, "_torchdynamo_orig_callable") and getattr(fn, "_torchdynamo_wrapper_id", None) == id(fn):
+        fn = fn._torchdynamo_orig_callable
+    if isinstance(fn, types.MethodType) and id(fn.__self__) in copies:
+        return types.MethodType(fn.__func__, copies[id(fn.__self__)])
+    return fn
+
+
+def batch_statistics_layers(model: nn.Module) -> list[str]:
+    """The BatchNorm layers of ``model`` (by :func:`gradmon.naming.clean_name`) that normalize with the statistics of
+    the batch they are given: those in training mode, and those without running statistics in either mode.
+
+    On the samples :func:`check_gradients` is given these need at least two: with one sample per channel PyTorch
+    refuses the forward pass, and the statistics of a single sample are not those the run normalizes with.
+    """
+    return [
+        clean_name(name)
+        for name, module in model.named_modules()
+        if isinstance(module, nn.modules.batchnorm._BatchNorm)
+        and (module.training or (module.running_mean is None and module.running_var is None))
+    ]
+
+
+def check_thresholds(fail_above: Any, good_below: Any) -> tuple[float, float]:
+    """``(fail_above, good_below)`` as floats if ``0 < good_below < fail_above < 2``, else ``ValueError`` naming the
+    argument at fault. A relative error never exceeds 2, so ``fail_above >= 2`` could never fail a layer."""
+    fail = check_float("fail_above", fail_above, maximum=MAX_RELATIVE_ERROR, max_inclusive=False)
+    good = check_float("good_below", good_below)
+    if not good < fail:
+        raise ValueError(
+            f"`good_below={good_below!r}` is not valid: expected a number below fail_above={fail_above!r}."
+        )
+    return fail, good
+
+
+def max_retries(eps: float) -> int:
+    """The most retries :func:`check_gradients` can make from ``eps``: each divides the step by ten, and the last
+    step must still be a normal float64 (the central difference divides by it)."""
+    count, step = 0, eps
+    # Counted the way `_check_direction` divides, so that rounding cannot put the bound one off.
+    while step / 10.0 >= sys.float_info.min:
+        count, step = count + 1, step / 10.0
+    return count
 
 
 def check_gradients(
@@ -191,11 +282,23 @@ def check_gradients(
     ``model`` and the global CPU and CUDA random states are left exactly as they were. Every loss evaluation starts
     from the same random state, so randomness inside ``loss_fn`` is the same in all of them.
     Costs one forward and backward plus ``2 * num_directions`` forward passes per layer (more on retries), and a
-    float64 copy of the model (twice its float32 memory).
+    float64 copy of the model (twice its float32 memory). A compiled model is checked uncompiled
+    (see :func:`float64_copy`). Layers are named as the user named them (:func:`gradmon.naming.layer_name`: wrapper
+    pieces such as ``_orig_mod.`` are dropped).
+
+    Every argument is checked first (``ValueError`` or ``TypeError`` naming it): ``num_directions >= 1``,
+    ``eps > 0`` finite, ``0 < good_below < fail_above < 2``, ``0 <= retries <= max_retries(eps)``,
+    ``0 <= seed < 2**64``.
     """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"`model={type(model).__name__}(...)` is not valid: expected a torch.nn.Module.")
+    if not callable(loss_fn):
+        raise TypeError(f"`loss_fn={loss_fn!r}` is not valid: expected a callable loss_fn(model, inputs).")
     check_int("num_directions", num_directions, 1)
-    check_float("eps", eps)
-    check_int("retries", retries, 0)
+    eps = check_float("eps", eps)
+    fail_above, good_below = check_thresholds(fail_above, good_below)
+    check_int("retries", retries, 0, maximum=max_retries(eps))
+    check_seed("seed", seed)
     cuda_devices = sorted({p.device.index or 0 for p in model.parameters() if p.device.type == "cuda"})
     with torch.random.fork_rng(devices=cuda_devices):
         replica = float64_copy(model)
@@ -240,8 +343,10 @@ def _check_direction(
     """(relative error, analytic, numerical, eps) of the best of up to ``1 + retries`` attempts."""
     weights = [p.detach().clone() for p in layer]
     best = (math.inf, math.nan, math.nan, eps)
+    step = eps
     for attempt in range(retries + 1):
-        step = eps / 10**attempt
+        if attempt:
+            step /= 10.0  # one retry at a time: `eps / 10**attempt` overflows converting 10**attempt past 308
         direction = _unit_direction(layer, generator)
         analytic = sum((g * v).sum() for g, v in zip(grads, direction)).item()
 

@@ -11,6 +11,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
+import gradmon.callbacks.grad_check as grad_check_module
 from gradmon import GradCheck, GradientHealthError, GradientHealthWarning
 
 
@@ -197,16 +198,20 @@ def test_manual_optimization_is_refused():
     ("kwargs", "name"),
     [
         ({"every_n_steps": 0}, "every_n_steps"),
+        ({"every_n_steps": 10**400}, "every_n_steps"),
         ({"num_samples": 0}, "num_samples"),
         ({"num_directions": 0}, "num_directions"),
         ({"eps": 0.0}, "eps"),
         ({"eps": -1e-6}, "eps"),
+        ({"eps": 10**400}, "eps"),
         ({"fail_above": float("nan")}, "fail_above"),
+        ({"fail_above": 2.0}, "fail_above"),  # a relative error never exceeds 2: nothing could fail
+        ({"fail_above": 1e300}, "fail_above"),
         ({"good_below": 0.1, "fail_above": 0.01}, "good_below"),
         ({"burn_in_steps": -1}, "burn_in_steps"),
-        ({"check_at_start": "yes"}, "check_at_start"),
         ({"on_failure": "ignore"}, "on_failure"),
-        ({"check_at_start": 1}, "check_at_start"),
+        ({"seed": 2**64}, "seed"),
+        ({"seed": -1}, "seed"),
     ],
 )
 def test_invalid_arguments_raise_at_construction_naming_the_argument(kwargs, name):
@@ -214,6 +219,183 @@ def test_invalid_arguments_raise_at_construction_naming_the_argument(kwargs, nam
         GradCheck(**kwargs)
 
 
+@pytest.mark.parametrize("value", ["yes", "false", 1, 0, None])
+def test_check_at_start_must_be_a_real_bool(value):
+    with pytest.raises(TypeError, match="`check_at_start="):
+        GradCheck(check_at_start=value)
+
+
 def test_unknown_on_failure_lists_the_accepted_values():
     with pytest.raises(ValueError, match="'warn', 'stop', 'raise'"):
         GradCheck(on_failure="ignore")
+
+
+def recording_backend(dtypes):
+    """A torch.compile backend that runs the graph eagerly and records the floating dtypes it was compiled for."""
+
+    def backend(graph_module, example_inputs):
+        dtypes.update(t.dtype for t in example_inputs if isinstance(t, torch.Tensor) and t.is_floating_point())
+        return graph_module.forward
+
+    return backend
+
+
+class Unlogged(Classifier):
+    """Without ``self.log``, which dynamo cannot trace (Lightning's signature inspection of a compiled step)."""
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        return F.cross_entropy(self.net(x), y)
+
+
+def test_a_module_compiled_for_fit_is_checked_on_an_uncompiled_float64_copy():
+    # trainer.fit(torch.compile(model)) installs compiled forward/training_step on the module itself; the float64
+    # copy used to call them, which ran the float32 module on float64 inputs ("Double and Float").
+    torch._dynamo.reset()
+    seed_everything(0)
+    dtypes = set()
+    model = Unlogged(wrong_scale=10.0)
+    check = GradCheck(every_n_steps=2, burn_in_steps=0)
+    with pytest.warns(GradientHealthWarning) as record:
+        fit(torch.compile(model, backend=recording_backend(dtypes)), [check], max_steps=3)
+    assert [m.split(" (")[0] for m in gradient_health_warnings(record)] == [
+        f"GradCheck at step {step}: wrong gradient in layer 'net.3'" for step in (0, 2)
+    ]
+    assert [(r.step, r.layer, r.passed) for r in check.results] == [
+        (step, layer, layer != "net.3") for step in (0, 2) for layer in ("net.0", "net.3", "net.5")
+    ]
+    assert all(r.rel_error > 0.5 if r.layer == "net.3" else r.rel_error < 1e-3 for r in check.results)
+    assert dtypes == {torch.float32}  # the run was compiled, the float64 check never was
+    assert hasattr(vars(model)["training_step"], "_torchdynamo_orig_callable")  # and the run stays compiled
+
+
+class CompiledSubmodule(Classifier):
+    def __init__(self, backend):
+        super().__init__()
+        self.net = torch.compile(self.net, backend=backend)
+
+
+def test_a_compiled_submodule_is_logged_under_the_users_layer_names(tmp_path):
+    torch._dynamo.reset()
+    seed_everything(0)
+    dtypes = set()
+    logger = TensorBoardLogger(tmp_path, name="run")
+    check = GradCheck(every_n_steps=2, check_at_start=False)
+    fit(CompiledSubmodule(recording_backend(dtypes)), [check], max_steps=5, logger=logger)
+    layers = ["net.0", "net.3", "net.5"]
+    assert [(r.step, r.layer) for r in check.results] == [(step, layer) for step in (2, 4) for layer in layers]
+    assert all(r.passed for r in check.results)
+    events = EventAccumulator(logger.log_dir)
+    events.Reload()
+    tags = {tag for tag in events.Tags()["scalars"] if tag.startswith("gradcheck/")}
+    assert tags == {f"gradcheck/rel_error/{layer}" for layer in layers} | {"gradcheck/max_rel_error"}
+    assert [e.step for e in events.Scalars("gradcheck/rel_error/net.0")] == [2, 4]
+    assert dtypes == {torch.float32}
+
+
+def test_a_reused_instance_checks_a_fresh_fit_from_the_start():
+    seed_everything(0)
+    check = GradCheck(every_n_steps=2, burn_in_steps=0)
+    fit(Classifier(), [check], max_steps=3)
+    first = check.results
+    with pytest.warns(GradientHealthWarning) as record:
+        fit(Classifier(wrong_scale=10.0), [check], max_steps=3)
+    assert [m.split(" (")[0] for m in gradient_health_warnings(record)] == [
+        f"GradCheck at step {step}: wrong gradient in layer 'net.3'" for step in (0, 2)
+    ]
+    assert [(r.step, r.layer, r.passed) for r in check.results] == [
+        (step, layer, layer != "net.3") for step in (0, 2) for layer in ("net.0", "net.3", "net.5")
+    ]
+    assert [(r.step, r.passed) for r in first if r.layer == "net.3"] == [(0, True), (2, True)]
+
+
+def test_a_resume_with_the_same_instance_keeps_its_results_and_schedule(tmp_path):
+    seed_everything(0)
+    check = GradCheck(every_n_steps=2, burn_in_steps=0)
+    trainer = fit(Classifier(), [check], max_steps=3)
+    trainer.save_checkpoint(tmp_path / "last.ckpt")
+    fit(Classifier(), [check], max_steps=5, ckpt_path=tmp_path / "last.ckpt")
+    # Without the checkpoint's state the resumed fit would check at its first batch, step 3.
+    assert [r.step for r in check.results if r.layer == "net.0"] == [0, 2, 4]
+
+
+def test_the_per_check_seed_wraps_around_at_2_64(monkeypatch):
+    seeds = []
+    real = grad_check_module.check_gradients
+
+    def spy(*args, **kwargs):
+        seeds.append(kwargs["seed"])
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(grad_check_module, "check_gradients", spy)
+    seed_everything(0)
+    check = GradCheck(every_n_steps=2, burn_in_steps=0, seed=2**64 - 1)
+    fit(Classifier(), [check], max_steps=5)
+    assert [r.step for r in check.results if r.layer == "net.0"] == [0, 2, 4]
+    assert seeds == [2**64 - 1, 1, 3]
+
+
+class ConvNet(LightningModule):
+    """Conv, BatchNorm2d, ReLU, pooling, Linear: layers ``net.0``, ``net.1`` (the BatchNorm) and ``net.5``."""
+
+    def __init__(self):
+        super().__init__()
+        self.net = nn.Sequential(
+            nn.Conv2d(1, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+            nn.Linear(4, 3),
+        )
+        self.training_steps = 0
+
+    def training_step(self, batch, batch_idx):
+        self.training_steps += 1
+        x, y = batch
+        return F.cross_entropy(self.net(x), y)
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+    def train_dataloader(self):
+        generator = torch.Generator().manual_seed(0)
+        x, y = torch.randn(32, 1, 6, 6, generator=generator), torch.randint(0, 3, (32,), generator=generator)
+        return DataLoader(TensorDataset(x, y), batch_size=8)
+
+
+def test_one_sample_with_batchnorm_in_training_mode_is_refused_at_setup_naming_num_samples_and_the_layer():
+    model = ConvNet()
+    message = (
+        r"`num_samples=1` is not valid: expected at least 2, since BatchNorm in training mode needs >= 2 samples "
+        r"\(layer 'net\.1' is BatchNorm in training mode\)"
+    )
+    with pytest.raises(ValueError, match=message):
+        fit(model, [GradCheck(every_n_steps=2, num_samples=1)])
+    assert model.training_steps == 0
+
+
+def test_two_samples_with_batchnorm_and_one_with_a_frozen_batchnorm_are_checked():
+    seed_everything(0)
+    check = GradCheck(every_n_steps=2, burn_in_steps=0, num_samples=2)
+    fit(ConvNet(), [check], max_steps=3)
+    frozen = ConvNet()
+    frozen.net[1].eval()  # normalizes with its running statistics: one sample is enough
+    one = GradCheck(every_n_steps=2, burn_in_steps=0, num_samples=1)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", "Found .* module\\(s\\) in eval mode")
+        fit(frozen, [one], max_steps=3)
+    for results in (check.results, one.results):
+        layers = [(r.step, r.layer) for r in results]
+        assert layers == [(step, layer) for step in (0, 2) for layer in ("net.0", "net.1", "net.5")]
+        assert all(r.passed for r in results)
+
+
+def test_batchnorm_put_in_training_mode_after_setup_is_refused_at_the_first_check():
+    class Unfrozen(ConvNet):
+        def on_train_start(self):
+            self.net[1].train()
+
+    model = Unfrozen()
+    model.net[1].eval()
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", "Found .* module\\(s\\) in eval mode")
+        with pytest.raises(ValueError, match=r"`num_samples=1` is not valid.*'net\.1'"):
+            fit(model, [GradCheck(every_n_steps=2, burn_in_steps=1, num_samples=1)])
+    assert model.training_steps == 1  # step 0 trained, the check due at step 1 refused

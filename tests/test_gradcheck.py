@@ -14,9 +14,11 @@ from gradmon.gradcheck import (
     float64_copy,
     judge,
     layer_parameters,
+    max_retries,
     numerical_gradient,
     relative_error,
 )
+from gradmon.naming import clean_name
 
 
 def mlp(width=16, wrong_scale=None, dropout=0.0, batchnorm=False):
@@ -182,11 +184,63 @@ def test_apply_to_tensors_reaches_every_tensor_in_nested_containers():
 
 
 @pytest.mark.parametrize(
-    ("kwargs", "name"), [({"num_directions": 0}, "num_directions"), ({"eps": 0.0}, "eps"), ({"retries": -1}, "retries")]
+    ("kwargs", "name"),
+    [
+        ({"num_directions": 0}, "num_directions"),
+        ({"eps": 0.0}, "eps"),
+        ({"eps": 10**400}, "eps"),
+        ({"retries": -1}, "retries"),
+        ({"retries": 400}, "retries"),  # 1e-6 / 10**400 is no float64 step
+        ({"fail_above": 0.0}, "fail_above"),  # was ZeroDivisionError
+        ({"fail_above": float("nan")}, "fail_above"),  # was every layer of a correct model "wrong"
+        ({"fail_above": -1.0}, "fail_above"),
+        ({"fail_above": 2.0}, "fail_above"),  # a relative error never exceeds 2: nothing could fail
+        ({"fail_above": None}, "fail_above"),
+        ({"good_below": None}, "good_below"),
+        ({"good_below": 0.5, "fail_above": 0.1}, "good_below"),
+        ({"seed": None}, "seed"),
+        ({"seed": -1}, "seed"),
+        ({"seed": 2**64}, "seed"),
+        ({"seed": True}, "seed"),
+    ],
 )
 def test_check_gradients_rejects_invalid_arguments_by_name(kwargs, name):
     with pytest.raises(ValueError, match=f"`{name}="):
         check_gradients(mlp(), cross_entropy, batch(), **kwargs)
+
+
+def test_check_gradients_accepts_the_largest_seed_and_the_edges_of_its_thresholds():
+    torch.manual_seed(0)
+    records = check_gradients(mlp(), cross_entropy, batch(), seed=2**64 - 1, fail_above=1.999, good_below=1e-300)
+    assert [r.layer for r in records] == ["0", "3", "5"]
+    assert all(r.status == "acceptable" for r in records)
+
+
+def test_many_retries_divide_the_step_without_overflowing():
+    # The loss is finite only while |weight| < 1 and curved enough that a step of 0.1 fails fail_above=1e-4, so from
+    # eps=1e307 the weight's check needs more than 308 tenfold reductions: past the point where `eps / 10**attempt`
+    # could no longer convert 10**attempt to a float.
+    torch.manual_seed(0)
+    model = nn.Linear(3, 1)
+    with torch.no_grad():
+        model.weight.copy_(torch.tensor([[0.3, -0.2, 0.1]]))
+
+    def loss(m, x):
+        return m(x).square().mean() + (1 - m.weight.square().sum()).log()
+
+    assert max_retries(1e307) >= 400
+    weight, bias = check_gradients(model, loss, torch.randn(4, 3), eps=1e307, retries=400, fail_above=1e-4)
+    assert weight.layer == "weight" and weight.passed and weight.eps < 0.05
+    assert bias.layer == "bias" and bias.passed
+
+
+def test_max_retries_keeps_the_last_step_a_normal_float():
+    for eps in (1e-6, 1.0, 1e300, 1e-300):
+        smallest = eps
+        for _ in range(max_retries(eps)):
+            smallest /= 10.0
+        assert smallest >= sys.float_info.min
+        assert smallest / 10.0 < sys.float_info.min
 
 
 def test_gradcheck_module_does_not_import_lightning():
@@ -195,3 +249,55 @@ def test_gradcheck_module_does_not_import_lightning():
         "sys.exit(any(m.split('.')[0] in ('lightning', 'pytorch_lightning') for m in sys.modules))"
     )
     assert subprocess.run([sys.executable, "-c", code]).returncode == 0
+
+
+class Wrapped(nn.Module):
+    """``mlp(wrong_scale=10.0)`` under ``net``: layers ``net.0``, ``net.3`` (the wrong one) and ``net.5``."""
+
+    def __init__(self):
+        super().__init__()
+        self.net = mlp(wrong_scale=10.0)
+
+    def forward(self, x):
+        return self.net(x)
+
+
+def compile_submodule(model):
+    model.net = torch.compile(model.net, backend="eager")
+    return model
+
+
+def compile_root(model):
+    return torch.compile(model, backend="eager")
+
+
+def compile_forward_attribute(model):
+    # What Lightning's trainer.fit(torch.compile(model)) does to a LightningModule's forward and training_step.
+    model.forward = torch.compile(model.forward, backend="eager")
+    return model
+
+
+def compile_in_place(model):
+    model.compile(backend="eager")
+    return model
+
+
+@pytest.mark.parametrize("compile_", [compile_submodule, compile_root, compile_forward_attribute, compile_in_place])
+def test_a_compiled_model_is_checked_uncompiled_in_float64_under_the_users_layer_names(compile_):
+    torch.manual_seed(0)
+    model = compile_(Wrapped())
+    model(batch()[0])  # compiled for float32, as in a run
+    replica = float64_copy(model)
+    assert type(replica) is Wrapped and type(replica.net) is nn.Sequential
+    compiled = [(name, key) for name, m in replica.named_modules() for key, value in vars(m).items()
+                if hasattr(value, "_torchdynamo_orig_callable")]
+    assert compiled == []
+    weights = {clean_name(name): p for name, p in model.named_parameters()}
+    assert replica.net[0].weight.dtype == torch.float64
+    assert torch.equal(replica.net[0].weight, weights["net.0.weight"].double())
+
+    records = {r.layer: r for r in check_gradients(model, cross_entropy, batch())}
+    assert list(records) == ["net.0", "net.3", "net.5"]
+    assert [layer for layer, r in records.items() if not r.passed] == ["net.3"]
+    assert records["net.3"].rel_error > 0.5
+    assert records["net.0"].rel_error < 1e-3 and records["net.5"].rel_error < 1e-3

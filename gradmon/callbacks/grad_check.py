@@ -11,10 +11,16 @@ from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch import Callback, LightningModule, Trainer
 from torch import Tensor
 
-from gradmon._validation import check_choice, check_float, check_int
+from gradmon._validation import MAX_SEED, check_bool, check_choice, check_float, check_int, check_seed
 from gradmon.callbacks._logging import log_scalars
 from gradmon.errors import GradientHealthError, warn_health
-from gradmon.gradcheck import LayerCheck, apply_to_tensors, check_gradients
+from gradmon.gradcheck import (
+    LayerCheck,
+    apply_to_tensors,
+    batch_statistics_layers,
+    check_gradients,
+    check_thresholds,
+)
 
 OnFailure = Literal["warn", "stop", "raise"]
 
@@ -44,7 +50,11 @@ class GradCheck(Callback):
     check are discarded. The run itself is untouched: weights, gradients, buffers (BatchNorm statistics), train/eval
     modes and the CPU and CUDA random states are the same after the check as before, so a run ends with bit-identical
     weights with or without this callback. Dropout is off in the copy; BatchNorm in train mode uses the statistics of
-    the sliced batch, so ``num_samples`` must be at least 2 for a model with BatchNorm.
+    the sliced batch, so ``num_samples=1`` on a model with such a BatchNorm layer is refused at ``setup`` with a
+    ``ValueError`` naming ``num_samples`` and the layer. A module compiled with ``torch.compile`` (passed compiled to
+    ``trainer.fit``, or with compiled submodules) is checked as its uncompiled Python code: the float64 copy runs
+    eagerly, while the run itself keeps its compiled code. Layers are named as the user named them: wrapper pieces
+    such as ``_orig_mod.`` are dropped (``net.0``, not ``net._orig_mod.0``).
 
     Logged at ``trainer.global_step``, on rank 0:
 
@@ -58,6 +68,11 @@ class GradCheck(Callback):
     checks its own copy without collectives and the decision is shared, so every rank stops or raises together.
     Every layer at every check is appended to :attr:`results`.
 
+    A new ``fit`` (``setup`` with ``stage="fit"``) starts afresh: :attr:`results` is emptied and the schedule starts
+    over, so the same instance reused for a new model checks it like a new instance would. Resuming with
+    ``trainer.fit(..., ckpt_path=...)`` restores both from the checkpoint (Lightning loads callback state after
+    ``setup``), so the results go on from the saved ones and a step already checked is not checked again.
+
     Needs automatic optimization, and a ``training_step`` that returns the loss (a tensor or ``{"loss": ...}``).
 
     Example::
@@ -69,12 +84,18 @@ class GradCheck(Callback):
         num_samples: examples taken from the start of the batch.
         num_directions: random directions per layer.
         eps: step length of the central difference, along a unit direction, in float64.
-        fail_above: relative error above which a layer's gradient is wrong.
+        fail_above: relative error above which a layer's gradient is wrong; in ``(0, 2)``, since a relative error
+            never exceeds 2.
         good_below: relative error below which a layer's gradient is good; must be below ``fail_above``.
-        check_at_start: also check once at the first batch with ``global_step >= burn_in_steps``.
+        check_at_start: also check once at the first batch with ``global_step >= burn_in_steps`` (``True`` or
+            ``False``).
         burn_in_steps: optimizer steps before that first check (one lets lazy modules materialise).
         on_failure: ``"warn"``, ``"stop"`` or ``"raise"``.
-        seed: seeds the directions (offset by the step, so each check draws new ones).
+        seed: seeds the directions, in ``[0, 2**64)``; the check at step ``s`` uses ``(seed + s) % 2**64``, so each
+            check draws new ones.
+
+    Every argument is checked here, raising ``ValueError`` (``TypeError`` for a non-bool ``check_at_start``) that
+    names it; counts are integers up to ``2**53``.
     """
 
     def __init__(
@@ -94,16 +115,11 @@ class GradCheck(Callback):
         self.num_samples = check_int("num_samples", num_samples, 1)
         self.num_directions = check_int("num_directions", num_directions, 1)
         self.eps = check_float("eps", eps)
-        self.fail_above = check_float("fail_above", fail_above)
-        self.good_below = check_float("good_below", good_below)
-        if self.good_below >= self.fail_above:
-            raise ValueError(
-                f"`good_below={good_below!r}` is not valid: expected a number below fail_above={fail_above!r}."
-            )
-        self.check_at_start = check_choice("check_at_start", check_at_start, (True, False))
+        self.fail_above, self.good_below = check_thresholds(fail_above, good_below)
+        self.check_at_start = check_bool("check_at_start", check_at_start)
         self.burn_in_steps = check_int("burn_in_steps", burn_in_steps, 0)
         self.on_failure = check_choice("on_failure", on_failure, ("warn", "stop", "raise"))
-        self.seed = check_int("seed", seed, 0)
+        self.seed = check_seed("seed", seed)
         self.results: list[GradCheckResult] = []
         self._last_step: int | None = None
 
@@ -112,16 +128,24 @@ class GradCheck(Callback):
         return self._generate_state_key(every_n_steps=self.every_n_steps)
 
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
-        if stage == "fit" and not pl_module.automatic_optimization:
+        if stage != "fit":
+            return
+        if not pl_module.automatic_optimization:
             raise MisconfigurationException(
                 "GradCheck needs automatic optimization: under manual optimization `training_step` steps the "
                 "optimizers itself, so it cannot be rerun as a function of the weights."
             )
+        self._check_num_samples(pl_module)
+        # A fit on a reused instance must not inherit the last one's schedule; a resume's checkpoint restores both
+        # afterwards, since Lightning loads callback state after `setup`.
+        self.results = []
+        self._last_step = None
 
     def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int) -> None:
         step = trainer.global_step
         if not self._due(step):
             return
+        self._check_num_samples(pl_module)  # a mode changed after `setup` (by a hook) is caught here
         self._last_step = step
         samples = apply_to_tensors(batch, lambda t: t[: self.num_samples] if t.dim() > 0 else t)
         records = check_gradients(
@@ -132,7 +156,7 @@ class GradCheck(Callback):
             eps=self.eps,
             fail_above=self.fail_above,
             good_below=self.good_below,
-            seed=self.seed + step,
+            seed=(self.seed + step) % (MAX_SEED + 1),
         )
         self.results += [GradCheckResult(step, r.layer, r.rel_error, r.passed) for r in records]
         if trainer.is_global_zero and records:
@@ -149,6 +173,18 @@ class GradCheck(Callback):
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self._last_step = state_dict["last_step"]
         self.results = [GradCheckResult(**r) for r in state_dict["results"]]
+
+    def _check_num_samples(self, pl_module: LightningModule) -> None:
+        if self.num_samples >= 2:
+            return
+        layers = batch_statistics_layers(pl_module)
+        if layers:
+            names = ", ".join(repr(name) for name in layers)
+            which = f"layer {names} is" if len(layers) == 1 else f"layers {names} are"
+            raise ValueError(
+                f"`num_samples={self.num_samples!r}` is not valid: expected at least 2, since BatchNorm in training "
+                f"mode needs >= 2 samples ({which} BatchNorm in training mode)."
+            )
 
     def _due(self, step: int) -> bool:
         if step == self._last_step:  # the next micro-batch of a step under gradient accumulation, or a resumed step
