@@ -10,7 +10,7 @@ from typing import Any
 import lightning.pytorch as pl
 import torch
 
-from gradmon.norms import GroupBy, Norms, ParamLayout, compute_norms
+from gradmon.norms import GroupBy, Norms, ParamLayout, compute_norms, local_grad_or_zeros
 
 
 def optimizer_layout(pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer, group_by: GroupBy) -> ParamLayout:
@@ -21,8 +21,11 @@ def optimizer_layout(pl_module: pl.LightningModule, optimizer: torch.optim.Optim
     a rebuild.
     """
     in_optimizer = {id(p) for group in optimizer.param_groups for p in group["params"]}
+    # The strategy's model is the outermost wrapper (FSDP1 may wrap the LightningModule itself): the layout finds
+    # the FSDP1 instances that own the parameters there.
+    module = getattr(pl_module.trainer.strategy, "model", None) or pl_module
     return ParamLayout.from_named_parameters(
-        ((n, p) for n, p in pl_module.named_parameters() if id(p) in in_optimizer), group_by  # TODO-module
+        ((n, p) for n, p in pl_module.named_parameters() if id(p) in in_optimizer), group_by, module=module
     )
 
 
@@ -42,10 +45,6 @@ def optimizer_names(optimizers: Sequence[Any]) -> list[str]:
         seen[cls] += 1
         names.append(cls.__name__ if seen[cls] == 1 else f"{cls.__name__}-{seen[cls] - 1}")
     return names
-
-
-def _grad_or_zeros(p: torch.Tensor) -> torch.Tensor:
-    return p.grad if p.grad is not None else torch.zeros_like(p)
 
 
 class OptimizerSteps:
@@ -119,7 +118,7 @@ class GradNormSource:
             # Every rank must take the same layout for the collective to line up: trainable parameters are all in
             # (requires_grad agrees across ranks); a rank whose piece has no gradient contributes zeros.
             keep = tuple(i for i, p in enumerate(layout.params) if p.requires_grad)
-            grads = [_grad_or_zeros(layout.params[i]) for i in keep]
+            grads = [local_grad_or_zeros(layout.params[i]) for i in keep]
         else:
             grads = [p.grad for p in layout.params]
             keep = None

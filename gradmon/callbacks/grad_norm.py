@@ -19,7 +19,7 @@ from gradmon.norms import (
     GroupBy,
     Norms,
     compute_norms,
-    full_tensor,
+    full_grads_and_weights,
     local_tensor,
     reduce_norms,
     stacked_norms,
@@ -224,16 +224,16 @@ class GradNormMonitor(Callback):
 
     def _log_histograms(self, trainer: pl.Trainer, grads: Norms, step: int) -> None:
         layout = grads.layout
-        grad_parts: dict[str, list[torch.Tensor]] = {}
-        weight_parts: dict[str, list[torch.Tensor]] = {}
-        for p, layer in zip(layout.params, layout.param_layers):
-            if p.grad is None:  # another callback already discarded this step's update; its norms are logged
-                continue
-            # full_tensor() is a collective under FSDP: every rank takes part, rank 0 writes.
-            grad_parts.setdefault(layer, []).append(full_tensor(p.grad).reshape(-1))
-            weight_parts.setdefault(layer, []).append(full_tensor(p.detach()).reshape(-1))
+        # Whole tensors on every rank (a collective under FSDP1 and FSDP2: every rank takes part, rank 0 writes).
+        full_grads, full_weights = full_grads_and_weights(layout)
         if not trainer.is_global_zero:
             return
+        grad_parts: dict[str, list[torch.Tensor]] = {}
+        weight_parts: dict[str, list[torch.Tensor]] = {}
+        for p, layer, grad, weight in zip(layout.params, layout.param_layers, full_grads, full_weights):
+            if p.grad is not None or layout.sharded:
+                grad_parts.setdefault(layer, []).append(grad)
+            weight_parts.setdefault(layer, []).append(weight)
         tensors = {f"grad_hist/{layer}": torch.cat(parts) for layer, parts in grad_parts.items()}
         tensors.update({f"weight_hist/{layer}": torch.cat(parts) for layer, parts in weight_parts.items()})
         _logging.log_histograms(trainer, tensors, step, self._no_histograms)
