@@ -66,7 +66,10 @@ class HealthRules:
 
     def __post_init__(self) -> None:
         check_float("vanishing_threshold", self.vanishing_threshold, minimum=0.0, inclusive=True)
-        check_float("exploding_threshold", self.exploding_threshold, minimum=0.0, allow_inf=True)
+        # Stored as a float: an int beyond any float (10**400) means no threshold, and must not overflow later.
+        object.__setattr__(
+            self, "exploding_threshold", check_float("exploding_threshold", self.exploding_threshold, allow_inf=True)
+        )
         if self.vanishing_threshold >= self.exploding_threshold:
             raise ValueError(
                 f"`vanishing_threshold={self.vanishing_threshold!r}` is not valid: expected a value below "
