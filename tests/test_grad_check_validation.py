@@ -112,7 +112,7 @@ def test_gradcheck_accepts_every_valid_value(
     )
     assert (check.every_n_steps, check.num_samples, check.num_directions) == (every_n_steps, num_samples,
                                                                               num_directions)
-    assert (check.eps, check.fail_above, check.good_below) == (eps, fail_above, good_below)
+    assert (check.eps, check.fail_above, check.good_below) == (float(eps), fail_above, good_below)
     assert (check.check_at_start, check.burn_in_steps, check.on_failure, check.seed) == (
         check_at_start, burn_in_steps, on_failure, seed
     )

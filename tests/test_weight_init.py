@@ -165,7 +165,7 @@ def test_record_table_is_printed_and_readable_back_from_tensorboard(tmp_path, ca
         ({"scheme": "normal(std=1e39)"}, "std=1e\\+39"),
         ({"scheme": "normal", "mean": 1e39}, "mean=1e\\+39"),
         ({"scheme": "trunc_normal", "a": -1e39}, "a=-1e\\+39"),
-        ({"scheme": "uniform", "b": 10**400}, "b=1000"),
+        ({"scheme": "uniform", "b": 10**400}, "b=<an integer of about 400 digits>"),
         ({"scheme": "orthogonal(gain=1e39)"}, "gain=1e\\+39"),
         ({"scheme": "constant", "val": -3.5e38}, "val=-3.5e\\+38"),
     ],
