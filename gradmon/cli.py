@@ -1,6 +1,6 @@
 """The ``gradmon`` command line. One subcommand so far::
 
-    gradmon report LOGDIR [--out DIR]
+    gradmon report LOGDIR [--out DIR] [--metric TAG]
 
 writes figures and a markdown summary of every TensorBoard run under LOGDIR (see :mod:`gradmon.report`).
 """
@@ -12,6 +12,19 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+_REPORT_DESCRIPTION = """\
+For every run under LOGDIR (a directory holding TensorBoard event files) that logged gradmon's gradient norms,
+write into DIR/<run>/: grad_norm_heatmap.png (log10 gradient norm, layer by step), grad_norm_curves.png (gradient
+norm over the steps: every layer up to 10 layers, else percentile bands and a few chosen layers) and
+gradient_flow.png (each layer's last gradient norm); for runs sharing a parent directory,
+DIR/<parent>/gradient_flow_comparison.png; and DIR/summary.md, one row per run: last step, the last value of the
+metric, the steps GradHealthMonitor flagged per condition, skipped steps and the gradient check's worst error.
+Steps GradHealthMonitor flagged are marked above the heatmap and the curves. Long layer names are shortened (common
+prefix dropped, middle parts abbreviated; each figure's caption says how).
+
+A directory holding several event files (a rerun logged into the same version) is reported from its latest event
+file only, never merged; summary.md and a note here name the files ignored."""
+
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="gradmon", description="Gradient-health tools for PyTorch Lightning.")
@@ -19,12 +32,19 @@ def build_parser() -> argparse.ArgumentParser:
     report = commands.add_parser(
         "report",
         help="figures and a summary from TensorBoard logs",
-        description="Write, for every run under LOGDIR, a layer-by-step heatmap of log10 gradient norms, per-layer "
-        "norm curves and a gradient-flow bar chart (PNG), plus summary.md with the health events of each run.",
+        description=_REPORT_DESCRIPTION,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     report.add_argument("logdir", type=Path, metavar="LOGDIR", help="directory of TensorBoard runs, e.g. runs")
     report.add_argument(
         "--out", type=Path, default=None, metavar="DIR", help="output directory (default: LOGDIR/report)"
+    )
+    report.add_argument(
+        "--metric",
+        default=None,
+        metavar="TAG",
+        help="scalar tag whose last value summary.md shows per run, e.g. val/acc (default: a tag like val*acc*, "
+        "case-insensitive, such as val/acc, val_acc or valid/accuracy; no column when no run has one)",
     )
     report.set_defaults(handler=_report)
     return parser
@@ -34,9 +54,14 @@ def _report(args: argparse.Namespace) -> int:
     # tensorboard and matplotlib load only for this subcommand.
     from gradmon.report import write_report
 
+    if args.metric is not None and not args.metric:
+        print("gradmon report: error: `--metric ''` is not valid: expected a tag such as val/acc", file=sys.stderr)
+        return 2
     out = args.out if args.out is not None else args.logdir / "report"
     try:
-        written = write_report(args.logdir, out)
+        written = write_report(
+            args.logdir, out, metric=args.metric, note=lambda text: print(f"gradmon report: note: {text}")
+        )
     except FileNotFoundError as error:
         print(f"gradmon report: error: {error}", file=sys.stderr)
         return 2

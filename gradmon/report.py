@@ -1,50 +1,84 @@
 """Figures and a markdown summary from the TensorBoard event files gradmon's callbacks write, without a server.
 
-For every run (a directory holding event files) under a log directory:
+A run is a directory holding event files. When a directory holds several (a second run, or a rerun of the same
+config, logged into the same ``version``), only the latest is read: the file whose first event has the latest wall
+time (then the latest name). Reading them all would draw two runs as one, their steps and layers merged;
+``summary.md`` has a line for every such directory naming the file read and the files ignored.
 
-- ``<run>/grad_norm_heatmap.png``: log10 gradient norm, layer by step (tags ``grad_norm_log10/<layer>``), layers
-  from the input down in the order they were first logged, which is the model's registration order.
-- ``<run>/grad_norm_curves.png``: every layer's gradient norm over the steps on a log axis (``grad_norm/<layer>``).
+Written into ``out``, for every run under the log directory that logged gradient norms (``grad_norm/<layer>``):
+
+- ``<run>/grad_norm_heatmap.png``: log10 gradient norm (``grad_norm_log10/<layer>``), layer by step, the input layer
+  on top, layers in the order they were first logged (the model's registration order). Grey: not logged, or a zero
+  or non-finite norm. Beyond 1,000 logged steps each column is the mean of a few consecutive logged steps.
+- ``<run>/grad_norm_curves.png``: gradient norm over the steps on a log axis. Up to 10 layers, one line each; beyond,
+  the range and the 25-75 percentile band over all layers and their median, and lines for at most 6 layers: the
+  first and the last, those with the smallest and the largest median norm and the largest peak, and the layers
+  flagged most often.
 - ``<run>/gradient_flow.png``: each layer's last logged gradient norm as a bar, on a log axis.
 - ``<parent>/gradient_flow_comparison.png``: the gradient flow at the first logged step of all runs sharing a parent
-  directory, overlaid, which for ``runs/<experiment>/<variant>`` compares the variants of one experiment.
-- ``summary.md``: per run, the health events (``grad_health/*``), the gradient check's worst relative error
-  (``gradcheck/max_rel_error``) and the last validation accuracy, with links to the figures.
+  directory, overlaid (on the union of their layers), which for ``runs/<experiment>/<variant>`` compares the
+  variants of one experiment.
+- ``summary.md``: one row per run that logged gradmon scalars: last monitored step; the last value of the metric
+  (the ``metric`` tag; by default the shortest tag like ``val*acc*``, case-insensitive, e.g. ``val/acc``,
+  ``val_acc``, ``valid/accuracy``; no column when no run has one); per condition, the steps GradHealthMonitor
+  flagged and the first (``grad_health/*``); skipped steps; the gradient check's worst relative error
+  (``gradcheck/max_rel_error``). Then the notes (event files ignored, a ``metric`` no run logged) and links to the
+  figures.
+
+Every figure stays readable from 1 to 200 layers and from 1 to 100,000 steps: steps are ticked on whole numbers;
+layer labels drop the prefix all layers share, and a label longer than 28 characters gets its middle pieces
+abbreviated (``transformer.encoder.layers.0.linear1`` to ``t.e.l.0.linear1``), each figure's caption saying what
+was dropped and what the abbreviations stand for; the heatmap grows with the layers up to 14 inches, and past what
+fits only every k-th layer is labelled (the caption says so).
+
+Where GradHealthMonitor flagged (``grad_health/<condition>`` > 0 at a step), a strip above the heatmap and the
+curves marks the steps, one row per condition; the caption says when it flagged nothing. A run that also logged
+``grad_health_flag/<layer>`` (1 vanishing, 2 exploding, 3 non-finite, at each step the layer was flagged) gets the
+flagged cells hatched on the heatmap and the flagged points marked on the curves.
 
 Reading and plotting use matplotlib's object API (no pyplot, no global backend), and this module never imports
 Lightning, so it works on logs from any loop that writes the same tags::
 
     from gradmon.report import write_report
-    write_report("runs", "runs/report")
+    write_report("runs", "runs/report", metric="val/acc", note=print)
 """
 
 from __future__ import annotations
 
+import fnmatch
 import math
-from collections.abc import Sequence
-from dataclasses import dataclass
+import re
+import textwrap
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 from matplotlib import colormaps
+from matplotlib.axes import Axes
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.collections import PatchCollection
 from matplotlib.figure import Figure
-from tensorboard.backend.event_processing import event_accumulator
+from matplotlib.patches import Rectangle
+from matplotlib.ticker import FixedLocator, FuncFormatter, MaxNLocator
+from tensorboard.backend.event_processing import event_accumulator, event_file_loader
 
 from gradmon.health import CONDITIONS
 
 EVENT_FILE_GLOB = "events.out.tfevents.*"
+#: The default ``metric``: a tag matching this (lower-cased) is an accuracy on validation data.
+DEFAULT_METRIC_PATTERN = "val*acc*"
+#: Per-layer flags: ``grad_health_flag/<layer>`` = 1 + the index of the condition in CONDITIONS, at flagged steps.
+FLAG_PREFIX = "grad_health_flag/"
+#: Curves drawn one line per layer up to this many layers; beyond it, percentile bands and a few picked layers.
+MAX_CURVES = 10
+#: Longest layer label before middle parts are abbreviated.
+MAX_LABEL_CHARS = 28
+#: Heatmap columns beyond this are averaged in groups: a 1000-pixel-wide figure cannot show more.
+MAX_HEATMAP_COLUMNS = 1000
+
 # Tag groups that mark a run as watched by gradmon, and so as a row of the summary.
 _GRADMON_GROUPS = ("grad_norm", "grad_health", "gradcheck")
-_SUMMARY_HEADER = (
-    "run",
-    "last monitored step",
-    "val acc",
-    "vanishing",
-    "exploding",
-    "non-finite",
-    "skipped steps",
-    "gradcheck max rel error",
-)
 # Keep every scalar (0 = no limit) and none of the heavy summaries the report does not draw.
 _SIZE_GUIDANCE = {
     event_accumulator.SCALARS: 0,
@@ -54,6 +88,15 @@ _SIZE_GUIDANCE = {
     event_accumulator.TENSORS: 1,
     event_accumulator.AUDIO: 1,
 }
+_CONDITION_LABELS = {"vanishing": "vanishing", "exploding": "exploding", "nonfinite": "non-finite"}
+# Okabe-Ito colours: told apart by colour-blind readers, and visible on white as well as on viridis (white edges).
+_CONDITION_COLOURS = {"vanishing": "#56b4e9", "exploding": "#d55e00", "nonfinite": "#000000"}
+_CONDITION_MARKERS = {"vanishing": "v", "exploding": "^", "nonfinite": "X"}
+_DPI = 100
+_WIDTH = 10.0  # inches
+_MAX_HEIGHT = 14.0  # inches: taller than a screen is not read
+_TICK_FONT = 8.0  # points
+_CAPTION_FONT = 8.0  # points
 
 
 @dataclass
@@ -70,11 +113,17 @@ class Series:
 
 @dataclass
 class Run:
-    """The scalars of one run, by tag, in the order each tag was first logged."""
+    """The scalars of one run, by tag, in the order each tag was first logged.
+
+    ``event_file`` is the file they were read from; ``ignored_event_files`` are the older event files of the same
+    directory, which were not read.
+    """
 
     name: str
     path: Path
     scalars: dict[str, Series]
+    event_file: Path | None = None
+    ignored_event_files: list[Path] = field(default_factory=list)
 
     def layers(self, prefix: str = "grad_norm/") -> list[str]:
         """Layer names logged under ``prefix``, in first-logged order (``grad_norm/total`` and the per-optimizer
@@ -109,10 +158,29 @@ def find_runs(logdir: str | Path) -> list[Path]:
     return runs
 
 
+def event_files(run_dir: str | Path) -> list[Path]:
+    """The event files directly in ``run_dir``, oldest first: by the wall time of each file's first event (written
+    when its writer opened it), then by name. The last one is the run :func:`load_run` reads."""
+    files = [p for p in Path(run_dir).glob(EVENT_FILE_GLOB) if p.is_file()]
+    return sorted(files, key=lambda p: (_opened_at(p), p.name))
+
+
 def load_run(path: str | Path, logdir: str | Path | None = None) -> Run:
-    """Read every scalar of the run in ``path``; the run is named by its path relative to ``logdir``."""
+    """Read every scalar of the run in ``path`` (a run directory: its latest event file, see :func:`event_files`;
+    or one event file); the run is named by its directory's path relative to ``logdir``.
+
+    Raises:
+        FileNotFoundError: ``path`` is neither an event file nor a directory holding one.
+    """
     path = Path(path)
-    accumulator = event_accumulator.EventAccumulator(str(path), size_guidance=_SIZE_GUIDANCE)
+    if path.is_file():
+        run_dir, files = path.parent, [path]
+    else:
+        run_dir, files = path, event_files(path)
+        if not files:
+            raise FileNotFoundError(f"`path={str(path)!r}` holds no TensorBoard event file ({EVENT_FILE_GLOB})")
+    # One file only: EventAccumulator given the directory would read every file in it as one run.
+    accumulator = event_accumulator.EventAccumulator(str(files[-1]), size_guidance=_SIZE_GUIDANCE)
     accumulator.Reload()
     scalars = {}
     for tag in accumulator.Tags()[event_accumulator.SCALARS]:
@@ -120,12 +188,34 @@ def load_run(path: str | Path, logdir: str | Path | None = None) -> Run:
         scalars[tag] = Series(
             np.array([e.step for e in events], dtype=np.int64), np.array([e.value for e in events], dtype=np.float64)
         )
-    name = path.relative_to(logdir).as_posix() if logdir is not None else path.name
-    return Run(name if name != "." else path.name, path, scalars)
+    name = run_dir.relative_to(logdir).as_posix() if logdir is not None else run_dir.name
+    return Run(name if name != "." else run_dir.resolve().name, run_dir, scalars, files[-1], files[:-1])
 
 
 def load_runs(logdir: str | Path) -> list[Run]:
+    """Every run under ``logdir`` (see :func:`find_runs`), each read by :func:`load_run`."""
     return [load_run(path, logdir) for path in find_runs(logdir)]
+
+
+def rerun_note(run: Run) -> str | None:
+    """What the report says about a run directory holding several event files, or ``None`` when it holds one."""
+    if not run.ignored_event_files or run.event_file is None:
+        return None
+    ignored = ", ".join(f"`{p.name}`" for p in run.ignored_event_files)
+    count = len(run.ignored_event_files) + 1
+    return (
+        f"`{run.name}` holds {count} event files (another run was logged into the same directory, e.g. a rerun "
+        f"with the same version); reported only the latest, `{run.event_file.name}`; ignored: {ignored}."
+    )
+
+
+def find_metric(run: Run, metric: str | None = None) -> str | None:
+    """The tag of the summary's metric in ``run``: ``metric`` itself if the run logged it; by default (``None``) the
+    shortest tag matching ``val*acc*`` case-insensitively (``val/acc`` before ``val/acc_top5``); else ``None``."""
+    if metric is not None:
+        return metric if metric in run.scalars else None
+    found = [tag for tag in run.scalars if fnmatch.fnmatchcase(tag.lower(), DEFAULT_METRIC_PATTERN)]
+    return min(found, key=lambda tag: (len(tag), tag)) if found else None
 
 
 def layer_matrix(run: Run, prefix: str = "grad_norm_log10/") -> tuple[list[str], np.ndarray, np.ndarray]:
@@ -152,19 +242,50 @@ def layer_norms(run: Run, index: int = -1) -> tuple[int, dict[str, float]]:
     return step, {layer: float(run.scalars[f"grad_norm/{layer}"].values[index]) for layer in layers}
 
 
+def flagged_steps(run: Run) -> dict[str, np.ndarray]:
+    """Per condition GradHealthMonitor logged, the steps it flagged at least one layer at, sorted: from the per-step
+    counts (``grad_health/<condition>`` > 0) and the per-layer flags (``grad_health_flag/<layer>``)."""
+    found: dict[str, list[np.ndarray]] = {}
+    for condition in CONDITIONS:
+        series = run.scalars.get(f"grad_health/{condition}")
+        if series is not None:
+            found.setdefault(condition, []).append(series.steps[series.values > 0])
+    for per_condition in layer_flags(run).values():
+        for condition, steps in per_condition.items():
+            found.setdefault(condition, []).append(steps)
+    return {c: np.unique(np.concatenate(found[c])) for c in CONDITIONS if c in found}
+
+
+def layer_flags(run: Run) -> dict[str, dict[str, np.ndarray]]:
+    """``{layer: {condition: steps}}`` from ``grad_health_flag/<layer>`` (1 vanishing, 2 exploding, 3 non-finite);
+    empty when the run did not log per-layer flags."""
+    flags: dict[str, dict[str, np.ndarray]] = {}
+    for layer in run.layers(FLAG_PREFIX):
+        series = run.scalars[FLAG_PREFIX + layer]
+        codes = np.rint(series.values)
+        per_condition = {c: series.steps[codes == i + 1] for i, c in enumerate(CONDITIONS)}
+        flags[layer] = {c: steps for c, steps in per_condition.items() if len(steps)}
+    return flags
+
+
 @dataclass
 class HealthSummary:
-    """What a run's health and gradient-check scalars say, for one row of ``summary.md``."""
+    """What a run's health and gradient-check scalars say, for one row of ``summary.md``.
+
+    ``metric`` is the tag the ``metric_value`` (its last logged value) was read from, ``None`` when the run has none.
+    """
 
     last_step: int | None
     flagged_steps: dict[str, int]
     first_flagged: dict[str, int | None]
     skipped_steps: int | None
     gradcheck_max_rel_error: float | None
-    val_acc: float | None
+    metric: str | None = None
+    metric_value: float | None = None
 
 
-def health_summary(run: Run) -> HealthSummary:
+def health_summary(run: Run, metric: str | None = None) -> HealthSummary:
+    """The summary row of ``run``; ``metric`` as in :func:`find_metric`."""
     flagged: dict[str, int] = {}
     first: dict[str, int | None] = {}
     for condition in CONDITIONS:
@@ -175,127 +296,278 @@ def health_summary(run: Run) -> HealthSummary:
     steps = [int(s.steps.max()) for tag, s in run.scalars.items() if tag.split("/", 1)[0] in _GRADMON_GROUPS]
     skipped = run.scalars.get("grad_health/skipped_steps")
     gradcheck = run.scalars.get("gradcheck/max_rel_error")
-    val_acc = run.scalars.get("val/acc")
+    tag = find_metric(run, metric)
     return HealthSummary(
         last_step=max(steps) if steps else None,
         flagged_steps=flagged,
         first_flagged=first,
         skipped_steps=int(skipped.last) if skipped is not None else None,
         gradcheck_max_rel_error=float(np.nanmax(gradcheck.values)) if gradcheck is not None else None,
-        val_acc=val_acc.last if val_acc is not None else None,
+        metric=tag,
+        metric_value=run.scalars[tag].last if tag is not None else None,
     )
 
 
+@dataclass(frozen=True)
+class ShortNames:
+    """Layer labels for the axes: ``labels[i]`` stands for ``names[i]`` without ``prefix``, with the pieces of
+    ``abbreviations`` (short -> full) shortened."""
+
+    labels: list[str]
+    prefix: str
+    abbreviations: dict[str, str]
+
+    def caption(self) -> list[str]:
+        """What a reader needs to map the labels back to the names."""
+        notes = []
+        if self.prefix:
+            notes.append(f'Layer names without their common prefix "{self.prefix}".')
+        if self.abbreviations:
+            pairs = ", ".join(f"{short} = {full}" for short, full in self.abbreviations.items())
+            notes.append(f"Abbreviated: {pairs}.")
+        return notes
+
+
+def short_names(names: Sequence[str], max_chars: int = MAX_LABEL_CHARS) -> ShortNames:
+    """Distinct labels of at most ``max_chars`` characters for ``names`` (dotted module names).
+
+    The dotted prefix all names share is dropped (each keeps at least its last piece). A label still too long gets
+    its pieces abbreviated from the left, never the last one nor a number (``transformer_encoder.layers.0.linear1``
+    to ``te.l.0.linear1``): the end of a module name and its indices are what tell layers apart. A label that is
+    still too long keeps its start and end around an ellipsis.
+    """
+    parts = [name.split(".") for name in names]
+    keep = 0
+    if parts:
+        limit = min(len(p) for p in parts) - 1
+        while keep < limit and all(p[keep] == parts[0][keep] for p in parts):
+            keep += 1
+    prefix = ".".join(parts[0][:keep]) + "." if keep else ""
+    rests = [p[keep:] for p in parts]
+    table = _abbreviation_table({piece for rest in rests for piece in rest[:-1] if _abbreviable(piece)})
+    # Greedy per name, then every chosen abbreviation applied to every name, so that one piece reads the same in all.
+    chosen: set[str] = set()
+    for rest in rests:
+        pieces = list(rest)
+        for i in range(len(pieces) - 1):
+            if len(".".join(pieces)) <= max_chars:
+                break
+            if pieces[i] in table:
+                chosen.add(pieces[i])
+                pieces[i] = table[pieces[i]]
+    used: dict[str, str] = {}
+    labels: list[str] = []
+    for rest in rests:
+        pieces = list(rest)
+        for i, piece in enumerate(rest[:-1]):
+            if piece in chosen:
+                used.setdefault(table[piece], piece)
+                pieces[i] = table[piece]
+        labels.append(_ellipsize(".".join(pieces), max_chars))
+    if len(set(labels)) < len(labels):
+        # Abbreviating can make two names one label; the unabbreviated ends tell them apart more often.
+        counts = {label: labels.count(label) for label in labels}
+        labels = [_ellipsize(".".join(r), max_chars) if counts[lab] > 1 else lab for lab, r in zip(labels, rests)]
+        if len(set(labels)) < len(labels):
+            labels = [f"{i}:{label}" for i, label in enumerate(labels)]
+    return ShortNames(labels, prefix, used)
+
+
 def plot_heatmap(run: Run) -> Figure:
+    """Log10 gradient norm, layer by step, the input layer on top; see the module docstring."""
     layers, steps, values = layer_matrix(run)
-    fig = Figure(figsize=(8, 1.2 + 0.28 * len(layers)), layout="constrained")
-    ax = fig.subplots()
-    cmap = colormaps["viridis"].with_extremes(bad="lightgrey")
-    mesh = ax.pcolormesh(_edges(steps), np.arange(len(layers) + 1), np.ma.masked_invalid(values), cmap=cmap)
-    ax.set_yticks(np.arange(len(layers)) + 0.5, layers)
-    ax.invert_yaxis()  # the input layer on top, as the network is usually drawn
-    title = f"{run.name}: log10 gradient norm by layer"
+    names = short_names(layers)
+    caption = names.caption()
+    edges = _edges(steps)
+    if len(steps) > MAX_HEATMAP_COLUMNS:
+        edges, values, per_column = _bin_columns(edges, values, MAX_HEATMAP_COLUMNS)
+        caption.append(f"Each column is the mean of up to {per_column} consecutive logged steps.")
     if np.isnan(values).any():
-        title += "\n(grey: not logged, or a zero or non-finite norm)"
-    ax.set(title=title, xlabel="step", ylabel="layer (input at top)")
-    fig.colorbar(mesh, ax=ax, label="log10 gradient norm")
+        caption.append("Grey: not logged, or a zero or non-finite norm.")
+    flags, per_layer = flagged_steps(run), layer_flags(run)
+    caption += _flag_caption(flags, bool(per_layer), "cells are hatched")
+    strip_height = _strip_height(flags)
+    main = min(max(0.2 * len(layers), 1.0), _MAX_HEIGHT - 1.2 - strip_height - _caption_height(caption) - 0.3)
+    shown = _thin(len(layers), main * 72)
+    caption += _thin_caption(shown, len(layers))
+    caption += _rerun_caption(run)
+
+    fig = _figure(_WIDTH, 1.2 + strip_height + _caption_height(caption) + main)
+    grid = fig.add_gridspec(2, 2, height_ratios=[strip_height or 1e-3, main], width_ratios=[40, 1])
+    ax = fig.add_subplot(grid[1, 0])
+    cax = fig.add_subplot(grid[1, 1])
+    cmap = colormaps["viridis"].with_extremes(bad="lightgrey")
+    finite = values[np.isfinite(values)]
+    low, high = (float(finite.min()), float(finite.max())) if finite.size else (0.0, 1.0)
+    if high - low < 1e-9:  # one value: a colour scale needs a range
+        low, high = low - 0.5, high + 0.5
+    mesh = ax.pcolormesh(
+        edges, np.arange(len(layers) + 1), np.ma.masked_invalid(values), cmap=cmap, vmin=low, vmax=high
+    )
+    fig.colorbar(mesh, cax=cax, label="log10 gradient norm")
+    ax.set_xlim(edges[0], edges[-1])
+    ax.set_ylim(len(layers), 0)  # the input layer on top, as the network is usually drawn
+    ax.yaxis.set_major_locator(FixedLocator([i + 0.5 for i in shown]))
+    ax.set_yticklabels([names.labels[i] for i in shown], fontsize=_TICK_FONT)
+    ax.set(xlabel="step", ylabel="layer (input at top)")
+    _integer_steps(ax, steps)
+    for condition, cells in _flagged_cells(per_layer, layers, edges).items():
+        ax.add_collection(
+            PatchCollection(
+                [Rectangle((edges[j0], i), edges[j1] - edges[j0], 1.0) for i, j0, j1 in cells],
+                facecolor="none", edgecolor=_CONDITION_COLOURS[condition], hatch="////", linewidth=0.6,
+                gid=f"layer-flags-{condition}",
+            )
+        )
+    if strip_height:
+        _flag_strip(fig.add_subplot(grid[0, 0], sharex=ax), flags)
+    _titles(fig, f"{run.name}: log10 gradient norm by layer", caption)
     return fig
 
 
 def plot_norm_curves(run: Run) -> Figure:
-    layers = run.layers()
-    fig = Figure(figsize=(8, 4.5), layout="constrained")
-    ax = fig.subplots()
-    colours = _depth_colours(len(layers))
-    for layer, colour in zip(layers, colours):
-        series = run.scalars[f"grad_norm/{layer}"]
-        ax.plot(series.steps, _finite_positive(series.values), color=colour, label=layer)
-    ax.set_yscale("log")
-    ax.set(title=f"{run.name}: gradient norm by layer", xlabel="step", ylabel="gradient norm (log scale)")
+    """Gradient norm over the steps on a log axis: every layer up to :data:`MAX_CURVES`, else percentile bands and
+    a few picked layers; see the module docstring."""
+    layers, steps, norms = layer_matrix(run, "grad_norm/")
+    names = short_names(layers)
+    caption = names.caption()
+    flags, per_layer = flagged_steps(run), layer_flags(run)
+    log_norms = np.log10(_finite_positive(norms))
+    if len(layers) <= MAX_CURVES:
+        picks = {i: names.labels[i] for i in range(len(layers))}
+        colours = dict(enumerate(_depth_colours(len(layers))))
+    else:
+        roles = _pick_layers(layers, log_norms, per_layer)
+        colours = {i: colormaps["tab10"](k) for k, i in enumerate(roles)}
+        picks = {i: f"{names.labels[i]} ({role})" for i, role in roles.items()}
+        caption.append(
+            f"Grey: the range and the 25-75 percentile band of all {len(layers)} layers at each step, and their "
+            f"median; lines: {len(picks)} of the layers, chosen as the legend says."
+        )
+    caption += _flag_caption(flags, bool(per_layer), "points are marked")
+    caption += _rerun_caption(run)
+
+    strip_height = _strip_height(flags)
+    fig = _figure(_WIDTH, 4.6 + strip_height + _caption_height(caption))
+    grid = fig.add_gridspec(2, 1, height_ratios=[strip_height or 1e-3, 4.0])
+    ax = fig.add_subplot(grid[1, 0])
+    drawable = np.isfinite(log_norms).any()
+    marker = "o" if len(steps) <= 30 else None  # a line needs two points: one step shows as dots only
+    if len(layers) > MAX_CURVES and drawable:
+        columns = np.isfinite(log_norms).any(axis=0)
+        x = steps[columns]
+        q = 10 ** np.nanpercentile(log_norms[:, columns], [0, 25, 50, 75, 100], axis=0)
+        ax.fill_between(x, q[0], q[4], color="0.88", label=f"range, all {len(layers)} layers")
+        ax.fill_between(x, q[1], q[3], color="0.72", label="25-75 percentile")
+        ax.plot(x, q[2], color="0.35", linestyle="--", linewidth=1.0, marker=marker, markersize=3, label="median")
+    in_legend: set[str] = set()
+    for i, label in picks.items():
+        series = run.scalars[f"grad_norm/{layers[i]}"]
+        ax.plot(
+            series.steps, _finite_positive(series.values), color=colours[i], label=label, marker=marker, markersize=3,
+            zorder=3,
+        )
+        for condition, found in per_layer.get(layers[i], {}).items():
+            at = np.isin(series.steps, found)
+            y = _finite_positive(series.values[at])
+            style = _flag_style(condition, len(y), condition not in in_legend)
+            in_legend.add(condition)
+            # A non-finite norm has no place on the axis: its flag sits on the bottom edge instead.
+            bottom = np.isnan(y)
+            ax.scatter(series.steps[at][~bottom], y[~bottom], zorder=2, gid=f"layer-flags-{condition}", **style)
+            if bottom.any():
+                style["label"] = "_nolegend_"
+                ax.scatter(series.steps[at][bottom], np.zeros(bottom.sum()), clip_on=False, zorder=2,
+                           transform=ax.get_xaxis_transform(), **style)
+    if drawable:
+        ax.set_yscale("log")
+    else:  # a log axis needs one positive value
+        ax.set_yticks([])
+        ax.text(0.5, 0.5, "no finite, positive gradient norm to draw", transform=ax.transAxes, ha="center")
+    ax.set(xlabel="step", ylabel="gradient norm (log scale)")
     ax.grid(True, which="major", alpha=0.4)
-    ax.legend(title="layer", fontsize="x-small", loc="center left", bbox_to_anchor=(1.01, 0.5))
+    ax.margins(x=0.01)
+    _integer_steps(ax, steps)
+    handles, labels = ax.get_legend_handles_labels()
+    order = sorted(range(len(labels)), key=lambda k: labels[k].startswith("flagged "))  # the flags last
+    ax.legend(
+        [handles[k] for k in order], [labels[k] for k in order], title="layer", fontsize="x-small",
+        title_fontsize="small", loc="upper left", bbox_to_anchor=(1.01, 1.0),
+    )
+    if strip_height:
+        _flag_strip(fig.add_subplot(grid[0, 0], sharex=ax), flags)
+    _titles(fig, f"{run.name}: gradient norm by layer", caption)
     return fig
 
 
 def plot_gradient_flow(run: Run) -> Figure:
+    """Each layer's last logged gradient norm as a bar, on a log axis."""
     step, norms = layer_norms(run, -1)
-    fig = Figure(figsize=(8, 4), layout="constrained")
-    ax = fig.subplots()
-    positions = np.arange(len(norms))
-    heights = _finite_positive(np.array(list(norms.values())))
-    ax.bar(positions, np.nan_to_num(heights, nan=0.0), color=_depth_colours(len(norms)))
-    if np.isnan(heights).all():  # nothing to draw, and a log axis needs one positive value
-        ax.set_yticks([])
-    else:
-        ax.set_yscale("log")
-        # Whole decades, so that bar heights compare as orders of magnitude even when all are within one.
-        low, high = np.floor(np.nanmin(np.log10(heights))), np.ceil(np.nanmax(np.log10(heights)))
-        ax.set_ylim(10**low, 10 ** max(high, low + 1))
-    for x, (value, height) in enumerate(zip(norms.values(), heights)):
-        if np.isnan(height):  # a zero, NaN or inf norm has no bar on a log axis: say what it was
-            ax.annotate(f"{value:g}", (x, 0.98), xycoords=("data", "axes fraction"), ha="center", va="top", color="red")
-    ax.set_xticks(positions, list(norms), rotation=60, ha="right")
-    ax.set(
-        title=f"{run.name}: gradient flow at step {step}",
-        xlabel="layer (input to output)",
-        ylabel="gradient norm (log scale)",
+    return _flow_figure(
+        f"{run.name}: gradient flow at step {step}", list(norms), [np.array(list(norms.values()))], None,
+        _rerun_caption(run),
     )
-    ax.grid(True, axis="y", which="major", alpha=0.4)
-    return fig
 
 
 def plot_flow_comparison(runs: Sequence[Run], title: str) -> Figure:
     """Each run's gradient norm per layer at its first logged step, one line per run.
 
     The first step shows what the architecture and the initialisation do to the gradient before training has had a
-    chance to change either, and it is finite even for a run that later diverges.
+    chance to change either, and it is finite even for a run that later diverges. Runs with different layers are
+    drawn on the union of their layers (in the order of the run with most layers, the others' extra layers after).
     """
-    fig = Figure(figsize=(8, 4.2), layout="constrained")
-    ax = fig.subplots()
-    longest: list[str] = []
-    for run in runs:
-        step, norms = layer_norms(run, 0)
-        longest = max(longest, list(norms), key=len)
-        values = _finite_positive(np.array(list(norms.values())))
-        ax.plot(np.arange(len(norms)), values, marker="o", label=f"{Path(run.name).name} (step {step})")
-    ax.set_yscale("log")
-    ax.set_xticks(np.arange(len(longest)), longest, rotation=60, ha="right")
-    ax.set(
-        title=f"{title}: gradient flow at the first logged step",
-        xlabel="layer (input to output)",
-        ylabel="gradient norm (log scale)",
-    )
-    ax.grid(True, which="major", alpha=0.4)
-    ax.legend(fontsize="small")
-    return fig
+    first = [layer_norms(run, 0) for run in runs]
+    union: dict[str, None] = {}
+    for _, norms in sorted(first, key=lambda f: -len(f[1])):
+        union.update(dict.fromkeys(norms))
+    layers = list(union)
+    rows = [np.array([norms.get(layer, np.nan) for layer in layers]) for _, norms in first]
+    labels = [f"{Path(run.name).name} (step {step})" for run, (step, _) in zip(runs, first)]
+    return _flow_figure(f"{title}: gradient flow at the first logged step", layers, rows, labels, [])
 
 
-def summary_markdown(runs: Sequence[Run], figures: dict[str, list[Path]] | None = None, out: Path | None = None) -> str:
-    """A markdown report: one table row per run that logged gradmon scalars, then links to each run's figures."""
+def summary_markdown(
+    runs: Sequence[Run],
+    figures: dict[str, list[Path]] | None = None,
+    out: Path | None = None,
+    metric: str | None = None,
+) -> str:
+    """A markdown report: one table row per run that logged gradmon scalars, the notes of :func:`report_notes`,
+    then links to each run's figures. ``metric`` as in :func:`find_metric`."""
     monitored = [r for r in runs if any(t.split("/", 1)[0] in _GRADMON_GROUPS for t in r.scalars)]
     lines = ["# gradmon report", ""]
     if monitored:
+        summaries = [health_summary(run, metric) for run in monitored]
+        found = {s.metric for s in summaries if s.metric is not None}
+        if metric is not None:
+            metric_header = f"{metric} (last)"
+        elif len(found) == 1:
+            metric_header = f"{next(iter(found))} (last)"
+        else:  # several tags matched in different runs: each cell names its own
+            metric_header = "val accuracy (last)" if found else None
+        header = ["run", "last monitored step"]
+        header += [metric_header] if metric_header else []
+        header += ["vanishing", "exploding", "non-finite", "skipped steps", "gradcheck max rel error"]
         lines += [
             "Health columns: steps on which the monitor flagged at least one layer (first such step).",
             "",
-            "| " + " | ".join(_SUMMARY_HEADER) + " |",
-            "|" + "---|" * len(_SUMMARY_HEADER),
+            "| " + " | ".join(header) + " |",
+            "|" + "---|" * len(header),
         ]
-        for run in monitored:
-            s = health_summary(run)
-            flags = [_flag_cell(s.flagged_steps[c], s.first_flagged[c], run, c) for c in CONDITIONS]
-            cells = [
-                f"`{run.name}`",
-                _cell(s.last_step),
-                _cell(s.val_acc, "{:.3f}"),
-                *flags,
-                _cell(s.skipped_steps),
-                _cell(s.gradcheck_max_rel_error, "{:.3g}"),
-            ]
+        for run, s in zip(monitored, summaries):
+            cells = [f"`{run.name}`", _cell(s.last_step)]
+            if metric_header:
+                value = _cell(s.metric_value, "{:.3f}")
+                cells.append(f"{value} (`{s.metric}`)" if len(found) > 1 and s.metric else value)
+            cells += [_flag_cell(s.flagged_steps[c], s.first_flagged[c], run, c) for c in CONDITIONS]
+            cells += [_cell(s.skipped_steps), _cell(s.gradcheck_max_rel_error, "{:.3g}")]
             lines.append("| " + " | ".join(cells) + " |")
     others = [r.name for r in runs if r not in monitored]
     if others:
         lines += ["", "Runs without gradmon scalars: " + ", ".join(f"`{name}`" for name in others) + "."]
+    notes = report_notes(runs, metric)
+    if notes:
+        lines += ["", "## Notes", "", *(f"- {note}" for note in notes)]
     if figures:
         lines += ["", "## Figures", ""]
         for name, paths in figures.items():
@@ -304,12 +576,36 @@ def summary_markdown(runs: Sequence[Run], figures: dict[str, list[Path]] | None 
     return "\n".join(lines) + "\n"
 
 
-def write_report(logdir: str | Path, out: str | Path) -> list[Path]:
-    """Write the figures of every run under ``logdir`` and ``summary.md`` into ``out``; returns the files written.
+def report_notes(runs: Sequence[Run], metric: str | None = None) -> list[str]:
+    """What the reader of the report should know about what was read: one line per run directory holding several
+    event files (:func:`rerun_note`), and one when no run logged the given ``metric``."""
+    notes = [note for note in map(rerun_note, runs) if note is not None]
+    if metric is not None and not any(metric in run.scalars for run in runs):
+        notes.append(f"`metric={metric!r}`: no run logged this tag.")
+    return notes
+
+
+def write_report(
+    logdir: str | Path,
+    out: str | Path,
+    metric: str | None = None,
+    note: Callable[[str], object] | None = None,
+) -> list[Path]:
+    """Write into ``out``, for every run under ``logdir`` that logged gradient norms, ``<run>/grad_norm_heatmap.png``,
+    ``<run>/grad_norm_curves.png`` and ``<run>/gradient_flow.png``; ``<parent>/gradient_flow_comparison.png`` for
+    every parent directory of two or more such runs; and ``summary.md``. Returns the files written, ``summary.md``
+    last.
+
+    ``metric``: the scalar tag whose last value ``summary.md`` shows per run; by default (``None``) a tag like
+    ``val*acc*`` (case-insensitive), and no column when no run has one. ``note``, e.g. ``print``, is called with each
+    note ``summary.md`` carries (event files ignored, a ``metric`` no run logged).
 
     Raises:
         FileNotFoundError: ``logdir`` holds no event file.
+        ValueError: ``metric`` is neither ``None`` nor a non-empty string.
     """
+    if metric is not None and (not isinstance(metric, str) or not metric):
+        raise ValueError(f"`metric={metric!r}` is not valid: expected a scalar tag such as 'val/acc', or None")
     out = Path(out)
     runs = load_runs(logdir)
     figures: dict[str, list[Path]] = {}
@@ -330,13 +626,216 @@ def write_report(logdir: str | Path, out: str | Path) -> list[Path]:
             figures[parent] = [_save(comparison, out / parent / "gradient_flow_comparison.png")]
     summary = out / "summary.md"
     summary.parent.mkdir(parents=True, exist_ok=True)
-    summary.write_text(summary_markdown(runs, figures, out))
+    summary.write_text(summary_markdown(runs, figures, out, metric))
+    if note is not None:
+        for text in report_notes(runs, metric):
+            note(text)
     return [p for paths in figures.values() for p in paths] + [summary]
+
+
+def _flow_figure(
+    title: str, layers: list[str], rows: list[np.ndarray], labels: list[str] | None, caption: list[str]
+) -> Figure:
+    """Gradient norm per layer: bars for one row (``labels`` None), lines with a legend for several."""
+    names = short_names(layers)
+    caption = names.caption() + caption
+    n = len(layers)
+    longest = max(len(label) for label in names.labels)
+    # Rotated labels need the figure taller by their length; short ones (0, 2, ..., 32) stay level.
+    level = longest <= 4 and n * (longest + 2) * _TICK_FONT * 0.6 <= (_WIDTH - 1.5) * 72
+    label_height = 0.3 if level else 0.2 + longest * _TICK_FONT * 0.62 / 72
+    shown = list(range(n)) if level else _thin(n, (_WIDTH - 1.5) * 72)
+    caption += _thin_caption(shown, n)
+    heights = [_finite_positive(row) for row in rows]
+    if labels is None and (~np.isfinite(heights[0])).any():
+        caption.append("Red x: a zero or non-finite norm (no bar on a log axis).")
+    fig = _figure(_WIDTH, 3.4 + label_height + _caption_height(caption))
+    ax = fig.subplots()
+    positions = np.arange(n)
+    if labels is None:
+        ax.bar(positions, np.nan_to_num(heights[0], nan=0.0), color=_depth_colours(n))
+        missing = np.flatnonzero(~np.isfinite(heights[0]))
+        if len(missing):
+            ax.plot(missing, np.full(len(missing), 0.03), "x", color="red", transform=ax.get_xaxis_transform())
+            if len(missing) <= 20:  # the values themselves, while they fit
+                for x in missing:
+                    ax.annotate(f"{rows[0][x]:g}", (x, 0.97), xycoords=("data", "axes fraction"), ha="center",
+                                va="top", color="red", fontsize=_TICK_FONT, rotation=0 if level else 90)
+    else:
+        for row, label in zip(heights, labels):
+            ax.plot(positions, row, marker="o", markersize=3 if n > 40 else 5, label=label)
+        ax.legend(fontsize="small")
+    finite = np.concatenate([h[np.isfinite(h)] for h in heights])
+    if finite.size:
+        ax.set_yscale("log")
+        # Whole decades, so that bar heights compare as orders of magnitude even when all are within one.
+        low, high = np.floor(np.log10(finite.min())), np.ceil(np.log10(finite.max()))
+        ax.set_ylim(10**low, 10 ** max(high, low + 1))
+    else:  # nothing to draw, and a log axis needs one positive value
+        ax.set_yticks([])
+    ax.set_xlim(-0.6, n - 0.4)
+    ax.xaxis.set_major_locator(FixedLocator(shown))
+    ax.set_xticklabels([names.labels[i] for i in shown], fontsize=_TICK_FONT, rotation=0 if level else 90)
+    ax.set(xlabel="layer (input to output)", ylabel="gradient norm (log scale)")
+    ax.grid(True, axis="y", which="major", alpha=0.4)
+    _titles(fig, title, caption)
+    return fig
+
+
+def _figure(width: float, height: float) -> Figure:
+    fig = Figure(figsize=(width, min(height, _MAX_HEIGHT)), dpi=_DPI, layout="constrained")
+    FigureCanvasAgg(fig)  # so that callers can draw it (and measure its text) without pyplot
+    return fig
+
+
+def _titles(fig: Figure, title: str, caption: list[str]) -> None:
+    fig.suptitle(title)
+    if caption:
+        fig.supxlabel(_wrap(caption), fontsize=_CAPTION_FONT, ha="left", x=0.01, multialignment="left")
+
+
+def _wrap(caption: list[str]) -> str:
+    # About 0.55 em per character in DejaVu Sans; the margin keeps the longest line inside the figure.
+    width = int((_WIDTH - 0.4) * 72 / (_CAPTION_FONT * 0.56))
+    return "\n".join(textwrap.fill(part, width) for part in caption)
+
+
+def _caption_height(caption: list[str]) -> float:
+    return (_wrap(caption).count("\n") + 1) * _CAPTION_FONT * 1.35 / 72 if caption else 0.0
+
+
+def _thin(n: int, room_pt: float) -> list[int]:
+    """Indices of the labels to show of ``n`` evenly spaced ones in ``room_pt`` points: every k-th, so that labels
+    never overlap, the first and the last always included."""
+    fit = max(int(room_pt // (_TICK_FONT * 1.3)), 2)
+    every = max(math.ceil(n / fit), 1)
+    shown = list(range(0, n, every))
+    if shown[-1] != n - 1:
+        # The output layer is labelled too, in place of the last label when it would crowd it.
+        if n - 1 - shown[-1] < every and len(shown) > 1:
+            shown[-1] = n - 1
+        else:
+            shown.append(n - 1)
+    return shown
+
+
+def _integer_steps(ax: Axes, steps: np.ndarray) -> None:
+    """Steps are whole numbers: ticks on integers only, written out in full (no offset, no scientific notation)."""
+    if len(steps) and steps.min() == steps.max():
+        ax.set_xlim(steps[0] - 0.5, steps[0] + 0.5)
+        ax.xaxis.set_major_locator(FixedLocator([int(steps[0])]))
+    else:
+        ax.xaxis.set_major_locator(MaxNLocator(nbins="auto", integer=True, min_n_ticks=2))
+    # A tick left of step 0 (a cell's edge lies half a step before it) is no step.
+    ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{round(v)}" if v >= 0 else ""))
+
+
+def _flag_strip(ax: Axes, flags: dict[str, np.ndarray]) -> None:
+    """One row per condition logged, a tick at each step it was flagged."""
+    rows = list(flags)
+    for i, condition in enumerate(rows):
+        if len(flags[condition]):
+            ax.eventplot(
+                [flags[condition]], lineoffsets=i, linelengths=0.8, linewidths=1.0,
+                colors=[_CONDITION_COLOURS[condition]], gid=f"flagged-steps-{condition}",
+            )
+    ax.set_ylim(len(rows) - 0.5, -0.5)
+    ax.yaxis.set_major_locator(FixedLocator(range(len(rows))))
+    ax.set_yticklabels([_CONDITION_LABELS[c] for c in rows], fontsize=_TICK_FONT)
+    ax.tick_params(axis="x", labelbottom=False, length=0)
+    ax.tick_params(axis="y", length=0)
+    ax.set_title("steps GradHealthMonitor flagged", fontsize="small", loc="left")
+    if not any(len(s) for s in flags.values()):
+        ax.text(0.5, 0.5, "none", transform=ax.transAxes, ha="center", va="center", fontsize="small")
+
+
+def _flagged_cells(
+    per_layer: dict[str, dict[str, np.ndarray]], layers: list[str], edges: np.ndarray
+) -> dict[str, list[tuple[int, int, int]]]:
+    """Per condition, the heatmap cells flagged as ``(row, first column, last column + 1)`` runs: one rectangle per
+    run of consecutive flagged columns keeps a layer flagged for 100,000 steps to a handful of patches."""
+    rows = {layer: i for i, layer in enumerate(layers)}
+    columns = len(edges) - 1
+    found: dict[str, list[tuple[int, int, int]]] = {}
+    for layer, per_condition in per_layer.items():
+        if layer not in rows:
+            continue
+        for condition, steps in per_condition.items():
+            hit = np.zeros(columns + 2, dtype=bool)
+            hit[1 + np.clip(np.searchsorted(edges, steps, side="right") - 1, 0, columns - 1)] = True
+            change = np.flatnonzero(np.diff(hit.astype(np.int8)))
+            found.setdefault(condition, []).extend(
+                (rows[layer], int(a), int(b)) for a, b in zip(change[::2], change[1::2])
+            )
+    return {c: sorted(found[c]) for c in CONDITIONS if c in found}
+
+
+def _strip_height(flags: dict[str, np.ndarray]) -> float:
+    """Inches for the strip of flagged steps: none when nothing was flagged (the caption says so)."""
+    return 0.25 + 0.17 * len(flags) if any(len(steps) for steps in flags.values()) else 0.0
+
+
+def _flag_caption(flags: dict[str, np.ndarray], per_layer: bool, marked: str) -> list[str]:
+    if not flags:
+        return []
+    if not any(len(steps) for steps in flags.values()):
+        return ["GradHealthMonitor flagged nothing."]
+    if per_layer:
+        return [f"Top strip: steps GradHealthMonitor flagged; the flagged {marked} in the strip's colours."]
+    return ["Top strip: steps GradHealthMonitor flagged (not which layers: the logs hold no grad_health_flag/ tags)."]
+
+
+def _flag_style(condition: str, count: int, legend: bool) -> dict:
+    return {
+        "marker": _CONDITION_MARKERS[condition],
+        "color": _CONDITION_COLOURS[condition],
+        "edgecolors": "white",
+        "linewidths": 0.5,
+        "s": 25 if count <= 100 else 9,  # dense flags at full size would hide the line they mark
+        "label": f"flagged {_CONDITION_LABELS[condition]}" if legend else "_nolegend_",
+    }
+
+
+def _thin_caption(shown: list[int], n: int) -> list[str]:
+    return [f"1 in {shown[1] - shown[0]} of the {n} layers labelled."] if len(shown) < n else []
+
+
+def _rerun_caption(run: Run) -> list[str]:
+    if not run.ignored_event_files or run.event_file is None:
+        return []
+    return [
+        f"From {run.event_file.name}, the latest of {len(run.ignored_event_files) + 1} event files in this "
+        "directory (the others ignored)."
+    ]
+
+
+def _pick_layers(layers: list[str], log_norms: np.ndarray, per_layer: dict[str, dict[str, np.ndarray]]) -> dict:
+    """``{index: role}`` of at most 6 layers to draw as lines, in depth order: the first and the last, those with
+    the smallest and the largest median norm and the largest peak, then the layers flagged most often."""
+    picks = {0: "input", len(layers) - 1: "output"}
+    has = np.isfinite(log_norms).any(axis=1)
+    if has.any():
+        rows = log_norms[has]
+        medians = np.full(len(layers), np.nan)
+        peaks = np.full(len(layers), np.nan)
+        medians[has], peaks[has] = np.nanmedian(rows, axis=1), np.nanmax(rows, axis=1)
+        for role, score in (("smallest median", medians), ("largest median", -medians), ("largest peak", -peaks)):
+            # NaN (a layer never finite) sorts last in argsort, so it is never picked for a role.
+            choice = next((int(i) for i in np.argsort(score) if int(i) not in picks and has[i]), None)
+            if choice is not None:
+                picks[choice] = role
+    index_of = {layer: i for i, layer in enumerate(layers)}
+    counts = {index_of[layer]: sum(map(len, found.values())) for layer, found in per_layer.items() if layer in index_of}
+    for index in sorted(counts, key=lambda i: -counts[i]):
+        if len(picks) >= 6 or counts[index] == 0:
+            break
+        picks.setdefault(index, "most flagged")
+    return dict(sorted(picks.items()))
 
 
 def _save(fig: Figure, path: Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100)
+    fig.savefig(path, dpi=_DPI)
     return path
 
 
@@ -346,6 +845,66 @@ def _edges(steps: np.ndarray) -> np.ndarray:
         return np.array([steps[0] - 0.5, steps[0] + 0.5])
     middles = (steps[1:] + steps[:-1]) / 2
     return np.concatenate([[2 * steps[0] - middles[0]], middles, [2 * steps[-1] - middles[-1]]])
+
+
+def _bin_columns(edges: np.ndarray, values: np.ndarray, columns: int) -> tuple[np.ndarray, np.ndarray, int]:
+    """At most ``columns`` columns, each the mean of the finite values of ``every`` consecutive ones."""
+    n, m = values.shape
+    every = math.ceil(m / columns)
+    bins = math.ceil(m / every)
+    padded = np.full((n, bins * every), np.nan)
+    padded[:, :m] = values
+    padded = padded.reshape(n, bins, every)
+    finite = np.isfinite(padded)
+    sums, counts = np.where(finite, padded, 0.0).sum(axis=2), finite.sum(axis=2)
+    means = np.divide(sums, counts, out=np.full(sums.shape, np.nan), where=counts > 0)
+    return np.append(edges[0:m:every], edges[m]), means, every
+
+
+def _opened_at(path: Path) -> float:
+    """The wall time of the first event in an event file (its writer's start); from the name if it has none."""
+    try:
+        for event in event_file_loader.EventFileLoader(str(path)).Load():
+            return float(event.wall_time)
+    except Exception:  # an unreadable file still has a place in the order: by the time in its name
+        pass
+    match = re.match(r"events\.out\.tfevents\.(\d+)", path.name)
+    return float(match.group(1)) if match else 0.0
+
+
+def _abbreviable(piece: str) -> bool:
+    return len(piece) > 3 and not piece.isdigit()
+
+
+def _abbreviation_table(pieces: set[str]) -> dict[str, str]:
+    """A distinct abbreviation for each piece: the initials of its ``_``-parts, each keeping its trailing digits
+    (``transformer_encoder`` -> ``te``, ``linear1`` -> ``l1``); pieces that share one get more letters of each part
+    until they differ (``embedding_stack``, ``encoder_stack`` -> ``em_st``, ``en_st``). Pieces that would not get
+    shorter are left out."""
+    def abbreviate(piece: str, letters: int) -> str:
+        parts = [
+            part[:letters] + (m.group(0) if (m := re.search(r"\d+$", part)) and len(part) > letters else "")
+            for part in piece.split("_")
+            if part
+        ]
+        # Initials read as one word (te); longer stubs need their separator back (em_st).
+        return ("" if letters == 1 else "_").join(parts)
+
+    table: dict[str, str] = {}
+    pending, letters = sorted(pieces), 1
+    while pending and letters < 8:
+        short = {piece: abbreviate(piece, letters) for piece in pending}
+        clash = {s for s in short.values() if list(short.values()).count(s) > 1}
+        table.update({p: s for p, s in short.items() if s not in clash and len(s) < len(p)})
+        pending, letters = [p for p, s in short.items() if s in clash], letters + 1
+    return table
+
+
+def _ellipsize(label: str, max_chars: int) -> str:
+    if len(label) <= max_chars:
+        return label
+    head = (max_chars - 1) // 3  # the end of a name says more than its start
+    return label[:head] + "…" + label[len(label) - (max_chars - 1 - head) :]
 
 
 def _depth_colours(n: int) -> list:

@@ -13,7 +13,17 @@ import pytest
 from torch.utils.tensorboard import SummaryWriter
 
 from gradmon.cli import main
-from gradmon.report import find_runs, health_summary, layer_matrix, load_run, load_runs, write_report
+from gradmon.report import (
+    event_files,
+    find_metric,
+    find_runs,
+    health_summary,
+    layer_matrix,
+    load_run,
+    load_runs,
+    summary_markdown,
+    write_report,
+)
 from gradmon.tensorboard import write_scalars
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -35,6 +45,18 @@ def grad_norms(norms: dict[str, float]) -> dict[str, float]:
     values["grad_norm/total"] = float(np.sqrt(sum(v * v for v in norms.values())))
     values.update({f"grad_norm_log10/{layer}": float(np.log10(v)) for layer, v in norms.items() if v > 0})
     return values
+
+
+def health(vanishing: float = 0.0) -> dict[str, float]:
+    return {"grad_health/vanishing": vanishing, "grad_health/exploding": 0.0, "grad_health/nonfinite": 0.0}
+
+
+def table(summary: str) -> dict[str, dict[str, str]]:
+    """``summary.md``'s table: run name -> column header -> cell."""
+    lines = [line for line in summary.splitlines() if line.startswith("|")]
+    header = [c.strip() for c in lines[0].strip("|").split("|")]
+    rows = [[c.strip() for c in line.strip("|").split("|")] for line in lines[2:]]
+    return {row[0].strip("`"): dict(zip(header, row)) for row in rows}
 
 
 def assert_valid_png(path: Path) -> None:
@@ -121,6 +143,110 @@ def test_report_of_synthetic_runs_writes_one_set_of_figures_per_monitored_run_an
     assert "Runs without gradmon scalars: `matrix_product/scaled`." in summary
 
 
+def write_rerun(run_dir: Path) -> tuple[Path, Path]:
+    """Two runs logged into one directory, as a rerun with the same ``version`` does: a 16-layer net for 230 steps
+    flagged vanishing from step 9, then a 20-layer net for 23 steps never flagged. The older file is renamed to sort
+    after the newer one by name, so only the files' wall times tell which is the latest."""
+    old_layers = [f"net.{2 * i}" for i in range(16)]
+    new_layers = [f"net.{2 * i}" for i in range(20)]
+    write_run(
+        run_dir, {s: {**grad_norms(dict.fromkeys(old_layers, 1e-3)), **health(16.0 * (s >= 9))} for s in range(230)}
+    )
+    (old,) = run_dir.glob("events.out.tfevents.*")
+    old = old.rename(run_dir / "events.out.tfevents.9999999999.zz.1.0")
+    write_run(run_dir, {s: {**grad_norms(dict.fromkeys(new_layers, 0.1)), **health()} for s in range(23)})
+    (new,) = set(run_dir.glob("events.out.tfevents.*")) - {old}
+    new = new.rename(run_dir / "events.out.tfevents.0000000001.aa.1.0")
+    return old, new
+
+
+def test_a_rerun_into_the_same_directory_is_not_merged_the_latest_event_file_is_read(tmp_path):
+    old, new = write_rerun(tmp_path / "vanishing" / "sigmoid")
+    assert event_files(tmp_path / "vanishing" / "sigmoid") == [old, new]  # by wall time, not by name
+
+    run = load_run(tmp_path / "vanishing" / "sigmoid", tmp_path)
+
+    assert (run.event_file, run.ignored_event_files) == (new, [old])
+    layers, steps, _ = layer_matrix(run)
+    assert len(layers) == 20 and steps.tolist() == list(range(23))  # not a 16- and a 20-layer net stitched
+    summary = health_summary(run)
+    assert summary.last_step == 22
+    assert summary.flagged_steps["vanishing"] == 0  # the older run's 221 flagged steps are not added in
+    text = summary_markdown([run])
+    assert table(text)["vanishing/sigmoid"]["last monitored step"] == "22"
+    note = next(line for line in text.splitlines() if line.startswith("- `vanishing/sigmoid` holds 2 event files"))
+    assert f"reported only the latest, `{new.name}`; ignored: `{old.name}`" in note
+
+
+def test_cli_says_on_stdout_which_event_file_it_read_when_a_directory_holds_several(tmp_path, capsys):
+    run_dir = tmp_path / "runs" / "exp" / "v0"
+    write_run(run_dir, {0: health(3.0)})
+    write_run(run_dir, {0: health(), 1: health()})
+    older, newer = event_files(run_dir)
+
+    assert main(["report", str(tmp_path / "runs")]) == 0
+
+    stdout = capsys.readouterr().out
+    assert "gradmon report: note: `exp/v0` holds 2 event files" in stdout
+    assert f"reported only the latest, `{newer.name}`; ignored: `{older.name}`" in stdout
+    summary = (tmp_path / "runs" / "report" / "summary.md").read_text()
+    assert table(summary)["exp/v0"]["vanishing"] == "0"
+    assert f"ignored: `{older.name}`" in summary
+
+
+def test_one_event_file_per_directory_gets_no_note(tmp_path):
+    write_run(tmp_path / "exp" / "v0", {0: health()})
+    assert "event files" not in summary_markdown(load_runs(tmp_path))
+
+
+@pytest.mark.parametrize(
+    ("tags", "expected"),
+    [
+        (["val/acc"], "val/acc"),
+        (["val_acc"], "val_acc"),
+        (["valid/accuracy"], "valid/accuracy"),
+        (["Val_Acc"], "Val_Acc"),
+        (["val/acc_top5", "val/acc", "hp/val_acc"], "val/acc"),  # the shortest of those that match
+        (["train/acc", "hp/val_acc", "val/loss"], None),
+    ],
+)
+def test_the_default_metric_is_a_val_acc_like_tag(tmp_path, tags, expected):
+    run = load_run(write_run(tmp_path / "run", {0: dict.fromkeys(tags, 0.5)}))
+    assert find_metric(run) == expected
+
+
+def test_summary_shows_the_last_value_of_the_metric_given_or_found(tmp_path):
+    write_run(tmp_path / "a", {0: {**health(), "valid/accuracy": 0.25, "test/f1": 0.5}, 9: {"valid/accuracy": 0.75}})
+    write_run(tmp_path / "b", {0: {**health(), "val_acc": 0.5}})
+    write_run(tmp_path / "c", {0: health()})
+    runs = load_runs(tmp_path)
+
+    found = table(summary_markdown(runs))
+    assert [found[r]["val accuracy (last)"] for r in "abc"] == ["0.750 (`valid/accuracy`)", "0.500 (`val_acc`)", "-"]
+    given = table(summary_markdown(runs, metric="test/f1"))
+    assert [given[r]["test/f1 (last)"] for r in "abc"] == ["0.500", "-", "-"]
+    assert table(summary_markdown(runs[:1]))["a"]["valid/accuracy (last)"] == "0.750"  # one tag: it heads the column
+    assert "(last)" not in summary_markdown(runs[2:])  # no run has one: no column
+
+
+def test_a_metric_no_run_logged_is_a_note_and_an_empty_one_an_error(tmp_path, capsys):
+    write_run(tmp_path / "runs" / "a", {0: {**health(), "val/acc": 0.5}})
+    notes: list[str] = []
+    write_report(tmp_path / "runs", tmp_path / "out", metric="val/accuracy", note=notes.append)
+    assert notes == ["`metric='val/accuracy'`: no run logged this tag."]
+    summary = (tmp_path / "out" / "summary.md").read_text()
+    assert table(summary)["a"]["val/accuracy (last)"] == "-"
+    assert "- `metric='val/accuracy'`: no run logged this tag." in summary
+
+    assert main(["report", str(tmp_path / "runs"), "--metric", "val/acc"]) == 0
+    assert table((tmp_path / "runs" / "report" / "summary.md").read_text())["a"]["val/acc (last)"] == "0.500"
+    assert "note" not in capsys.readouterr().out
+    with pytest.raises(ValueError, match="`metric=''` is not valid"):
+        write_report(tmp_path / "runs", tmp_path / "out", metric="")
+    assert main(["report", str(tmp_path / "runs"), "--metric", ""]) == 2
+    assert "`--metric ''` is not valid" in capsys.readouterr().err
+
+
 @pytest.fixture(scope="module")
 def trained_logdir(tmp_path_factory) -> Path:
     """One real, short run of the deep sigmoid MLP with every gradmon monitor of its config."""
@@ -149,16 +275,16 @@ def test_report_command_writes_valid_pngs_and_summary_from_a_real_run(trained_lo
     for name in ("grad_norm_heatmap", "grad_norm_curves", "gradient_flow"):
         assert_valid_png(out / "vanishing" / "sigmoid" / f"{name}.png")
     summary = (out / "summary.md").read_text()
-    row = next(line for line in summary.splitlines() if line.startswith("| `vanishing/sigmoid` |"))
-    vanishing = row.split("|")[4].strip()
-    assert vanishing.split()[0].isdigit() and vanishing != "0", row  # 16 sigmoid layers: flagged within 12 steps
+    vanishing = table(summary)["vanishing/sigmoid"]["vanishing"]
+    assert vanishing.split()[0].isdigit() and vanishing != "0", summary  # 16 sigmoid layers: flagged within 12 steps
     assert "(vanishing/sigmoid/grad_norm_heatmap.png)" in summary
 
 
-def test_console_script_runs_report_with_its_default_out_dir(trained_logdir):
+def test_console_script_runs_report_with_its_default_out_dir(tmp_path):
     script = Path(sys.executable).with_name("gradmon")
     if not script.exists():
         pytest.skip("the gradmon console script is not installed in this environment")
-    done = subprocess.run([str(script), "report", str(trained_logdir)], capture_output=True, text=True, timeout=120)
+    write_run(tmp_path / "exp" / "v0", {0: {**health(), "val/acc": 0.5}})
+    done = subprocess.run([str(script), "report", str(tmp_path)], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
-    assert (trained_logdir / "report" / "summary.md").is_file()
+    assert table((tmp_path / "report" / "summary.md").read_text())["exp/v0"]["val/acc (last)"] == "0.500"
