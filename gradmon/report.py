@@ -63,13 +63,14 @@ from matplotlib.patches import Rectangle
 from matplotlib.ticker import FixedLocator, FuncFormatter, MaxNLocator
 from tensorboard.backend.event_processing import event_accumulator, event_file_loader
 
+from gradmon import tags
 from gradmon.health import CONDITIONS
 
 EVENT_FILE_GLOB = "events.out.tfevents.*"
 #: The default ``metric``: a tag matching this (lower-cased) is an accuracy on validation data.
 DEFAULT_METRIC_PATTERN = "val*acc*"
 #: Per-layer flags: ``grad_health_flag/<layer>`` = 1 + the index of the condition in CONDITIONS, at flagged steps.
-FLAG_PREFIX = "grad_health_flag/"
+FLAG_PREFIX = f"{tags.GRAD_HEALTH_FLAG}/"
 #: Curves drawn one line per layer up to this many layers; beyond it, percentile bands and a few picked layers.
 MAX_CURVES = 10
 #: Longest layer label before middle parts are abbreviated.
@@ -78,7 +79,7 @@ MAX_LABEL_CHARS = 28
 MAX_HEATMAP_COLUMNS = 1000
 
 # Tag groups that mark a run as watched by gradmon, and so as a row of the summary.
-_GRADMON_GROUPS = ("grad_norm", "grad_health", "gradcheck")
+_GRADMON_GROUPS = (tags.GRAD_NORM, tags.GRAD_HEALTH, tags.GRADCHECK)
 # Keep every scalar (0 = no limit) and none of the heavy summaries the report does not draw.
 _SIZE_GUIDANCE = {
     event_accumulator.SCALARS: 0,
@@ -125,15 +126,11 @@ class Run:
     event_file: Path | None = None
     ignored_event_files: list[Path] = field(default_factory=list)
 
-    def layers(self, prefix: str = "grad_norm/") -> list[str]:
+    def layers(self, prefix: str = f"{tags.GRAD_NORM}/") -> list[str]:
         """Layer names logged under ``prefix``, in first-logged order (``grad_norm/total`` and the per-optimizer
         ``grad_norm/total-<optimizer>`` are not layers)."""
-        total = f"{prefix}total"
-        return [
-            tag[len(prefix) :]
-            for tag in self.scalars
-            if tag.startswith(prefix) and tag != total and not tag.startswith(total + "-")
-        ]
+        names = [tag[len(prefix) :] for tag in self.scalars if tag.startswith(prefix)]
+        return [name for name in names if not tags.is_total(name)]
 
     @property
     def has_grad_norms(self) -> bool:
@@ -218,14 +215,14 @@ def find_metric(run: Run, metric: str | None = None) -> str | None:
     return min(found, key=lambda tag: (len(tag), tag)) if found else None
 
 
-def layer_matrix(run: Run, prefix: str = "grad_norm_log10/") -> tuple[list[str], np.ndarray, np.ndarray]:
+def layer_matrix(run: Run, prefix: str = f"{tags.GRAD_NORM_LOG10}/") -> tuple[list[str], np.ndarray, np.ndarray]:
     """``(layers, steps, values)``: ``values[i, j]`` is layer ``i``'s ``prefix`` value at ``steps[j]``.
 
     Layers and steps are those of the gradient norms (``grad_norm/<layer>``), so a step at which a layer's value
     was left out (``grad_norm_log10`` skips a zero or non-finite norm) is a NaN rather than a missing column.
     """
     layers = run.layers()
-    steps = np.unique(np.concatenate([run.scalars[f"grad_norm/{layer}"].steps for layer in layers]))
+    steps = np.unique(np.concatenate([run.scalars[tags.tag(tags.GRAD_NORM, layer)].steps for layer in layers]))
     values = np.full((len(layers), len(steps)), np.nan)
     for i, layer in enumerate(layers):
         series = run.scalars.get(prefix + layer)
@@ -238,8 +235,8 @@ def layer_norms(run: Run, index: int = -1) -> tuple[int, dict[str, float]]:
     """``(step, norms)``: every layer's gradient norm (``grad_norm/<layer>``) at its ``index``-th logged step, the
     first (0) or the last (-1), in depth order."""
     layers = run.layers()
-    step = int(run.scalars[f"grad_norm/{layers[0]}"].steps[index])
-    return step, {layer: float(run.scalars[f"grad_norm/{layer}"].values[index]) for layer in layers}
+    step = int(run.scalars[tags.tag(tags.GRAD_NORM, layers[0])].steps[index])
+    return step, {layer: float(run.scalars[tags.tag(tags.GRAD_NORM, layer)].values[index]) for layer in layers}
 
 
 def flagged_steps(run: Run) -> dict[str, np.ndarray]:
@@ -247,7 +244,7 @@ def flagged_steps(run: Run) -> dict[str, np.ndarray]:
     counts (``grad_health/<condition>`` > 0) and the per-layer flags (``grad_health_flag/<layer>``)."""
     found: dict[str, list[np.ndarray]] = {}
     for condition in CONDITIONS:
-        series = run.scalars.get(f"grad_health/{condition}")
+        series = run.scalars.get(tags.health_count(condition))
         if series is not None:
             found.setdefault(condition, []).append(series.steps[series.values > 0])
     for per_condition in layer_flags(run).values():
@@ -289,13 +286,13 @@ def health_summary(run: Run, metric: str | None = None) -> HealthSummary:
     flagged: dict[str, int] = {}
     first: dict[str, int | None] = {}
     for condition in CONDITIONS:
-        series = run.scalars.get(f"grad_health/{condition}")
+        series = run.scalars.get(tags.health_count(condition))
         hits = series.steps[series.values > 0] if series is not None else np.array([], dtype=np.int64)
         flagged[condition] = len(hits)
         first[condition] = int(hits[0]) if len(hits) else None
     steps = [int(s.steps.max()) for tag, s in run.scalars.items() if tag.split("/", 1)[0] in _GRADMON_GROUPS]
-    skipped = run.scalars.get("grad_health/skipped_steps")
-    gradcheck = run.scalars.get("gradcheck/max_rel_error")
+    skipped = run.scalars.get(tags.tag(tags.GRAD_HEALTH, tags.SKIPPED_STEPS))
+    gradcheck = run.scalars.get(tags.GRADCHECK_MAX_REL_ERROR)
     tag = find_metric(run, metric)
     return HealthSummary(
         last_step=max(steps) if steps else None,
@@ -428,7 +425,7 @@ def plot_heatmap(run: Run) -> Figure:
 def plot_norm_curves(run: Run) -> Figure:
     """Gradient norm over the steps on a log axis: every layer up to :data:`MAX_CURVES`, else percentile bands and
     a few picked layers; see the module docstring."""
-    layers, steps, norms = layer_matrix(run, "grad_norm/")
+    layers, steps, norms = layer_matrix(run, f"{tags.GRAD_NORM}/")
     names = short_names(layers)
     caption = names.caption()
     flags, per_layer = flagged_steps(run), layer_flags(run)
@@ -462,7 +459,7 @@ def plot_norm_curves(run: Run) -> Figure:
         ax.plot(x, q[2], color="0.35", linestyle="--", linewidth=1.0, marker=marker, markersize=3, label="median")
     in_legend: set[str] = set()
     for i, label in picks.items():
-        series = run.scalars[f"grad_norm/{layers[i]}"]
+        series = run.scalars[tags.tag(tags.GRAD_NORM, layers[i])]
         ax.plot(
             series.steps, _finite_positive(series.values), color=colours[i], label=label, marker=marker, markersize=3,
             zorder=3,
@@ -921,6 +918,6 @@ def _cell(value: float | int | None, fmt: str = "{}") -> str:
 
 
 def _flag_cell(count: int, first: int | None, run: Run, condition: str) -> str:
-    if f"grad_health/{condition}" not in run.scalars:
+    if tags.health_count(condition) not in run.scalars:
         return "-"
     return f"{count} (first {first})" if count else "0"

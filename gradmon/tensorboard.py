@@ -13,17 +13,7 @@ from typing import Any
 import torch
 from tensorboard.compat.proto.summary_pb2 import Summary
 
-#: Multi-line charts written once per run, each a (title, tag regex) pair. The log10 charts exist because a linear
-#: axis shows a layer at 1e-9 and one at 1e-3 both sitting on zero, which is exactly what vanishing looks like.
-LAYOUT_CHARTS: dict[str, list[tuple[str, str]]] = {
-    "gradmon": [
-        ("gradient norm by layer", r"grad_norm/(?!total$|total-).*"),
-        ("log10 gradient norm by layer", r"grad_norm_log10/.*"),
-        ("update ratio by layer", r"update_ratio/.*"),
-        ("log10 update ratio by layer", r"update_ratio_log10/.*"),
-        ("weight norm by layer", r"weight_norm/.*"),
-    ],
-}
+from gradmon.tags import LAYOUT_CHARTS
 
 
 def write_scalars(writer: Any, values: Mapping[str, float], step: int) -> None:

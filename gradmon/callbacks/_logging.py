@@ -7,7 +7,6 @@ Call from rank 0 only (``trainer.is_global_zero``); the loggers are rank-zero ob
 
 from __future__ import annotations
 
-import re
 from collections.abc import Mapping
 
 import torch
@@ -16,6 +15,7 @@ from lightning.pytorch import Trainer
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities.rank_zero import rank_zero_info
 
+from gradmon import tags
 from gradmon import tensorboard as tb
 
 
@@ -53,7 +53,7 @@ def log_histograms(trainer: Trainer, tensors: Mapping[str, torch.Tensor], step: 
 
 def _nonfinite_tag(tag: str) -> str:
     metric, _, layer = tag.partition("/")
-    return f"{metric}_nonfinite/{layer}"
+    return tags.tag(tags.nonfinite_count(metric), layer)
 
 
 def log_text(trainer: Trainer, tag: str, text: str, step: int = 0) -> None:
@@ -67,8 +67,6 @@ def write_layout(trainer: Trainer) -> None:
     for logger in trainer.loggers:
         if isinstance(logger, TensorBoardLogger):
             prefix = getattr(logger, "_prefix", "")
-            charts = tb.LAYOUT_CHARTS
-            if prefix:  # the charts must pick the tags as written, prefix included
-                start = re.escape(prefix + logger.LOGGER_JOIN_CHAR)
-                charts = {k: [(title, start + regex) for title, regex in v] for k, v in charts.items()}
+            # The charts must pick the tags as written, prefix included.
+            charts = tags.prefixed_charts(prefix + logger.LOGGER_JOIN_CHAR) if prefix else tags.LAYOUT_CHARTS
             tb.write_layout(logger.experiment, charts)

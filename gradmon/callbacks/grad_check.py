@@ -11,6 +11,7 @@ from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch import Callback, LightningModule, Trainer
 from torch import Tensor
 
+from gradmon import tags
 from gradmon._validation import MAX_SEED, check_bool, check_choice, check_float, check_int, check_seed
 from gradmon.callbacks._logging import log_scalars
 from gradmon.errors import GradientHealthError, warn_health
@@ -160,8 +161,8 @@ class GradCheck(Callback):
         )
         self.results += [GradCheckResult(step, r.layer, r.rel_error, r.passed) for r in records]
         if trainer.is_global_zero and records:
-            values = {f"gradcheck/rel_error/{r.layer}": r.rel_error for r in records}
-            values["gradcheck/max_rel_error"] = max(r.rel_error for r in records)
+            values = {tags.tag(tags.GRADCHECK_REL_ERROR, r.layer): r.rel_error for r in records}
+            values[tags.GRADCHECK_MAX_REL_ERROR] = max(r.rel_error for r in records)
             log_scalars(trainer, values, step=step)
         failures = [r for r in records if not r.passed]
         if trainer.strategy.reduce_boolean_decision(bool(failures), all=False):

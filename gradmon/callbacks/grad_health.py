@@ -13,6 +13,7 @@ import torch.distributed as dist
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities.rank_zero import rank_zero_info
 
+from gradmon import tags
 from gradmon._validation import check_bool, check_choice, check_int, check_norm_type
 from gradmon.callbacks import _logging
 from gradmon.callbacks._grad_source import GradNormSource, OptimizerSteps
@@ -78,8 +79,10 @@ class GradHealthMonitor(Callback):
     Logged (to ``trainer.loggers``, rank 0) every ``log_every_n_steps`` steps and at every step with a flag, at
     ``trainer.global_step``: ``grad_health/vanishing``, ``grad_health/exploding``, ``grad_health/nonfinite`` (layers
     flagged that step) and ``grad_health/skipped_steps`` (cumulative), and ``grad_health/amp_overflow_steps``
-    (cumulative) when a GradScaler is in use. ``events`` holds a :class:`~gradmon.health.HealthEvent` (step, layer,
-    condition, value, rule) for every flag (the first ``max_events``); a summary table is printed at the end of fit.
+    (cumulative) when a GradScaler is in use; at flagged steps, ``grad_health_flag/<layer>`` for each flagged layer: 1
+    vanishing, 2 exploding, 3 non-finite (tag names in :mod:`gradmon.tags`). ``events`` holds a
+    :class:`~gradmon.health.HealthEvent` (step, layer, condition, value, rule) for every flag (the first
+    ``max_events``); a summary table is printed at the end of fit.
 
     Checkpoints keep the running history, the counts and the latest :data:`EVENTS_IN_CHECKPOINT` events (a few KB
     whatever the run's length); a resume restores them even when thresholds changed (history is data, thresholds are
@@ -213,10 +216,13 @@ class GradHealthMonitor(Callback):
             self._record(step, events, present)
             self._act(trainer, pl_module, optimizer, step, present, events)
         if (present or log_now) and trainer.is_global_zero and trainer.loggers:
-            counts = {f"grad_health/{c}": float(sum(e.condition == c for e in events)) for c in CONDITIONS}
-            counts["grad_health/skipped_steps"] = float(self.skipped_steps)
+            counts = {tags.health_count(c): float(sum(e.condition == c for e in events)) for c in CONDITIONS}
+            counts[tags.tag(tags.GRAD_HEALTH, tags.SKIPPED_STEPS)] = float(self.skipped_steps)
             if overflow is not None:
-                counts["grad_health/amp_overflow_steps"] = float(self.amp_overflow_steps)
+                counts[tags.tag(tags.GRAD_HEALTH, tags.AMP_OVERFLOW_STEPS)] = float(self.amp_overflow_steps)
+            # Which layers, so that `gradmon report` can mark them: the most severe condition of each layer.
+            for e in reversed(events):
+                counts[tags.tag(tags.GRAD_HEALTH_FLAG, e.layer)] = float(1 + CONDITIONS.index(e.condition))
             _logging.log_scalars(trainer, counts, step)
 
     def _count_overflow(self, step: int, trainer: pl.Trainer) -> None:

@@ -12,6 +12,7 @@ import torch
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 
+from gradmon import tags
 from gradmon._validation import check_bool, check_choice, check_int, check_norm_type
 from gradmon.callbacks import _logging
 from gradmon.callbacks._grad_source import GradNormSource, OptimizerSteps, optimizer_names
@@ -70,9 +71,9 @@ class GradNormMonitor(Callback):
       left out of a histogram and counted in ``grad_hist_nonfinite/<layer>`` / ``weight_hist_nonfinite/<layer>``
       (logged only when there are any).
 
-    A TensorBoard custom-scalars layout is written once per run so that every layer of a metric shows as one
-    multi-line chart (see :data:`gradmon.tensorboard.LAYOUT_CHARTS`). Values go straight to ``trainer.loggers``
-    (TensorBoard ones as a single summary per step), never through ``LightningModule.log``.
+    A TensorBoard custom-scalars layout is written once per run so that every layer of a metric shows as one multi-line
+    chart (see :data:`gradmon.tags.LAYOUT_CHARTS`; every tag's name is in :mod:`gradmon.tags`). Values go straight to
+    ``trainer.loggers`` (TensorBoard ones as a single summary per step), never through ``LightningModule.log``.
 
     Under DDP every rank computes and rank 0 logs. Under FSDP2 (``ModelParallelStrategy``, DTensor gradients) each
     layer's norm is that of the full gradient, combined across ranks with one collective per logging step.
@@ -164,9 +165,7 @@ class GradNormMonitor(Callback):
         elif self.log_weight_norms:
             weights = compute_norms(grads.layout, [p.detach() for p in params], self.norm_type)
         optimizers = trainer.optimizers
-        total_tag = "grad_norm/total"
-        if len(optimizers) > 1:
-            total_tag += f"-{optimizer_names(optimizers)[index]}"
+        total_tag = tags.total_tag(optimizer_names(optimizers)[index] if len(optimizers) > 1 else None)
         self._pending.append(_Pending(step, total_tag, grads, weights, snapshot))
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any) -> None:
@@ -204,13 +203,13 @@ class GradNormMonitor(Callback):
         grad_layers, total = record.grads.per_layer()
         values: dict[str, float] = {}
         for layer, norm in grad_layers.items():
-            values[f"grad_norm/{layer}"] = norm
+            values[tags.tag(tags.GRAD_NORM, layer)] = norm
         values[record.total_tag] = total
-        _add_log10(values, "grad_norm_log10", grad_layers)
+        _add_log10(values, tags.GRAD_NORM_LOG10, grad_layers)
         if record.weights is not None:
             weight_layers, _ = record.weights.per_layer()
             if self.log_weight_norms:
-                values.update({f"weight_norm/{layer}": norm for layer, norm in weight_layers.items()})
+                values.update({tags.tag(tags.WEIGHT_NORM, layer): norm for layer, norm in weight_layers.items()})
             if update is not None:
                 update_layers, _ = update.per_layer()
                 ratios = {
@@ -218,8 +217,8 @@ class GradNormMonitor(Callback):
                     for layer in update_layers
                     if weight_layers[layer] > 0
                 }
-                values.update({f"update_ratio/{layer}": r for layer, r in ratios.items()})
-                _add_log10(values, "update_ratio_log10", ratios)
+                values.update({tags.tag(tags.UPDATE_RATIO, layer): r for layer, r in ratios.items()})
+                _add_log10(values, tags.UPDATE_RATIO_LOG10, ratios)
         return values
 
     def _log_histograms(self, trainer: pl.Trainer, grads: Norms, step: int) -> None:
@@ -234,13 +233,13 @@ class GradNormMonitor(Callback):
             if p.grad is not None or layout.sharded:
                 grad_parts.setdefault(layer, []).append(grad)
             weight_parts.setdefault(layer, []).append(weight)
-        tensors = {f"grad_hist/{layer}": torch.cat(parts) for layer, parts in grad_parts.items()}
-        tensors.update({f"weight_hist/{layer}": torch.cat(parts) for layer, parts in weight_parts.items()})
+        tensors = {tags.tag(tags.GRAD_HIST, layer): torch.cat(parts) for layer, parts in grad_parts.items()}
+        tensors.update({tags.tag(tags.WEIGHT_HIST, layer): torch.cat(parts) for layer, parts in weight_parts.items()})
         _logging.log_histograms(trainer, tensors, step, self._no_histograms)
 
 
 def _add_log10(values: dict[str, float], prefix: str, per_layer: dict[str, float]) -> None:
     for layer, v in per_layer.items():
         if v > 0 and math.isfinite(v):
-            values[f"{prefix}/{layer}"] = math.log10(v)
+            values[tags.tag(prefix, layer)] = math.log10(v)
 

@@ -13,6 +13,7 @@ from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities.rank_zero import rank_zero_info
 
+from gradmon import tags
 from gradmon._validation import check_bool, check_seed
 from gradmon.callbacks._logging import log_text
 from gradmon.init import (
@@ -175,7 +176,7 @@ class WeightInit(Callback):
             rank_zero_info(f"WeightInit {format_scheme(self.scheme, self.arguments)}:\n{table}")
         if trainer.is_global_zero:
             position = [c for c in trainer.callbacks if isinstance(c, WeightInit)].index(self)
-            log_text(trainer, f"weight_init/{position}_{self.scheme}", table)
+            log_text(trainer, tags.tag(tags.WEIGHT_INIT, f"{position}_{self.scheme}"), table)
 
     def _generator(self, trainer: Trainer) -> torch.Generator | None:
         seed = self.seed

@@ -1,0 +1,89 @@
+"""Every tag gradmon logs, in one place: the callbacks write them, the TensorBoard layout charts them, ``gradmon
+report`` reads them, the README and the tests name them from here.
+
+A tag is ``<metric>/<name>``: ``grad_norm/net.0``, ``grad_health/vanishing``. Loggers may put their own prefix in
+front (``TensorBoardLogger(prefix="x")`` writes ``x-grad_norm/net.0``), as they do for Lightning's own metrics.
+
+This module never imports Lightning.
+"""
+
+from __future__ import annotations
+
+import re
+
+# --- GradNormMonitor: per layer, at logging steps -----------------------------------------------------------------
+#: p-norm of a layer's gradient; ``grad_norm/total`` (or ``grad_norm/total-<optimizer>``) over all of them.
+GRAD_NORM = "grad_norm"
+#: log10 of the gradient norm (left out for a zero or non-finite norm).
+GRAD_NORM_LOG10 = "grad_norm_log10"
+#: p-norm of a layer's weights.
+WEIGHT_NORM = "weight_norm"
+#: ||w_after - w_before|| / ||w_before|| of the step just taken, and its log10.
+UPDATE_RATIO = "update_ratio"
+UPDATE_RATIO_LOG10 = "update_ratio_log10"
+#: Histograms of a layer's gradient and weights (their finite values).
+GRAD_HIST = "grad_hist"
+WEIGHT_HIST = "weight_hist"
+#: The name of the total among the layers of ``grad_norm``.
+TOTAL = "total"
+
+# --- GradHealthMonitor: per step -----------------------------------------------------------------------------------
+#: ``grad_health/<condition>``: layers flagged at a step; ``grad_health/skipped_steps``,
+#: ``grad_health/amp_overflow_steps``: cumulative counts.
+GRAD_HEALTH = "grad_health"
+SKIPPED_STEPS = "skipped_steps"
+AMP_OVERFLOW_STEPS = "amp_overflow_steps"
+#: ``grad_health_flag/<layer>``: at a step where the layer is flagged, 1 (vanishing), 2 (exploding), 3 (non-finite).
+GRAD_HEALTH_FLAG = "grad_health_flag"
+
+# --- GradCheck and WeightInit --------------------------------------------------------------------------------------
+#: ``gradcheck/rel_error/<layer>`` and ``gradcheck/max_rel_error``.
+GRADCHECK = "gradcheck"
+GRADCHECK_REL_ERROR = "gradcheck/rel_error"
+GRADCHECK_MAX_REL_ERROR = "gradcheck/max_rel_error"
+#: Text: ``weight_init/<position>_<scheme>``.
+WEIGHT_INIT = "weight_init"
+
+
+def tag(metric: str, name: str) -> str:
+    """``tag("grad_norm", "net.0") == "grad_norm/net.0"``."""
+    return f"{metric}/{name}"
+
+
+def total_tag(optimizer: str | None = None) -> str:
+    """``grad_norm/total``, or with several optimizers ``grad_norm/total-<optimizer>`` (``grad_norm/total-Adam``)."""
+    return tag(GRAD_NORM, TOTAL if optimizer is None else f"{TOTAL}-{optimizer}")
+
+
+def is_total(name: str) -> bool:
+    """Whether a name under ``grad_norm/`` is a total rather than a layer."""
+    return name == TOTAL or name.startswith(f"{TOTAL}-")
+
+
+def nonfinite_count(metric: str) -> str:
+    """The metric counting the NaN/inf values a histogram of ``metric`` left out: ``grad_hist_nonfinite``."""
+    return f"{metric}_nonfinite"
+
+
+def health_count(condition: str) -> str:
+    """``grad_health/vanishing``: the layers flagged at a step."""
+    return tag(GRAD_HEALTH, condition)
+
+
+#: Multi-line charts of the custom-scalars layout, each a (title, tag regex) pair. The log10 charts exist because a
+#: linear axis shows a layer at 1e-9 and one at 1e-3 both sitting on zero, which is exactly what vanishing looks like.
+LAYOUT_CHARTS: dict[str, list[tuple[str, str]]] = {
+    "gradmon": [
+        ("gradient norm by layer", rf"{GRAD_NORM}/(?!{TOTAL}$|{TOTAL}-).*"),
+        ("log10 gradient norm by layer", rf"{GRAD_NORM_LOG10}/.*"),
+        ("update ratio by layer", rf"{UPDATE_RATIO}/.*"),
+        ("log10 update ratio by layer", rf"{UPDATE_RATIO_LOG10}/.*"),
+        ("weight norm by layer", rf"{WEIGHT_NORM}/.*"),
+    ],
+}
+
+
+def prefixed_charts(prefix: str) -> dict[str, list[tuple[str, str]]]:
+    """:data:`LAYOUT_CHARTS` for tags written behind a logger's prefix (``"x-"``)."""
+    start = re.escape(prefix)
+    return {category: [(title, start + regex) for title, regex in charts] for category, charts in LAYOUT_CHARTS.items()}
