@@ -15,6 +15,7 @@ This module never imports Lightning.
 from __future__ import annotations
 
 import math
+import weakref
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -22,6 +23,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
+from gradmon._validation import check_choice, check_norm_type
 from gradmon.naming import GroupBy, clean_name, layer_name
 
 try:
@@ -451,3 +453,118 @@ def transfer(norms: Sequence[Norms]) -> None:
 def has_nonfinite(tensor: Tensor) -> bool:
     """Whether a tensor's local data holds a NaN or an inf (a norm can overflow to inf on finite values)."""
     return not bool(torch.isfinite(local_tensor(tensor)).all())
+
+
+class GradientNorms:
+    """Fused gradient norms of one layout, step after step, whichever of its parameters have a gradient.
+
+    A parameter without a gradient at a step (frozen, not yet unfrozen, unused) is left out of that step; the layout
+    of those that have one is cached by which they are, so a stable set costs one scan of ``p.grad`` per step. Under
+    sharding every rank must take the same layout for the collective to line up: all trainable parameters are kept,
+    and a rank whose piece has no gradient contributes zeros.
+    """
+
+    def __init__(self, layout: ParamLayout, norm_type: float = 2.0) -> None:
+        self.layout = layout
+        self.norm_type = norm_type
+        self._subsets: dict[tuple[int, ...], ParamLayout] = {}
+
+    def compute(self) -> Norms | None:
+        """This step's norms (``None`` when no parameter has a gradient). No host sync."""
+        layout = self.layout
+        if layout.sharded:
+            keep: tuple[int, ...] | None = tuple(i for i, p in enumerate(layout.params) if p.requires_grad)
+            grads = [local_grad_or_zeros(layout.params[i]) for i in keep]
+        else:
+            grads = [p.grad for p in layout.params]
+            keep = None
+            if None in grads:
+                keep = tuple(i for i, g in enumerate(grads) if g is not None)
+                grads = [grads[i] for i in keep]
+        if keep is not None and len(keep) < len(layout):
+            subset = self._subsets.get(keep)
+            if subset is None:
+                subset = self._subsets[keep] = layout.subset(keep)
+            layout = subset
+        return compute_norms(layout, grads, self.norm_type) if grads else None
+
+
+class WeightSnapshot:
+    """The weights of a layout before an optimizer step; after it, the norms of those weights and of the update.
+
+    One copy of the weights (this rank's pieces), turned into ``w_before - w_after`` in place, so a snapshot costs
+    the model's memory once. Taking it and finishing it make no host sync.
+    """
+
+    def __init__(self, layout: ParamLayout) -> None:
+        self.layout = layout
+        self._copy = [local_tensor(p).detach().clone() for p in layout.params]
+
+    def finish(self, norm_type: float = 2.0) -> tuple[Norms, Norms]:
+        """``(weights before, update)`` norms, after ``optimizer.step()``: one collective when sharded."""
+        layout = self.layout
+        before = stacked_norms(layout, self._copy, norm_type)
+        torch._foreach_sub_(self._copy, [local_tensor(p).detach() for p in layout.params])
+        delta = stacked_norms(layout, self._copy, norm_type)
+        self._copy = []
+        weights, update = reduce_norms(layout, [before, delta], norm_type)
+        return weights, update
+
+    def update_ratios(self, norm_type: float = 2.0) -> dict[str, float]:
+        """``{layer: ||w_after - w_before|| / ||w_before||}`` of the step just taken (one host transfer); layers whose
+        weights were all zero are left out."""
+        weights, update = self.finish(norm_type)
+        transfer([weights, update])
+        return update_ratios(weights, update)
+
+
+def update_ratios(weights: Norms, update: Norms) -> dict[str, float]:
+    """``{layer: update norm / weight norm}`` from the two :class:`Norms` of :meth:`WeightSnapshot.finish`."""
+    weight_layers, _ = weights.per_layer()
+    update_layers, _ = update.per_layer()
+    return {layer: update_layers[layer] / w for layer, w in weight_layers.items() if w > 0}
+
+
+# Plain-loop entry points keep one GradientNorms per (model, norm_type, group_by), dropped with the model.
+_CACHE: weakref.WeakKeyDictionary[nn.Module, dict[tuple[float, str], tuple[tuple[int, ...], GradientNorms]]] = (
+    weakref.WeakKeyDictionary()
+)
+
+
+def _model_layout(model: nn.Module, group_by: GroupBy) -> ParamLayout:
+    return ParamLayout.from_named_parameters(model.named_parameters(), group_by, module=model)
+
+
+def layer_norms(
+    model: nn.Module, norm_type: float | str = 2.0, group_by: GroupBy = "layer"
+) -> tuple[dict[str, float], float]:
+    """``({layer: gradient norm}, total)`` of every parameter of ``model`` that has a gradient now: the one call a
+    plain PyTorch loop needs after ``loss.backward()``.
+
+    Fused as the callbacks are (one ``_foreach_norm`` per device and dtype, one host transfer); frozen and unused
+    parameters are left out; the layout is built once per model and reused while its parameters stay the same.
+    ``norm_type`` is any p > 0 or ``"inf"``; layers are the modules owning the parameters (``group_by="parameter"``
+    keeps parameters apart), by the user's names. Returns ``({}, 0.0)`` when no parameter has a gradient.
+    """
+    p = check_norm_type("norm_type", norm_type)
+    check_choice("group_by", group_by, ("layer", "parameter"))
+    per_model = _CACHE.setdefault(model, {})
+    signature = tuple(map(id, model.parameters()))
+    cached = per_model.get((p, group_by))
+    if cached is None or cached[0] != signature:
+        cached = per_model[(p, group_by)] = (signature, GradientNorms(_model_layout(model, group_by), p))
+    norms = cached[1].compute()
+    return norms.per_layer() if norms is not None else ({}, 0.0)
+
+
+def snapshot_weights(model: nn.Module, group_by: GroupBy = "layer") -> WeightSnapshot:
+    """The trainable weights of ``model`` before ``optimizer.step()``; after it, ``.update_ratios()`` gives
+    ``{layer: ||w_after - w_before|| / ||w_before||}``, whatever the optimizer::
+
+        snapshot = snapshot_weights(model)
+        optimizer.step()
+        ratios = snapshot.update_ratios()
+    """
+    check_choice("group_by", group_by, ("layer", "parameter"))
+    trainable = ((n, p) for n, p in model.named_parameters() if p.requires_grad)
+    return WeightSnapshot(ParamLayout.from_named_parameters(trainable, group_by, module=model))

@@ -12,8 +12,8 @@ import pytest
 import torch
 from helpers import MLP, make_loader, read_scalars, trainer
 
+import gradmon.norms as gradmon_norms
 from gradmon import GradHealthMonitor, GradientHealthError, GradientHealthWarning, GradNormMonitor
-from gradmon.callbacks import _grad_source
 
 
 def fit(model: pl.LightningModule, callbacks: list, steps: int, tmp_path: Path | None = None, **kwargs) -> pl.Trainer:
@@ -196,8 +196,8 @@ def test_counts_are_logged_at_logging_steps_and_at_flagged_steps(tmp_path: Path)
 
 def test_norms_are_computed_once_per_step_when_both_monitors_are_attached(monkeypatch) -> None:
     calls = []
-    real = _grad_source.compute_norms
-    monkeypatch.setattr(_grad_source, "compute_norms", lambda *a: calls.append(1) or real(*a))
+    real = gradmon_norms.compute_norms
+    monkeypatch.setattr(gradmon_norms, "compute_norms", lambda *a: calls.append(1) or real(*a))
     torch.manual_seed(0)
     health = GradHealthMonitor()
     fit(MLP(depth=3), [health, GradNormMonitor(log_every_n_steps=1)], steps=5)

@@ -21,8 +21,9 @@ from tensorboard.compat.proto import event_pb2
 from tensorboard.plugins.custom_scalar import layout_pb2
 from torch import nn
 
+import gradmon.norms as gradmon_norms
 from gradmon import GradHealthMonitor, GradNormMonitor
-from gradmon.callbacks import _grad_source, _logging
+from gradmon.callbacks import _logging
 from gradmon.norms import layer_name
 
 LAYERS = ["net.0", "net.2", "net.4", "net.6"]
@@ -174,8 +175,8 @@ def test_no_host_sync_and_no_work_on_steps_that_do_not_log(tmp_path: Path, monke
 
 def test_grad_health_monitor_reuses_the_norms_of_the_step(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     calls: list[int] = []
-    original = _grad_source.compute_norms
-    monkeypatch.setattr(_grad_source, "compute_norms", lambda *args: calls.append(1) or original(*args))
+    original = gradmon_norms.compute_norms
+    monkeypatch.setattr(gradmon_norms, "compute_norms", lambda *args: calls.append(1) or original(*args))
     monitors = [GradNormMonitor(log_every_n_steps=1), GradHealthMonitor(log_every_n_steps=1)]
     torch.manual_seed(0)
     t = trainer(tmp_path, max_steps=3, callbacks=monitors)

@@ -11,7 +11,17 @@ import pytest
 import torch
 from torch import nn
 
-from gradmon.norms import ParamLayout, combine, compute_norms, layer_name, reduce_norms, stacked_norms, transfer
+from gradmon.norms import (
+    ParamLayout,
+    combine,
+    compute_norms,
+    layer_name,
+    layer_norms,
+    reduce_norms,
+    snapshot_weights,
+    stacked_norms,
+    transfer,
+)
 
 NORM_TYPES = [1.0, 2.0, 3.0, math.inf]
 
@@ -219,3 +229,71 @@ def test_core_modules_do_not_import_lightning() -> None:
     root = Path(__file__).resolve().parents[1]
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=root)
     assert proc.returncode == 0, proc.stderr[-2000:]
+
+
+# --- the plain-loop entry points -------------------------------------------------------------------------------
+
+
+def readme_snippet(section: str) -> str:
+    """The first python code block after ``section`` in the README, exactly as written."""
+    text = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    after = text[text.index(section):]
+    return after[after.index("```python\n") + len("```python\n"):].split("```", 1)[0]
+
+
+def test_the_readme_plain_loop_runs_as_written_with_frozen_and_unused_layers(capsys) -> None:
+    class Net(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.frozen = nn.Linear(4, 8).requires_grad_(False)
+            self.body = nn.Linear(8, 8)
+            self.unused = nn.Linear(8, 8)  # has no gradient: never in the forward
+            self.head = nn.Linear(8, 3)
+
+        def forward(self, x):
+            return self.head(torch.relu(self.body(self.frozen(x))))
+
+    torch.manual_seed(0)
+    model = Net()
+    loader = [(torch.randn(16, 4), torch.randint(0, 3, (16,))) for _ in range(3)]
+    namespace = {"model": model, "loader": loader, "loss_fn": nn.functional.cross_entropy,
+                 "optimizer": torch.optim.SGD(model.parameters(), lr=0.1)}
+    exec(readme_snippet("## Without Lightning"), namespace)
+    assert list(namespace["per_layer"]) == ["body", "head"]
+    assert set(namespace["ratios"]) == {"body", "head", "unused"}  # trainable; unused did not move
+    assert namespace["ratios"]["unused"] == 0.0 and namespace["ratios"]["body"] > 0
+    assert capsys.readouterr().out == ""  # a healthy net: no event
+
+
+def test_layer_norms_equal_hand_norms_and_the_total_torchs() -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(5, 7), nn.Tanh(), nn.Linear(7, 2))
+    model(torch.randn(9, 5)).square().sum().backward()
+    per_layer, total = layer_norms(model)
+    assert per_layer["0"] == pytest.approx(
+        float(torch.cat([model[0].weight.grad.reshape(-1), model[0].bias.grad]).norm()), rel=1e-6
+    )
+    assert total == pytest.approx(float(torch.nn.utils.get_total_norm([p.grad for p in model.parameters()])), rel=1e-6)
+    inf_layers, inf_total = layer_norms(model, "inf")
+    assert inf_total == pytest.approx(max(float(p.grad.abs().max()) for p in model.parameters()))
+    assert set(layer_norms(model, group_by="parameter")[0]) == {"0.weight", "0.bias", "2.weight", "2.bias"}
+
+
+def test_layer_norms_without_gradients_and_with_bad_arguments() -> None:
+    model = nn.Linear(3, 3)
+    assert layer_norms(model) == ({}, 0.0)
+    with pytest.raises(ValueError, match="`norm_type=0`"):
+        layer_norms(model, 0)
+    with pytest.raises(ValueError, match="`group_by='module'`"):
+        layer_norms(model, group_by="module")
+
+
+def test_update_ratios_of_sgd_are_lr_times_grad_over_weight() -> None:
+    torch.manual_seed(0)
+    model = nn.Linear(6, 4, bias=False)
+    model(torch.randn(3, 6)).sum().backward()
+    snapshot = snapshot_weights(model)
+    weight, grad = model.weight.detach().clone(), model.weight.grad.clone()
+    torch.optim.SGD(model.parameters(), lr=0.01).step()
+    ratios = snapshot.update_ratios()
+    assert ratios == {"weight": pytest.approx(0.01 * float(grad.norm()) / float(weight.norm()), rel=1e-5)}

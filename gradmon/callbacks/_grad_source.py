@@ -10,7 +10,7 @@ from typing import Any
 import lightning.pytorch as pl
 import torch
 
-from gradmon.norms import GroupBy, Norms, ParamLayout, compute_norms, local_grad_or_zeros
+from gradmon.norms import GradientNorms, GroupBy, Norms, ParamLayout
 
 
 def optimizer_layout(pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer, group_by: GroupBy) -> ParamLayout:
@@ -91,18 +91,20 @@ class GradNormSource:
 
     def reset(self) -> None:
         """Forget layouts and cached norms (a new fit may bring new optimizers and parameters)."""
-        self._layouts: dict[int, tuple[tuple[int, ...], ParamLayout]] = {}
-        self._subsets: dict[tuple[int, tuple[int, ...]], ParamLayout] = {}
+        self._per_optimizer: dict[int, tuple[tuple[int, ...], GradientNorms]] = {}
         self._key: tuple[int, int] | None = None
         self._norms: Norms | None = None
 
     def layout(self, pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer) -> ParamLayout:
         """The layout of every parameter ``optimizer`` holds, rebuilt only when its parameter groups change."""
+        return self._gradient_norms(pl_module, optimizer).layout
+
+    def _gradient_norms(self, pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer) -> GradientNorms:
         signature = optimizer_signature(optimizer)
-        cached = self._layouts.get(id(optimizer))
+        cached = self._per_optimizer.get(id(optimizer))
         if cached is None or cached[0] != signature:
-            cached = self._layouts[id(optimizer)] = (signature, optimizer_layout(pl_module, optimizer, self.group_by))
-            self._subsets = {k: v for k, v in self._subsets.items() if k[0] != id(optimizer)}
+            layout = optimizer_layout(pl_module, optimizer, self.group_by)
+            cached = self._per_optimizer[id(optimizer)] = (signature, GradientNorms(layout, self.norm_type))
         return cached[1]
 
     def grad_norms(
@@ -111,27 +113,7 @@ class GradNormSource:
         """Norms of the gradients at optimizer step ``step`` (``trainer.global_step``), over every parameter of the
         optimizer that has a gradient now (``None`` when none has). No host sync."""
         key = (id(optimizer), step)
-        if key == self._key:
-            return self._norms
-        layout = self.layout(pl_module, optimizer)
-        if layout.sharded:
-            # Every rank must take the same layout for the collective to line up: trainable parameters are all in
-            # (requires_grad agrees across ranks); a rank whose piece has no gradient contributes zeros.
-            keep = tuple(i for i, p in enumerate(layout.params) if p.requires_grad)
-            grads = [local_grad_or_zeros(layout.params[i]) for i in keep]
-        else:
-            grads = [p.grad for p in layout.params]
-            keep = None
-            if None in grads:
-                # Frozen, not yet unfrozen, or unused this step: norms over the parameters that have a gradient.
-                keep = tuple(i for i, g in enumerate(grads) if g is not None)
-                grads = [grads[i] for i in keep]
-        if keep is not None and len(keep) < len(layout):
-            sub_key = (id(optimizer), keep)
-            subset = self._subsets.get(sub_key)
-            if subset is None:
-                subset = self._subsets[sub_key] = layout.subset(keep)
-            layout = subset
-        self._key = key
-        self._norms = compute_norms(layout, grads, self.norm_type) if grads else None
+        if key != self._key:
+            self._norms = self._gradient_norms(pl_module, optimizer).compute()
+            self._key = key
         return self._norms

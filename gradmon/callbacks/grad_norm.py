@@ -19,12 +19,11 @@ from gradmon.callbacks._grad_source import GradNormSource, OptimizerSteps, optim
 from gradmon.norms import (
     GroupBy,
     Norms,
+    WeightSnapshot,
     compute_norms,
     full_grads_and_weights,
-    local_tensor,
-    reduce_norms,
-    stacked_norms,
     transfer,
+    update_ratios,
 )
 
 
@@ -36,7 +35,7 @@ class _Pending:
     total_tag: str
     grads: Norms
     weights: Norms | None
-    snapshot: list[torch.Tensor] | None
+    snapshot: WeightSnapshot | None
 
 
 class GradNormMonitor(Callback):
@@ -157,13 +156,12 @@ class GradNormMonitor(Callback):
             self._log_histograms(trainer, grads, step)
         if not log:
             return
-        params = grads.layout.params
         weights = snapshot = None
         if self.log_update_ratios:
             # The weights before the step: their norms and the update are taken from this copy after the step.
-            snapshot = [local_tensor(p).detach().clone() for p in params]
+            snapshot = WeightSnapshot(grads.layout)
         elif self.log_weight_norms:
-            weights = compute_norms(grads.layout, [p.detach() for p in params], self.norm_type)
+            weights = compute_norms(grads.layout, [p.detach() for p in grads.layout.params], self.norm_type)
         optimizers = trainer.optimizers
         total_tag = tags.total_tag(optimizer_names(optimizers)[index] if len(optimizers) > 1 else None)
         self._pending.append(_Pending(step, total_tag, grads, weights, snapshot))
@@ -183,12 +181,7 @@ class GradNormMonitor(Callback):
             if record.snapshot is None:
                 updates.append(None)
                 continue
-            layout = record.grads.layout
-            before = stacked_norms(layout, record.snapshot, self.norm_type)
-            # The snapshot becomes w_before - w_after in place: no second copy of the weights.
-            torch._foreach_sub_(record.snapshot, [local_tensor(p).detach() for p in layout.params])
-            delta = stacked_norms(layout, record.snapshot, self.norm_type)
-            record.weights, update = reduce_norms(layout, [before, delta], self.norm_type)
+            record.weights, update = record.snapshot.finish(self.norm_type)
             updates.append(update)
         transfer([n for r, u in zip(pending, updates) for n in (r.grads, r.weights, u) if n is not None])
         if not trainer.is_global_zero:
@@ -211,12 +204,7 @@ class GradNormMonitor(Callback):
             if self.log_weight_norms:
                 values.update({tags.tag(tags.WEIGHT_NORM, layer): norm for layer, norm in weight_layers.items()})
             if update is not None:
-                update_layers, _ = update.per_layer()
-                ratios = {
-                    layer: update_layers[layer] / weight_layers[layer]
-                    for layer in update_layers
-                    if weight_layers[layer] > 0
-                }
+                ratios = update_ratios(record.weights, update)
                 values.update({tags.tag(tags.UPDATE_RATIO, layer): r for layer, r in ratios.items()})
                 _add_log10(values, tags.UPDATE_RATIO_LOG10, ratios)
         return values
