@@ -71,7 +71,8 @@ def flagged(trainer) -> str:
     for callback in trainer.callbacks:
         if isinstance(callback, GradHealthMonitor):
             for condition, steps in callback.flagged_steps.items():
-                found.append(f"{condition} at {steps} steps from step {callback.first_flagged_steps[condition]}")
+                noun = "step" if steps == 1 else "steps"
+                found.append(f"{condition} at {steps} {noun} from step {callback.first_flagged_steps[condition]}")
             if trainer.should_stop and callback.flagged_steps:
                 found.append("stopped")
         elif isinstance(callback, GradCheck):

@@ -234,7 +234,7 @@ def test_a_demo_run_prints_one_line_with_its_steps_accuracy_and_findings(tmp_pat
     assert out == "" and err == ""  # nothing but the returned line: no tables, tips, summaries or warnings
     assert not [r for r in caplog.records if r.levelno >= 20 and r.name.startswith(("lightning", "gradmon"))]
     assert line.split()[:4] == ["init/normal_1", "3", "steps", "val"]
-    assert "exploding at 1 steps from step 0" in line and "nonfinite at 2 steps from step 1" in line
+    assert "exploding at 1 step from step 0" in line and "nonfinite at 2 steps from step 1" in line
 
 
 def test_health_warnings_print_as_the_category_and_message():
