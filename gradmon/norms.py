@@ -478,7 +478,7 @@ class GradientNorms:
         else:
             grads = [p.grad for p in layout.params]
             keep = None
-            if None in grads:
+            if any(g is None for g in grads):  # not `None in grads`: that calls Tensor.__eq__ on every gradient
                 keep = tuple(i for i, g in enumerate(grads) if g is not None)
                 grads = [grads[i] for i in keep]
         if keep is not None and len(keep) < len(layout):
