@@ -20,8 +20,13 @@ MAX_SEED = 2**64 - 1
 FLOAT32_MAX = 3.4028234663852886e38
 
 
-def _fail(name: str, value: Any, accepted: str) -> ValueError:
+def invalid(name: str, value: Any, accepted: str) -> ValueError:
+    """The one form of every argument error: ``ValueError("`name=value` is not valid: expected <accepted>.")``, for
+    the caller to raise (composite conditions the ``check_*`` helpers cannot express)."""
     return ValueError(f"`{name}={_show(value)}` is not valid: expected {accepted}.")
+
+
+
 
 
 def _show(value: Any) -> str:
@@ -35,7 +40,7 @@ def check_choice(name: str, value: Any, choices: Iterable[Any]) -> Any:
     choices = tuple(choices)
     # Same type as well as equal: 1 is not True, 1.0 is not "1".
     if not any(value == c and type(value) is type(c) for c in choices):
-        raise _fail(name, value, "one of " + ", ".join(repr(c) for c in choices))
+        raise invalid(name, value, "one of " + ", ".join(repr(c) for c in choices))
     return value
 
 
@@ -53,7 +58,7 @@ def check_int(
         return None
     if isinstance(value, bool) or not isinstance(value, int) or not minimum <= value <= maximum:
         accepted = f"an integer in [{minimum}, {maximum}]" + (" or None" if allow_none else "")
-        raise _fail(name, value, accepted)
+        raise invalid(name, value, accepted)
     return value
 
 
@@ -93,7 +98,7 @@ def check_float(
         bounds = " and ".join(b for b in (low, high) if b)
         kind = "a number" if allow_inf else "a finite number"
         accepted = f"{kind} {bounds}".rstrip() + (" or None" if allow_none else "")
-        raise _fail(name, value, accepted)
+        raise invalid(name, value, accepted)
     return number
 
 
@@ -105,13 +110,13 @@ def check_norm_type(name: str, value: Any) -> float:
         try:
             value = float(value)
         except ValueError:
-            raise _fail(name, value, 'a number p > 0 or "inf"') from None
+            raise invalid(name, value, 'a number p > 0 or "inf"') from None
     if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise _fail(name, value, 'a number p > 0 or "inf"')
+        raise invalid(name, value, 'a number p > 0 or "inf"')
     try:
         number = float(value)
     except OverflowError:  # an int beyond any float
         number = math.inf if value > 0 else -math.inf
     if math.isnan(number) or number <= 0:
-        raise _fail(name, value, 'a number p > 0 or "inf"')
+        raise invalid(name, value, 'a number p > 0 or "inf"')
     return number
