@@ -13,13 +13,24 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
-from typing import Any, Literal
+from dataclasses import dataclass, fields
+from typing import Any, Literal, get_args
 
-from gradmon._validation import check_float, check_int
+from gradmon._validation import check_float, check_int, invalid
 
 Condition = Literal["vanishing", "exploding", "nonfinite"]
-CONDITIONS: tuple[Condition, ...] = ("vanishing", "exploding", "nonfinite")
+#: The conditions in the order they are logged and tabulated.
+CONDITIONS: tuple[Condition, ...] = get_args(Condition)
+#: The conditions from the most severe, the order in which they are reported and acted on.
+BY_SEVERITY: tuple[Condition, ...] = ("nonfinite", "exploding", "vanishing")
+
+Action = Literal["ignore", "warn", "skip", "stop", "raise"]
+#: What a monitor can do about a condition.
+ACTIONS: tuple[Action, ...] = get_args(Action)
+#: Actions for vanishing gradients: skipping a step does not help a gradient that is too small.
+VANISHING_ACTIONS: tuple[Action, ...] = tuple(a for a in ACTIONS if a != "skip")
+#: Actions that change the run, so every rank must take them together.
+COLLECTIVE_ACTIONS: tuple[Action, ...] = ("skip", "stop", "raise")
 # Norms at or below this count as this for the log-scale rules, so a dead (all-zero) layer compares as tiny.
 _TINY = 1e-45
 _LOG_TINY = math.log(_TINY)
@@ -64,6 +75,11 @@ class HealthRules:
     vanishing_patience: int = 10
     exploding_patience: int = 1
 
+    @classmethod
+    def names(cls) -> tuple[str, ...]:
+        """The rules' field names, which GradHealthMonitor takes as arguments of the same names and defaults."""
+        return tuple(f.name for f in fields(cls))
+
     def __post_init__(self) -> None:
         check_float("vanishing_threshold", self.vanishing_threshold, minimum=0.0, inclusive=True)
         # Stored as a float: an int beyond any float (10**400) means no threshold, and must not overflow later.
@@ -71,10 +87,8 @@ class HealthRules:
             self, "exploding_threshold", check_float("exploding_threshold", self.exploding_threshold, allow_inf=True)
         )
         if self.vanishing_threshold >= self.exploding_threshold:
-            raise ValueError(
-                f"`vanishing_threshold={self.vanishing_threshold!r}` is not valid: expected a value below "
-                f"`exploding_threshold={self.exploding_threshold!r}`."
-            )
+            below = f"a value below exploding_threshold={self.exploding_threshold!r}"
+            raise invalid("vanishing_threshold", self.vanishing_threshold, below)
         check_float("spike_factor", self.spike_factor, minimum=1.0, allow_none=True)
         check_int("warmup_steps", self.warmup_steps, 0)
         check_float("history_decay", self.history_decay, minimum=0.0, inclusive=True, maximum=1.0, max_inclusive=False)
@@ -82,10 +96,8 @@ class HealthRules:
         check_int("depth_window", self.depth_window, 1)
         check_int("depth_min_layers", self.depth_min_layers, 2)
         if self.depth_min_layers < 2 * self.depth_window:
-            raise ValueError(
-                f"`depth_min_layers={self.depth_min_layers!r}` is not valid: expected at least "
-                f"2 * depth_window = {2 * self.depth_window}."
-            )
+            both_windows = f"at least 2 * depth_window = {2 * self.depth_window}"
+            raise invalid("depth_min_layers", self.depth_min_layers, both_windows)
         check_int("vanishing_patience", self.vanishing_patience, 1)
         check_int("exploding_patience", self.exploding_patience, 1)
 
@@ -124,7 +136,7 @@ class HealthTracker:
         (that one is exploding). Runs every step, so it is one pass of plain float arithmetic.
         """
         rules = self.rules
-        starved = self._depth_starved(norms)
+        depth_starved = self._depth_starved(norms)
         spike = math.log(rules.spike_factor) if rules.spike_factor is not None else None
         patience = {"vanishing": rules.vanishing_patience, "exploding": rules.exploding_patience}
         decay = rules.history_decay
@@ -154,7 +166,7 @@ class HealthTracker:
                 and log_value > mean_log[layer] + spike
             ):
                 condition, rule = "exploding", "spike"
-            elif layer in starved:
+            elif layer in depth_starved:
                 condition, rule = "vanishing", "depth"
             else:
                 condition = None

@@ -64,7 +64,9 @@ from matplotlib.ticker import FixedLocator, FuncFormatter, MaxNLocator
 from tensorboard.backend.event_processing import event_accumulator, event_file_loader
 
 from gradmon import tags
+from gradmon._validation import invalid
 from gradmon.health import CONDITIONS
+from gradmon.tensorboard import markdown_table
 
 EVENT_FILE_GLOB = "events.out.tfevents.*"
 #: The default ``metric``: a tag matching this (lower-cased) is an accuracy on validation data.
@@ -535,30 +537,30 @@ def summary_markdown(
     lines = ["# gradmon report", ""]
     if monitored:
         summaries = [health_summary(run, metric) for run in monitored]
-        found = {s.metric for s in summaries if s.metric is not None}
+        metrics_found = {s.metric for s in summaries if s.metric is not None}
         if metric is not None:
             metric_header = f"{metric} (last)"
-        elif len(found) == 1:
-            metric_header = f"{next(iter(found))} (last)"
+        elif len(metrics_found) == 1:
+            metric_header = f"{next(iter(metrics_found))} (last)"
         else:  # several tags matched in different runs: each cell names its own
-            metric_header = "val accuracy (last)" if found else None
+            metric_header = "val accuracy (last)" if metrics_found else None
         header = ["run", "last monitored step"]
         header += [metric_header] if metric_header else []
         header += ["vanishing", "exploding", "non-finite", "skipped steps", "gradcheck max rel error"]
-        lines += [
-            "Health columns: steps on which the monitor flagged at least one layer (first such step).",
-            "",
-            "| " + " | ".join(header) + " |",
-            "|" + "---|" * len(header),
-        ]
+        rows = []
         for run, s in zip(monitored, summaries):
             cells = [f"`{run.name}`", _cell(s.last_step)]
             if metric_header:
                 value = _cell(s.metric_value, "{:.3f}")
-                cells.append(f"{value} (`{s.metric}`)" if len(found) > 1 and s.metric else value)
+                cells.append(f"{value} (`{s.metric}`)" if len(metrics_found) > 1 and s.metric else value)
             cells += [_flag_cell(s.flagged_steps[c], s.first_flagged[c], run, c) for c in CONDITIONS]
             cells += [_cell(s.skipped_steps), _cell(s.gradcheck_max_rel_error, "{:.3g}")]
-            lines.append("| " + " | ".join(cells) + " |")
+            rows.append(cells)
+        lines += [
+            "Health columns: steps on which the monitor flagged at least one layer (first such step).",
+            "",
+            markdown_table(header, rows),
+        ]
     others = [r.name for r in runs if r not in monitored]
     if others:
         lines += ["", "Runs without gradmon scalars: " + ", ".join(f"`{name}`" for name in others) + "."]
@@ -602,7 +604,7 @@ def write_report(
         ValueError: ``metric`` is neither ``None`` nor a non-empty string.
     """
     if metric is not None and (not isinstance(metric, str) or not metric):
-        raise ValueError(f"`metric={metric!r}` is not valid: expected a scalar tag such as 'val/acc', or None")
+        raise invalid("metric", metric, "a scalar tag such as 'val/acc', or None")
     out = Path(out)
     runs = load_runs(logdir)
     figures: dict[str, list[Path]] = {}

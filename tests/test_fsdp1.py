@@ -19,7 +19,7 @@ from torch import nn
 from torch.distributed.fsdp import ShardingStrategy
 
 from gradmon.naming import layer_name
-from gradmon.norms import _fsdp1_replicas, local_grad_or_zeros
+from gradmon.sharding import _fsdp1_replicas, local_grad_or_zeros
 
 HERE = Path(__file__).parent
 WORLD = 2

@@ -177,7 +177,7 @@ def test_reduce_norms_gives_one_norms_per_stacked_vector() -> None:
 def test_combine_on_powers_sums_them_per_group_and_takes_the_root(p: float) -> None:
     norms = [3.0, 4.0, 1.0, 2.0]
     groups = [0, 0, 1, 0]
-    per_group, total = combine([v**p for v in norms], groups, 2, p, powers=True)
+    per_group, total = combine([v**p for v in norms], groups, 2, p, power_sums=True)
     want = [(3.0**p + 4.0**p + 2.0**p) ** (1 / p), 1.0]
     assert per_group == pytest.approx(want)
     assert total == pytest.approx(sum(v**p for v in norms) ** (1 / p))

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections import Counter
 from dataclasses import asdict
 from functools import cached_property
-from typing import Any, Literal
+from typing import Any
 
 import lightning.pytorch as pl
 import torch
@@ -20,18 +20,20 @@ from gradmon.callbacks._grad_source import GradNormSource, OptimizerSteps
 from gradmon.callbacks.grad_norm import GradNormMonitor
 from gradmon.errors import GradientHealthError, warn_health
 from gradmon.health import (
+    ACTIONS,
+    BY_SEVERITY,
+    COLLECTIVE_ACTIONS,
     CONDITIONS,
+    VANISHING_ACTIONS,
+    Action,
     Condition,
     HealthEvent,
     HealthRules,
     HealthTracker,
 )
 from gradmon.norms import GroupBy, Norms, has_nonfinite
+from gradmon.tensorboard import markdown_table
 
-Action = Literal["ignore", "warn", "skip", "stop", "raise"]
-ACTIONS: tuple[str, ...] = ("ignore", "warn", "skip", "stop", "raise")
-# Actions that change the run: every rank must take them together.
-_COLLECTIVE = ("skip", "stop", "raise")
 _MAX_NAMED = 5
 #: Events kept in a checkpoint: the latest ones. The per-step counts are in the logs, so a checkpoint's size does
 #: not grow with the length of the run.
@@ -96,16 +98,16 @@ class GradHealthMonitor(Callback):
 
     def __init__(
         self,
-        vanishing_threshold: float = 1e-7,
-        exploding_threshold: float = 1e4,
-        spike_factor: float | None = 100.0,
-        warmup_steps: int = 20,
-        history_decay: float = 0.9,
-        depth_ratio: float | None = 1e-3,
-        depth_window: int = 2,
-        depth_min_layers: int = 4,
-        vanishing_patience: int = 10,
-        exploding_patience: int = 1,
+        vanishing_threshold: float = HealthRules.vanishing_threshold,
+        exploding_threshold: float = HealthRules.exploding_threshold,
+        spike_factor: float | None = HealthRules.spike_factor,
+        warmup_steps: int = HealthRules.warmup_steps,
+        history_decay: float = HealthRules.history_decay,
+        depth_ratio: float | None = HealthRules.depth_ratio,
+        depth_window: int = HealthRules.depth_window,
+        depth_min_layers: int = HealthRules.depth_min_layers,
+        vanishing_patience: int = HealthRules.vanishing_patience,
+        exploding_patience: int = HealthRules.exploding_patience,
         on_vanishing: Action = "warn",
         on_exploding: Action = "warn",
         on_nonfinite: Action = "warn",
@@ -129,7 +131,7 @@ class GradHealthMonitor(Callback):
             exploding_patience=exploding_patience,
         )
         self.actions: dict[Condition, str] = {
-            "vanishing": check_choice("on_vanishing", on_vanishing, ("ignore", "warn", "stop", "raise")),
+            "vanishing": check_choice("on_vanishing", on_vanishing, VANISHING_ACTIONS),
             "exploding": check_choice("on_exploding", on_exploding, ACTIONS),
             "nonfinite": check_choice("on_nonfinite", on_nonfinite, ACTIONS),
         }
@@ -142,7 +144,7 @@ class GradHealthMonitor(Callback):
         self._own_source = GradNormSource(self.norm_type, self.group_by)
         self._source = self._own_source
         self._every = self.log_every_n_steps or 50
-        self._agree = any(a in _COLLECTIVE for a in self.actions.values())
+        self._acts_on_all_ranks = any(a in COLLECTIVE_ACTIONS for a in self.actions.values())
         self._reset()
 
     def _reset(self) -> None:
@@ -209,13 +211,13 @@ class GradHealthMonitor(Callback):
             if norms is not None:
                 per_layer, _ = norms.per_layer()  # the step's one host transfer
                 events = self.tracker.update(step, per_layer, self._confirm_nonfinite(norms))
-        present = {e.condition for e in events}
-        if self._agree:
-            present = self._reduce(trainer, present)
-        if present:
-            self._record(step, events, present)
-            self._act(trainer, pl_module, optimizer, step, present, events)
-        if (present or log_now) and trainer.is_global_zero and trainer.loggers:
+        flagged = {e.condition for e in events}
+        if self._acts_on_all_ranks:
+            flagged = self._reduce(trainer, flagged)
+        if flagged:
+            self._record(step, events, flagged)
+            self._act(trainer, pl_module, optimizer, step, flagged, events)
+        if (flagged or log_now) and trainer.is_global_zero and trainer.loggers:
             counts = {tags.health_count(c): float(sum(e.condition == c for e in events)) for c in CONDITIONS}
             counts[tags.tag(tags.GRAD_HEALTH, tags.SKIPPED_STEPS)] = float(self.skipped_steps)
             if overflow is not None:
@@ -251,21 +253,21 @@ class GradHealthMonitor(Callback):
 
         return confirm
 
-    def _reduce(self, trainer: pl.Trainer, present: set[str]) -> set[str]:
+    def _reduce(self, trainer: pl.Trainer, flagged: set[str]) -> set[str]:
         """One collective so that every rank sees the conditions any rank found."""
         if trainer.world_size == 1 or not (dist.is_available() and dist.is_initialized()):
-            return present
-        flags = torch.tensor([c in present for c in CONDITIONS], dtype=torch.int32, device=trainer.strategy.root_device)
+            return flagged
+        flags = torch.tensor([c in flagged for c in CONDITIONS], dtype=torch.int32, device=trainer.strategy.root_device)
         dist.all_reduce(flags, op=dist.ReduceOp.MAX)
         return {c for c, f in zip(CONDITIONS, flags.tolist()) if f}
 
-    def _record(self, step: int, events: list[HealthEvent], present: set[str]) -> None:
+    def _record(self, step: int, events: list[HealthEvent], flagged: set[str]) -> None:
         room = self.max_events - len(self.events)
         if room > 0:
             self.events.extend(events[:room])
         for e in events:
             self._layer_counts[e.condition][e.layer] += 1
-        for c in present:
+        for c in flagged:
             self.flagged_steps[c] += 1
             self._first_step.setdefault(c, step)
 
@@ -275,21 +277,21 @@ class GradHealthMonitor(Callback):
         pl_module: pl.LightningModule,
         optimizer: torch.optim.Optimizer,
         step: int,
-        present: set[str],
+        flagged: set[str],
         events: list[HealthEvent],
     ) -> None:
-        found = {c: [e for e in events if e.condition == c] for c in present}
-        ordered = [c for c in ("nonfinite", "exploding", "vanishing") if c in present]
-        raising = [c for c in ordered if self.actions[c] == "raise"]
+        events_of = {c: [e for e in events if e.condition == c] for c in flagged}
+        by_severity = [c for c in BY_SEVERITY if c in flagged]
+        raising = [c for c in by_severity if self.actions[c] == "raise"]
         if raising:
-            raise GradientHealthError("\n".join(_describe(c, step, found[c]) for c in raising))
-        for c in ordered:
+            raise GradientHealthError("\n".join(_describe(c, step, events_of[c]) for c in raising))
+        for c in by_severity:
             if self.actions[c] in ("warn", "skip", "stop"):
-                self._warn(c, step, found[c])
-        if any(self.actions[c] == "skip" for c in ordered):
+                self._warn(c, step, events_of[c])
+        if any(self.actions[c] == "skip" for c in by_severity):
             self._skip(trainer, pl_module, optimizer)
             self.skipped_steps += 1
-        if any(self.actions[c] == "stop" for c in ordered):
+        if any(self.actions[c] == "stop" for c in by_severity):
             trainer.should_stop = True
 
     def _skip(self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer) -> None:
@@ -324,17 +326,15 @@ class GradHealthMonitor(Callback):
 
     def summary_table(self) -> str:
         """Per condition: steps flagged, first step, the layers flagged most often; and skipped steps."""
-        rows = [("condition", "steps", "first step", "layers (times flagged)")]
+        rows = []
         for c in CONDITIONS:
             if self.flagged_steps[c]:
                 top = ", ".join(f"{layer} ({n})" for layer, n in self._layer_counts[c].most_common(3))
-                rows.append((c, str(self.flagged_steps[c]), str(self._first_step[c]), top or "(on another rank)"))
-        widths = [max(len(r[i]) for r in rows) for i in range(3)]
-        lines = ["GradHealthMonitor summary"]
-        lines += ["  " + "  ".join(r[i].ljust(widths[i]) for i in range(3)) + "  " + r[3] for r in rows]
-        lines.append(f"  skipped steps: {self.skipped_steps}")
+                rows.append((c, self.flagged_steps[c], self._first_step[c], top or "(on another rank)"))
+        header = ("condition", "steps", "first step", "layers (times flagged)")
+        lines = ["GradHealthMonitor summary", markdown_table(header, rows), f"skipped steps: {self.skipped_steps}"]
         if self.amp_overflow_steps:
-            lines.append(f"  steps the GradScaler skipped for overflow (not flagged): {self.amp_overflow_steps}")
+            lines.append(f"steps the GradScaler skipped for overflow (not flagged): {self.amp_overflow_steps}")
         return "\n".join(lines)
 
     def state_dict(self) -> dict[str, Any]:
@@ -385,10 +385,10 @@ def _amp_overflow(trainer: pl.Trainer, optimizer: torch.optim.Optimizer) -> bool
     if scaler is None:
         return None
     # Lightning unscales before on_before_optimizer_step; the scaler keeps what it found per optimizer until update().
-    found = scaler._per_optimizer_states.get(id(optimizer), {}).get("found_inf_per_device")
-    if not found:
+    found_inf = scaler._per_optimizer_states.get(id(optimizer), {}).get("found_inf_per_device")
+    if not found_inf:
         return None
-    return bool(sum(float(v.sum()) for v in found.values()))
+    return bool(sum(float(v.sum()) for v in found_inf.values()))
 
 
 def _amp_scale(trainer: pl.Trainer) -> float:
