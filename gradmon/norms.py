@@ -85,6 +85,14 @@ class ParamLayout:
     def __len__(self) -> int:
         return len(self.params)
 
+    def layer_index(self, device: torch.device) -> Tensor:
+        """``layer_of_param`` as an index tensor on ``device`` (made once per device)."""
+        cache = self.__dict__.setdefault("_layer_index", {})
+        index = cache.get(device)
+        if index is None:
+            index = cache[device] = torch.tensor(self.layer_of_param, dtype=torch.long, device=device)
+        return index
+
     @property
     def sharded(self) -> bool:
         return self._shard_weights is not None
@@ -248,7 +256,7 @@ class Norms:
     def host(self) -> list[float]:
         """Per-tensor values as Python floats: the one host transfer, done at most once."""
         if self._host is None:
-            self._host = self.device_values.tolist()
+            self._host = read_host(self.device_values)
         return self._host
 
     def set_host(self, values: list[float]) -> None:
@@ -262,6 +270,56 @@ class Norms:
             self.host(), layout.layer_of_param, len(layout.layer_names), self.norm_type, self.power_sums
         )
         return dict(zip(layout.layer_names, layers)), total
+
+    def device_layer_norms(self) -> Tensor:
+        """Per-layer norms of the full tensors, then their total, as one float64 vector on the device: the same
+        numbers as :meth:`per_layer`, computed without leaving the device (for decisions that must not sync)."""
+        layout = self.layout
+        values = self.device_values.double()
+        index = layout.layer_index(values.device)
+        layers = torch.zeros(len(layout.layer_names), dtype=values.dtype, device=values.device)
+        if math.isinf(self.norm_type):
+            layers.scatter_reduce_(0, index, values, "amax")
+            # amax ignores NaN in some kernels: a NaN in a layer must make that layer NaN.
+            nan = torch.zeros_like(layers).index_add_(0, index, values * 0.0)
+            layers = layers + nan
+            total = layers.max().reshape(1)
+        else:
+            powers = values if self.power_sums else values.pow(self.norm_type)
+            layers.index_add_(0, index, powers)
+            total = layers.sum().reshape(1)
+            root = 1.0 / self.norm_type
+            layers, total = layers.pow(root), total.pow(root)
+        return torch.cat([layers, total])
+
+
+def read_host(tensor: Tensor) -> list[float]:
+    """A device vector as Python floats: a blocking transfer, which on a GPU waits for every queued kernel. Every such
+    read of gradmon goes through here, so a test can count them."""
+    return tensor.tolist()
+
+
+class HostCopy:
+    """A device vector on its way to the host without stalling the device: a non-blocking copy into pinned memory,
+    read later (:meth:`values`), when the copy is surely done, typically one step on. On the CPU the vector is
+    already in host memory and is kept as it is."""
+
+    def __init__(self, tensor: Tensor) -> None:
+        tensor = tensor.detach()
+        self._event = None
+        if tensor.device.type == "cuda":
+            self._buffer = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=True)
+            self._buffer.copy_(tensor, non_blocking=True)
+            self._event = torch.cuda.Event()
+            self._event.record()
+        else:
+            self._buffer = tensor
+
+    def values(self) -> list[float]:
+        """The copied values; waits only for the copy itself (long done one step later)."""
+        if self._event is not None:
+            self._event.synchronize()
+        return self._buffer.tolist()
 
 
 def compute_norms(layout: ParamLayout, tensors: Sequence[Tensor], norm_type: float) -> Norms:
@@ -284,7 +342,7 @@ def transfer(norms: Sequence[Norms]) -> None:
     pending = [n for n in norms if n._host is None]
     if not pending:
         return
-    values = torch.cat([n.device_values.to(pending[0].device_values.device) for n in pending]).tolist()
+    values = read_host(torch.cat([n.device_values.to(pending[0].device_values.device) for n in pending]))
     start = 0
     for n in pending:
         n.set_host(values[start : start + len(n.layout)])

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections import Counter
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from functools import cached_property
 from typing import Any
 
@@ -11,7 +11,7 @@ import lightning.pytorch as pl
 import torch
 import torch.distributed as dist
 from lightning.pytorch.callbacks import Callback
-from lightning.pytorch.utilities.rank_zero import rank_zero_info
+from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 
 from gradmon import tags
 from gradmon._validation import check_bool, check_choice, check_int, check_norm_type
@@ -31,7 +31,7 @@ from gradmon.health import (
     HealthRules,
     HealthTracker,
 )
-from gradmon.norms import GroupBy, Norms, has_nonfinite
+from gradmon.norms import GroupBy, HostCopy, Norms, has_nonfinite, read_host
 from gradmon.tensorboard import markdown_table
 
 _MAX_NAMED = 5
@@ -66,6 +66,22 @@ class GradHealthMonitor(Callback):
     - ``"raise"``: :class:`~gradmon.GradientHealthError` with the same details.
 
     Under DDP and FSDP the decision to skip, stop or raise is reduced across ranks, so all ranks act together.
+
+    ``sync_free=True`` (off by default) never stalls the device: on a GPU every host read (``.item()``,
+    ``.tolist()``) waits for the device to drain its queue, and the default mode makes one per step. In sync-free
+    mode the decision that must come before ``optimizer.step`` (a non-finite layer, or a layer above
+    ``exploding_threshold`` for ``exploding_patience`` steps, for the conditions whose action is ``"skip"``) is
+    computed on the device, combined across ranks with one device collective, and handed to the optimizer as
+    ``found_inf``: fused optimizers (``Adam``, ``AdamW``, ``SGD`` with ``fused=True``, on CUDA and CPU) then leave
+    weights, moments and step counts untouched; it is OR-ed with a GradScaler's own flag, never replacing it. An
+    optimizer that cannot take the flag gets a host read of it instead (one sync per step, said once in a warning).
+    Everything else (the spike and depth rules, patience, warnings, ``events``, stop, raise and logging) reads the
+    step's numbers one step later, from a non-blocking copy into pinned memory: warnings, ``"stop"`` and ``"raise"``
+    come one step late, so the flagged step's update has been applied (and with ``"stop"`` one more step runs)
+    unless a device skip discarded it; only ``"skip"`` protects the weights at the flagged step. The spike rule's
+    ``"skip"`` cannot act in time and is reported as not skipped. Host decisions are taken from norms that are the
+    same on every rank (after the gradients' all-reduce, or the sharded norms' collective), so they need no
+    collective of their own. An infinite norm counts as non-finite (there is no gradient left to inspect).
 
     Several optimizers (a GAN under manual optimization): each optimizer's step is judged on the layers it updates;
     a layer's patience streak changes only at steps where that layer has a gradient, and ``log_every_n_steps`` counts
@@ -117,6 +133,7 @@ class GradHealthMonitor(Callback):
         warn_every_n_steps: int = 100,
         max_events: int = 100_000,
         summary: bool = True,
+        sync_free: bool = False,
     ) -> None:
         self.rules = HealthRules(
             vanishing_threshold=vanishing_threshold,
@@ -141,6 +158,9 @@ class GradHealthMonitor(Callback):
         self.warn_every_n_steps = check_int("warn_every_n_steps", warn_every_n_steps, 1)
         self.max_events = check_int("max_events", max_events, 0)
         self.summary = check_bool("summary", summary)
+        self.sync_free = check_bool("sync_free", sync_free)
+        # Conditions the device itself must skip in sync-free mode (before optimizer.step, without a host read).
+        self._device_skips = {c for c in ("nonfinite", "exploding") if self.actions[c] == "skip"}
         self._own_source = GradNormSource(self.norm_type, self.group_by)
         self._source = self._own_source
         self._every = self.log_every_n_steps or 50
@@ -162,6 +182,11 @@ class GradHealthMonitor(Callback):
         self._steps = OptimizerSteps()
         self._overflow_run = 0
         self._overflow_warned = False
+        self._in_flight: list[_Measured] = []
+        self._device_streaks: dict[tuple[str, ...], torch.Tensor] = {}
+        self._handed: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._hooked: dict[int, list[Any]] = {}
+        self._warned_host_skip = False
 
     @cached_property  # Lightning reads it around every hook call
     def state_key(self) -> str:
@@ -198,25 +223,52 @@ class GradHealthMonitor(Callback):
         step = trainer.global_step
         _, count = self._steps.advance(trainer, optimizer)
         log_now = count % self._every == 0
+        if self.sync_free:
+            self._judge_in_flight(trainer)  # the earlier steps' numbers, surely on the host by now
+            self._measure_on_device(trainer, pl_module, optimizer, step, log_now)
+            return
         overflow = _amp_overflow(trainer, optimizer)
+        per_layer, confirm = None, None
+        if not overflow:
+            norms = self._source.grad_norms(step, pl_module, optimizer)
+            if norms is not None:
+                per_layer, _ = norms.per_layer()  # the step's one host transfer
+                confirm = self._confirm_nonfinite(norms)
+
+        def skip() -> bool:
+            self._skip(trainer, pl_module, optimizer)
+            return True
+
+        self._judge(trainer, step, log_now, overflow, per_layer, confirm, skip, reduce=True)
+
+    def _judge(
+        self,
+        trainer: pl.Trainer,
+        step: int,
+        log_now: bool,
+        overflow: bool | None,
+        per_layer: dict[str, float] | None,
+        confirm_nonfinite: Any,
+        skip: Any,
+        reduce: bool,
+    ) -> None:
+        """Apply the rules to one step's numbers on the host, record, act and log. ``skip()`` discards the step's
+        update if it still can and says whether the update was discarded."""
+        events: list[HealthEvent] = []
         if overflow:
             # The scaler skips this step and lowers its scale: its gradients are not the model's.
             self._count_overflow(step, trainer)
-            events: list[HealthEvent] = []
         else:
             if overflow is not None:
                 self._overflow_run = 0
-            norms = self._source.grad_norms(step, pl_module, optimizer)
-            events = []
-            if norms is not None:
-                per_layer, _ = norms.per_layer()  # the step's one host transfer
-                events = self.tracker.update(step, per_layer, self._confirm_nonfinite(norms))
+            if per_layer is not None:
+                events = self.tracker.update(step, per_layer, confirm_nonfinite)
         flagged = {e.condition for e in events}
-        if self._acts_on_all_ranks:
+        if reduce and self._acts_on_all_ranks:
             flagged = self._reduce(trainer, flagged)
         if flagged:
             self._record(step, events, flagged)
-            self._act(trainer, pl_module, optimizer, step, flagged, events)
+            self._act(trainer, step, flagged, events, skip)
         if (flagged or log_now) and trainer.is_global_zero and trainer.loggers:
             counts = {tags.health_count(c): float(sum(e.condition == c for e in events)) for c in CONDITIONS}
             counts[tags.tag(tags.GRAD_HEALTH, tags.SKIPPED_STEPS)] = float(self.skipped_steps)
@@ -226,6 +278,139 @@ class GradHealthMonitor(Callback):
             for e in reversed(events):
                 counts[tags.tag(tags.GRAD_HEALTH_FLAG, e.layer)] = float(1 + CONDITIONS.index(e.condition))
             _logging.log_scalars(trainer, counts, step)
+
+    # --- sync-free mode -------------------------------------------------------------------------------------------
+
+    def _measure_on_device(
+        self,
+        trainer: pl.Trainer,
+        pl_module: pl.LightningModule,
+        optimizer: torch.optim.Optimizer,
+        step: int,
+        log_now: bool,
+    ) -> None:
+        """Everything that must happen before ``optimizer.step`` without a host read: per-layer norms, the skip
+        decision (one device collective across ranks) handed to the optimizer, and a non-blocking copy of the
+        numbers for the host to judge one step later."""
+        self._take_back_flag(optimizer)
+        overflow = _amp_overflow_on_device(trainer, optimizer)
+        norms = self._source.grad_norms(step, pl_module, optimizer)
+        if norms is None:
+            layer_names: tuple[str, ...] = ()
+            parts = []
+        else:
+            layer_names = tuple(norms.layout.layer_names)
+            parts = [norms.device_layer_norms()]
+        skip_flag = None
+        if self._device_skips and norms is not None:
+            skip_flag = self._device_skip_flag(layer_names, parts[0][:-1])
+            skip_flag = self._max_over_ranks(trainer, skip_flag)
+            self._hand_over(trainer, pl_module, optimizer, skip_flag)
+            parts.append(skip_flag.reshape(1).double())
+        if overflow is not None:
+            parts.append(overflow.reshape(1).double().to(parts[0].device if parts else overflow.device))
+        copy = HostCopy(torch.cat(parts)) if parts else None
+        self._in_flight.append(
+            _Measured(step, log_now, layer_names, copy, skip_flag is not None, overflow is not None)
+        )
+
+    def _device_skip_flag(self, layer_names: tuple[str, ...], layers: torch.Tensor) -> torch.Tensor:
+        """1.0 when this step must be skipped (a non-finite layer; a layer above ``exploding_threshold`` for
+        ``exploding_patience`` steps in a row), else 0.0: on the device, from the layers' norms."""
+        bad = torch.zeros((), dtype=torch.bool, device=layers.device)
+        if "nonfinite" in self._device_skips:
+            bad = bad | ~torch.isfinite(layers).all()
+        if "exploding" in self._device_skips:
+            above = layers > self.rules.exploding_threshold
+            if self.rules.exploding_patience > 1:
+                streak = self._device_streaks.get(layer_names)
+                streak = (streak if streak is not None else torch.zeros_like(layers)) + 1
+                streak = streak * above
+                self._device_streaks[layer_names] = streak
+                above = streak >= self.rules.exploding_patience
+            bad = bad | above.any()
+        return bad.float()
+
+    def _max_over_ranks(self, trainer: pl.Trainer, flag: torch.Tensor) -> torch.Tensor:
+        if trainer.world_size == 1 or not (dist.is_available() and dist.is_initialized()):
+            return flag
+        flag = flag.to(trainer.strategy.root_device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)  # a device collective: no host read
+        return flag
+
+    def _hand_over(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer, flag: torch.Tensor
+    ) -> None:
+        """Give the optimizer the skip flag: as ``found_inf`` for optimizers that take one (fused Adam, AdamW, SGD:
+        they then leave weights, moments and step counts untouched), OR-ed with a GradScaler's own flag; for the
+        others, a host read of the flag (one sync per step), said once."""
+        if getattr(optimizer, "_step_supports_amp_scaling", False):
+            self._hook_optimizer(optimizer)
+            device = next((p.device for g in optimizer.param_groups for p in g["params"]), flag.device)
+            flag = flag.to(device)
+            existing = getattr(optimizer, "found_inf", None)
+            ours = flag if existing is None else torch.maximum(existing, flag.to(existing.device))
+            optimizer.found_inf = ours
+            self._handed[id(optimizer)] = (flag, ours)
+            return
+        if not self._warned_host_skip:
+            self._warned_host_skip = True
+            rank_zero_warn(
+                f"GradHealthMonitor(sync_free=True): {type(optimizer).__name__} cannot take a device-side skip flag "
+                "(fused=True Adam, AdamW and SGD can), so the skip decision is read on the host every step for it, "
+                "which waits for the device. Pass fused=True to the optimizer to keep the step sync-free."
+            )
+        if read_host(flag.reshape(1))[0] > 0:
+            self._skip(trainer, pl_module, optimizer)
+
+    def _hook_optimizer(self, optimizer: torch.optim.Optimizer) -> None:
+        if id(optimizer) in self._hooked:
+            return
+
+        def before_step(opt: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+            # A GradScaler sets its own found_inf right before step (after this callback ran): OR ours into it.
+            handed = self._handed.get(id(opt))
+            current = getattr(opt, "found_inf", None)
+            if handed is not None and current is not None and current is not handed[1]:
+                opt.found_inf = torch.maximum(current, handed[0].to(current.device))
+
+        def after_step(opt: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+            self._take_back_flag(opt)
+
+        self._hooked[id(optimizer)] = [
+            optimizer.register_step_pre_hook(before_step),
+            optimizer.register_step_post_hook(after_step),
+        ]
+
+    def _take_back_flag(self, optimizer: torch.optim.Optimizer) -> None:
+        """Remove the flag handed over for a step (also when that step never called ``optimizer.step``); a flag a
+        GradScaler set is the scaler's to remove."""
+        handed = self._handed.pop(id(optimizer), None)
+        if handed is not None and getattr(optimizer, "found_inf", None) is handed[1]:
+            del optimizer.found_inf
+
+    def _judge_in_flight(self, trainer: pl.Trainer) -> None:
+        in_flight, self._in_flight = self._in_flight, []
+        for measured in in_flight:
+            values = measured.copy.values() if measured.copy is not None else []
+            n = len(measured.layer_names)
+            per_layer = dict(zip(measured.layer_names, values[:n])) if n else None
+            extra = values[n + 1 :] if n else values
+            skipped = bool(measured.has_skip_flag and extra.pop(0) > 0)
+            overflow = bool(extra.pop(0) > 0) if measured.has_overflow else None
+            self._judge(
+                trainer, measured.step, measured.log_now, overflow, per_layer, None, lambda s=skipped: s, reduce=False
+            )
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self._in_flight:
+            self._judge_in_flight(trainer)
+
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        for handles in self._hooked.values():
+            for handle in handles:
+                handle.remove()
+        self._hooked = {}
 
     def _count_overflow(self, step: int, trainer: pl.Trainer) -> None:
         self.amp_overflow_steps += 1
@@ -271,26 +456,19 @@ class GradHealthMonitor(Callback):
             self.flagged_steps[c] += 1
             self._first_step.setdefault(c, step)
 
-    def _act(
-        self,
-        trainer: pl.Trainer,
-        pl_module: pl.LightningModule,
-        optimizer: torch.optim.Optimizer,
-        step: int,
-        flagged: set[str],
-        events: list[HealthEvent],
-    ) -> None:
+    def _act(self, trainer: pl.Trainer, step: int, flagged: set[str], events: list[HealthEvent], skip: Any) -> None:
         events_of = {c: [e for e in events if e.condition == c] for c in flagged}
         by_severity = [c for c in BY_SEVERITY if c in flagged]
         raising = [c for c in by_severity if self.actions[c] == "raise"]
         if raising:
             raise GradientHealthError("\n".join(_describe(c, step, events_of[c]) for c in raising))
+        skipped = None
+        if any(self.actions[c] == "skip" for c in by_severity):
+            skipped = skip()
+            self.skipped_steps += int(skipped)
         for c in by_severity:
             if self.actions[c] in ("warn", "skip", "stop"):
-                self._warn(c, step, events_of[c])
-        if any(self.actions[c] == "skip" for c in by_severity):
-            self._skip(trainer, pl_module, optimizer)
-            self.skipped_steps += 1
+                self._warn(c, step, events_of[c], skipped)
         if any(self.actions[c] == "stop" for c in by_severity):
             trainer.should_stop = True
 
@@ -303,7 +481,7 @@ class GradHealthMonitor(Callback):
                 callback.on_before_optimizer_step(trainer, pl_module, optimizer)
         optimizer.zero_grad(set_to_none=True)
 
-    def _warn(self, condition: str, step: int, events: list[HealthEvent]) -> None:
+    def _warn(self, condition: str, step: int, events: list[HealthEvent], skipped: bool | None = None) -> None:
         last = self._last_report.get(condition)
         if last is not None and step - last < self.warn_every_n_steps:
             self._unreported[condition] += 1
@@ -312,7 +490,10 @@ class GradHealthMonitor(Callback):
         message = _describe(condition, step, events)
         action = self.actions[condition]
         if action == "skip":
-            message += " The step's update was skipped."
+            if skipped:
+                message += " The step's update was skipped."
+            else:  # sync-free: only the absolute threshold and non-finite values are judged before the step
+                message += " The step's update was not skipped (this rule is judged a step later in sync-free mode)."
         elif action == "stop":
             message += " Stopping the run."
         suppressed = self._unreported.pop(condition, 0)
@@ -371,6 +552,31 @@ def _describe(condition: str, step: int, events: list[HealthEvent]) -> str:
         return f"gradmon: non-finite gradients at step {step}, first in layer {events[0].layer}; layers: {named}{more}."
     return f"gradmon: {condition} gradients at step {step} in {len(events)} layer(s): {named}{more}."
 
+
+
+@dataclass(eq=False)
+class _Measured:
+    """One step's numbers on their way to the host, in sync-free mode: per-layer norms and their total, then the
+    device's skip flag and the GradScaler's overflow flag when there are any."""
+
+    step: int
+    log_now: bool
+    layer_names: tuple[str, ...]
+    copy: HostCopy | None
+    has_skip_flag: bool
+    has_overflow: bool
+
+
+def _amp_overflow_on_device(trainer: pl.Trainer, optimizer: torch.optim.Optimizer) -> torch.Tensor | None:
+    """:func:`_amp_overflow` as a device scalar (no host read)."""
+    scaler = _scaler(trainer)
+    if scaler is None:
+        return None
+    found_inf = scaler._per_optimizer_states.get(id(optimizer), {}).get("found_inf_per_device")
+    if not found_inf:
+        return None
+    values = list(found_inf.values())
+    return torch.stack([v.reshape(()).to(values[0].device) for v in values]).sum()
 
 
 def _scaler(trainer: pl.Trainer) -> Any:
