@@ -1,6 +1,6 @@
 """gradmon: gradient-health callbacks for PyTorch Lightning.
 
-The pure-torch core (:mod:`gradmon.norms`, :mod:`gradmon.health`, :mod:`gradmon.init`, :mod:`gradmon.gradcheck`,
+The pure-torch core (:mod:`gradmon.norms`, :mod:`gradmon.health`, :mod:`gradmon.init`, :mod:`gradmon.numerical`,
 :mod:`gradmon.tensorboard`) never imports Lightning; the callbacks in :mod:`gradmon.callbacks` are thin adapters.
 The public names below are imported lazily so that ``import gradmon.norms`` stays Lightning-free.
 """

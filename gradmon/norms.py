@@ -25,7 +25,6 @@ from torch import Tensor, nn
 from gradmon._validation import check_choice, check_norm_type
 from gradmon.naming import GroupBy, clean_name, layer_name
 from gradmon.sharding import (
-    DTensor,  # noqa: F401  (TEMP: gradmon.init still imports it from here)
     dist,
     full_tensor,
     is_fsdp1_piece,

@@ -20,12 +20,13 @@ import sys
 import types
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, Literal, NamedTuple
 
 import torch
 from torch import Tensor, nn
 
-from gradmon._validation import check_float, check_int, check_seed
+from gradmon._random import forked_rng, reseed
+from gradmon._validation import check_float, check_int, check_seed, invalid
 from gradmon.naming import clean_name, layer_name
 
 Status = Literal["good", "acceptable", "wrong"]
@@ -50,10 +51,11 @@ MAX_RELATIVE_ERROR = 2.0
 
 @dataclass(frozen=True)
 class LayerCheck:
-    """The outcome of :func:`check_gradients` for one layer.
+    """The outcome of a gradient check of one layer.
 
     ``rel_error`` is the worst over the directions tried (each direction counted by its best attempt);
-    ``analytic``, ``numerical`` and ``eps`` belong to that direction.
+    ``analytic``, ``numerical`` and ``eps`` belong to that direction. ``step`` is ``trainer.global_step`` when
+    :class:`~gradmon.callbacks.grad_check.GradCheck` ran the check, and None from :func:`check_gradients` itself.
     """
 
     layer: str
@@ -62,6 +64,7 @@ class LayerCheck:
     numerical: float
     eps: float
     status: Status
+    step: int | None = None
 
     @property
     def passed(self) -> bool:
@@ -103,18 +106,18 @@ def numerical_gradient(
     flat = point.view(-1)
     selected = range(flat.numel()) if indices is None else torch.as_tensor(indices).reshape(-1).tolist()
 
-    def along(i: int) -> Callable[[float], float]:
-        def f_at(t: float) -> float:
-            original = flat[i].item()
-            flat[i] = original + t
+    def along(index: int) -> Callable[[float], float]:
+        def f_shifted(offset: float) -> float:
+            original = flat[index].item()
+            flat[index] = original + offset
             value = float(f(point))
-            flat[i] = original
+            flat[index] = original
             return value
 
-        return f_at
+        return f_shifted
 
     with torch.no_grad():
-        derivatives = [central_difference(along(i), eps) for i in selected]
+        derivatives = [central_difference(along(index), eps) for index in selected]
     result = torch.tensor(derivatives, dtype=torch.float64, device=x.device)
     return result.view(x.shape) if indices is None else result
 
@@ -240,9 +243,7 @@ def check_thresholds(fail_above: Any, good_below: Any) -> tuple[float, float]:
     fail = check_float("fail_above", fail_above, maximum=MAX_RELATIVE_ERROR, max_inclusive=False)
     good = check_float("good_below", good_below)
     if not good < fail:
-        raise ValueError(
-            f"`good_below={good_below!r}` is not valid: expected a number below fail_above={fail_above!r}."
-        )
+        raise invalid("good_below", good_below, f"a number below fail_above={fail_above!r}")
     return fail, good
 
 
@@ -291,80 +292,91 @@ def check_gradients(
     ``0 <= seed < 2**64``.
     """
     if not isinstance(model, nn.Module):
-        raise TypeError(f"`model={type(model).__name__}(...)` is not valid: expected a torch.nn.Module.")
+        raise TypeError(*invalid("model", model, "a torch.nn.Module").args)
     if not callable(loss_fn):
-        raise TypeError(f"`loss_fn={loss_fn!r}` is not valid: expected a callable loss_fn(model, inputs).")
+        raise TypeError(*invalid("loss_fn", loss_fn, "a callable loss_fn(model, inputs)").args)
     check_int("num_directions", num_directions, 1)
     eps = check_float("eps", eps)
     fail_above, good_below = check_thresholds(fail_above, good_below)
     check_int("retries", retries, 0, maximum=max_retries(eps))
     check_seed("seed", seed)
-    cuda_devices = sorted({p.device.index or 0 for p in model.parameters() if p.device.type == "cuda"})
-    with torch.random.fork_rng(devices=cuda_devices):
+    with forked_rng(model) as cuda_devices:
         replica = float64_copy(model)
         inputs = apply_to_tensors(inputs, lambda t: t.double() if t.is_floating_point() else t)
         layers = layer_parameters(replica)
 
         def loss_at_seed() -> Tensor:
-            _reseed(seed, cuda_devices)
+            reseed(seed, cuda_devices)
             return loss_fn(replica, inputs)
 
-        params = [p for layer in layers.values() for p in layer]
+        parameters = [param for layer in layers.values() for param in layer]
         with torch.enable_grad():
             loss = loss_at_seed()
-            grads = torch.autograd.grad(loss, params, allow_unused=True) if params else ()
+            gradients = torch.autograd.grad(loss, parameters, allow_unused=True) if parameters else ()
         loss_scale = max(abs(loss.item()), 1.0)
         generator = torch.Generator().manual_seed(seed)
 
-        records = []
-        start = 0
+        checks = []
+        first = 0  # index in `gradients` of the layer's first parameter
         for name, layer in layers.items():
-            layer_grads = [torch.zeros_like(p) if g is None else g for p, g in zip(layer, grads[start:])]
-            start += len(layer)
-            directions = [
-                _check_direction(layer, layer_grads, loss_at_seed, generator, eps, retries, loss_scale, fail_above)
+            layer_gradients = [
+                torch.zeros_like(param) if gradient is None else gradient
+                for param, gradient in zip(layer, gradients[first:])
+            ]
+            first += len(layer)
+            attempts = [
+                _check_direction(layer, layer_gradients, loss_at_seed, generator, eps, retries, loss_scale, fail_above)
                 for _ in range(num_directions)
             ]
-            error, analytic, numerical, used_eps = max(directions, key=lambda d: d[0])
-            records.append(LayerCheck(name, error, analytic, numerical, used_eps, judge(error, fail_above, good_below)))
-    return records
+            worst = max(attempts, key=lambda attempt: attempt.rel_error)
+            checks.append(LayerCheck(name, *worst, status=judge(worst.rel_error, fail_above, good_below)))
+    return checks
+
+
+class _Attempt(NamedTuple):
+    """One central difference along one direction, compared with autograd."""
+
+    rel_error: float
+    analytic: float
+    numerical: float
+    eps: float
 
 
 def _check_direction(
     layer: list[nn.Parameter],
-    grads: list[Tensor],
+    gradients: list[Tensor],
     loss: Callable[[], Tensor],
     generator: torch.Generator,
     eps: float,
     retries: int,
     loss_scale: float,
     fail_above: float,
-) -> tuple[float, float, float, float]:
-    """(relative error, analytic, numerical, eps) of the best of up to ``1 + retries`` attempts."""
-    weights = [p.detach().clone() for p in layer]
-    best = (math.inf, math.nan, math.nan, eps)
+) -> _Attempt:
+    """The best of up to ``1 + retries`` attempts, each along a new direction with a ten times smaller step."""
+    weights = [param.detach().clone() for param in layer]
+    best = _Attempt(math.inf, math.nan, math.nan, eps)
     step = eps
-    for attempt in range(retries + 1):
-        if attempt:
-            step /= 10.0  # one retry at a time: `eps / 10**attempt` overflows converting 10**attempt past 308
+    for retry in range(retries + 1):
+        if retry:
+            step /= 10.0  # one retry at a time: `eps / 10**retry` overflows converting 10**retry past 308
         direction = _unit_direction(layer, generator)
-        analytic = sum((g * v).sum() for g, v in zip(grads, direction)).item()
+        analytic = sum((g * v).sum() for g, v in zip(gradients, direction)).item()
 
-        def loss_along(t: float, direction: list[Tensor] = direction) -> float:
+        def loss_along(offset: float, direction: list[Tensor] = direction) -> float:
             with torch.no_grad():
-                for p, w, v in zip(layer, weights, direction):
-                    p.copy_(w + t * v)
+                for param, weight, component in zip(layer, weights, direction):
+                    param.copy_(weight + offset * component)
                 return loss().item()
 
         numerical = central_difference(loss_along, step)
         with torch.no_grad():
-            for p, w in zip(layer, weights):
-                p.copy_(w)
+            for param, weight in zip(layer, weights):
+                param.copy_(weight)
         # With this floor a difference the rounding of the loss can explain never exceeds `fail_above`.
         rounding = _LOSS_ROUNDING_UNITS * torch.finfo(torch.float64).eps * loss_scale / step
         error = relative_error(analytic, numerical, floor=rounding / fail_above)
-        if error < best[0]:
-            best = (error, analytic, numerical, step)
+        if error < best.rel_error:
+            best = _Attempt(error, analytic, numerical, step)
         if error <= fail_above:
             break
     return best
@@ -375,10 +387,3 @@ def _unit_direction(layer: list[nn.Parameter], generator: torch.Generator) -> li
     direction = [torch.randn(p.shape, generator=generator, dtype=torch.float64).to(p.device) for p in layer]
     norm = torch.stack([v.square().sum() for v in direction]).sum().sqrt()
     return [v / norm for v in direction]
-
-
-def _reseed(seed: int, cuda_devices: list[int]) -> None:
-    """Seed only the generators :func:`torch.random.fork_rng` restores: the CPU one and those of ``cuda_devices``."""
-    torch.default_generator.manual_seed(seed)
-    for index in cuda_devices:
-        torch.cuda.default_generators[index].manual_seed(seed)

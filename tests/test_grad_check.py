@@ -187,6 +187,37 @@ def test_a_resumed_run_continues_the_schedule_and_keeps_the_results(tmp_path):
     assert [r.step for r in resumed.results if r.layer == "net.0"] == [0, 2, 4]
 
 
+def test_the_state_dict_restores_every_field_of_the_results():
+    seed_everything(0)
+    check = GradCheck(every_n_steps=2, burn_in_steps=0)
+    fit(Classifier(), [check], max_steps=3)
+    restored = GradCheck(every_n_steps=2, burn_in_steps=0)
+    restored.load_state_dict(check.state_dict())
+    assert [r.step for r in check.results] == [0, 0, 0, 2, 2, 2]
+    assert restored.results == check.results
+    assert restored.state_dict() == check.state_dict()
+
+
+def test_results_saved_before_they_were_layer_checks_still_load():
+    check = GradCheck(good_below=1e-7)
+    check.load_state_dict(
+        {
+            "last_step": 4,
+            "results": [
+                {"step": 2, "layer": "net.0", "rel_error": 1e-9, "passed": True},
+                {"step": 2, "layer": "net.3", "rel_error": 1e-4, "passed": True},
+                {"step": 4, "layer": "net.3", "rel_error": 0.9, "passed": False},
+            ],
+        }
+    )
+    assert [(r.step, r.layer, r.rel_error, r.status, r.passed) for r in check.results] == [
+        (2, "net.0", 1e-9, "good", True),
+        (2, "net.3", 1e-4, "acceptable", True),
+        (4, "net.3", 0.9, "wrong", False),
+    ]
+    assert check.state_dict()["last_step"] == 4
+
+
 def test_manual_optimization_is_refused():
     model = Classifier()
     model.automatic_optimization = False

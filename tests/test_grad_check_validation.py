@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 from torch import nn
 
 from gradmon import GradCheck
-from gradmon.gradcheck import check_gradients, max_retries
+from gradmon.numerical import check_gradients, max_retries
 
 FAST = settings(max_examples=50, deadline=None)
 MAX_INT = 2**53
@@ -57,7 +57,7 @@ def invalid_positive_floats(above=None):
 
 valid_fail_above = st.floats(min_value=1e-300, max_value=2.0, exclude_max=True)
 
-GRADCHECK_INVALID = {
+GRAD_CHECK_INVALID = {
     "every_n_steps": invalid_counts(1),
     "num_samples": invalid_counts(1),
     "num_directions": invalid_counts(1),
@@ -70,11 +70,11 @@ GRADCHECK_INVALID = {
 }
 
 
-@pytest.mark.parametrize("name", sorted(GRADCHECK_INVALID))
+@pytest.mark.parametrize("name", sorted(GRAD_CHECK_INVALID))
 @FAST
 @given(data=st.data())
-def test_gradcheck_refuses_every_invalid_value_naming_the_argument(name, data):
-    value = data.draw(GRADCHECK_INVALID[name], label=name)
+def test_grad_check_callback_refuses_every_invalid_value_naming_the_argument(name, data):
+    value = data.draw(GRAD_CHECK_INVALID[name], label=name)
     with pytest.raises((ValueError, TypeError), match=f"`{name}="):
         GradCheck(**{name: value})
 
@@ -101,7 +101,7 @@ def test_check_at_start_refuses_everything_but_a_bool_with_a_type_error(value):
     on_failure=st.sampled_from(["warn", "stop", "raise"]),
     seed=st.integers(0, MAX_SEED),
 )
-def test_gradcheck_accepts_every_valid_value(
+def test_grad_check_callback_accepts_every_valid_value(
     every_n_steps, num_samples, num_directions, eps, thresholds, check_at_start, burn_in_steps, on_failure, seed
 ):
     fail_above, good_below = thresholds

@@ -8,7 +8,8 @@ import torch.nn.functional as F
 from helpers import ScaleGrad, WrongLinear
 from torch import nn
 
-from gradmon.gradcheck import (
+from gradmon.naming import clean_name
+from gradmon.numerical import (
     apply_to_tensors,
     check_gradients,
     float64_copy,
@@ -18,7 +19,6 @@ from gradmon.gradcheck import (
     numerical_gradient,
     relative_error,
 )
-from gradmon.naming import clean_name
 
 
 def mlp(width=16, wrong_scale=None, dropout=0.0, batchnorm=False):
@@ -88,6 +88,12 @@ def test_correct_mlps_with_relu_dropout_and_batchnorm_pass(seed):
     records = check_gradients(model, cross_entropy, batch(seed=seed), num_directions=3, seed=seed)
     assert [r.layer for r in records] == ["0", "1", "4", "6"]
     assert all(r.passed for r in records), records
+
+
+def test_a_check_outside_a_run_has_no_step():
+    torch.manual_seed(0)
+    records = check_gradients(mlp(), cross_entropy, batch())
+    assert records and all(r.step is None for r in records)
 
 
 @pytest.mark.parametrize("scale", [10.0, -1.0])
@@ -243,9 +249,9 @@ def test_max_retries_keeps_the_last_step_a_normal_float():
         assert smallest / 10.0 < sys.float_info.min
 
 
-def test_gradcheck_module_does_not_import_lightning():
+def test_numerical_module_does_not_import_lightning():
     code = (
-        "import sys, gradmon.gradcheck; "
+        "import sys, gradmon.numerical; "
         "sys.exit(any(m.split('.')[0] in ('lightning', 'pytorch_lightning') for m in sys.modules))"
     )
     assert subprocess.run([sys.executable, "-c", code]).returncode == 0

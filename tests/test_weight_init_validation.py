@@ -14,7 +14,9 @@ from hypothesis import strategies as st
 from torch import nn
 
 from gradmon import WeightInit
-from gradmon.init import NONLINEARITIES, SCHEME_NAMES, format_scheme, initialize, scheme_keywords
+from gradmon.init import initialize
+from gradmon.init_schemes import NONLINEARITIES, SCHEME_NAMES
+from gradmon.init_spec import format_scheme, scheme_keywords
 
 FLOAT32_MAX = 3.4028234663852886e38
 SETTINGS = settings(max_examples=50, deadline=None, suppress_health_check=[HealthCheck.too_slow])

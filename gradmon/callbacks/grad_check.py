@@ -1,9 +1,10 @@
-"""GradCheck: the directional gradient check of :mod:`gradmon.gradcheck`, run on a Trainer's own training step."""
+"""GradCheck: the directional gradient check of :mod:`gradmon.numerical`, run on a Trainer's own training step."""
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Mapping
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, replace
 from functools import cached_property
 from typing import Any, Literal
 
@@ -12,10 +13,10 @@ from lightning.pytorch import Callback, LightningModule, Trainer
 from torch import Tensor
 
 from gradmon import tags
-from gradmon._validation import MAX_SEED, check_bool, check_choice, check_float, check_int, check_seed
+from gradmon._validation import MAX_SEED, check_bool, check_choice, check_float, check_int, check_seed, invalid
 from gradmon.callbacks._logging import log_scalars
 from gradmon.errors import GradientHealthError, warn_health
-from gradmon.gradcheck import (
+from gradmon.numerical import (
     LayerCheck,
     apply_to_tensors,
     batch_statistics_layers,
@@ -24,16 +25,6 @@ from gradmon.gradcheck import (
 )
 
 OnFailure = Literal["warn", "stop", "raise"]
-
-
-@dataclass(frozen=True)
-class GradCheckResult:
-    """One layer at one check: ``step`` is ``trainer.global_step`` when the check ran."""
-
-    step: int
-    layer: str
-    rel_error: float
-    passed: bool
 
 
 class GradCheck(Callback):
@@ -46,7 +37,7 @@ class GradCheck(Callback):
 
     What: the first ``num_samples`` examples of the batch (every tensor in it sliced along dim 0) go through the
     module's own ``training_step`` on a float64 copy of the module, and
-    :func:`gradmon.gradcheck.check_gradients` compares, per layer and along ``num_directions`` random directions, the
+    :func:`gradmon.numerical.check_gradients` compares, per layer and along ``num_directions`` random directions, the
     autograd directional derivative with a central difference. ``self.log`` calls made by ``training_step`` during the
     check are discarded. The run itself is untouched: weights, gradients, buffers (BatchNorm statistics), train/eval
     modes and the CPU and CUDA random states are the same after the check as before, so a run ends with bit-identical
@@ -67,7 +58,8 @@ class GradCheck(Callback):
     ``"stop"`` warns and sets ``trainer.should_stop``, ``"raise"`` raises
     :class:`~gradmon.errors.GradientHealthError`; each names the step, the layers and their errors. Under DDP each rank
     checks its own copy without collectives and the decision is shared, so every rank stops or raises together.
-    Every layer at every check is appended to :attr:`results`.
+    Every layer at every check is appended to :attr:`results`, as a :class:`~gradmon.numerical.LayerCheck` whose
+    ``step`` is the check's ``trainer.global_step``.
 
     A new ``fit`` (``setup`` with ``stage="fit"``) starts afresh: :attr:`results` is emptied and the schedule starts
     over, so the same instance reused for a new model checks it like a new instance would. Resuming with
@@ -121,7 +113,7 @@ class GradCheck(Callback):
         self.burn_in_steps = check_int("burn_in_steps", burn_in_steps, 0)
         self.on_failure = check_choice("on_failure", on_failure, ("warn", "stop", "raise"))
         self.seed = check_seed("seed", seed)
-        self.results: list[GradCheckResult] = []
+        self.results: list[LayerCheck] = []
         self._last_step: int | None = None
 
     @cached_property  # Lightning reads it around every hook call
@@ -149,7 +141,7 @@ class GradCheck(Callback):
         self._check_num_samples(pl_module)  # a mode changed after `setup` (by a hook) is caught here
         self._last_step = step
         samples = apply_to_tensors(batch, lambda t: t[: self.num_samples] if t.dim() > 0 else t)
-        records = check_gradients(
+        checks = check_gradients(
             pl_module,
             _training_step_loss(trainer, batch_idx),
             samples,
@@ -159,21 +151,32 @@ class GradCheck(Callback):
             good_below=self.good_below,
             seed=(self.seed + step) % (MAX_SEED + 1),
         )
-        self.results += [GradCheckResult(step, r.layer, r.rel_error, r.passed) for r in records]
-        if trainer.is_global_zero and records:
-            values = {tags.tag(tags.GRADCHECK_REL_ERROR, r.layer): r.rel_error for r in records}
-            values[tags.GRADCHECK_MAX_REL_ERROR] = max(r.rel_error for r in records)
-            log_scalars(trainer, values, step=step)
-        failures = [r for r in records if not r.passed]
+        self.results += [replace(check, step=step) for check in checks]
+        if trainer.is_global_zero and checks:
+            scalars = {tags.tag(tags.GRADCHECK_REL_ERROR, check.layer): check.rel_error for check in checks}
+            scalars[tags.GRADCHECK_MAX_REL_ERROR] = max(check.rel_error for check in checks)
+            log_scalars(trainer, scalars, step=step)
+        failures = [check for check in checks if not check.passed]
         if trainer.strategy.reduce_boolean_decision(bool(failures), all=False):
             self._act(trainer, step, failures)
 
     def state_dict(self) -> dict[str, Any]:
-        return {"last_step": self._last_step, "results": [asdict(r) for r in self.results]}
+        return {"last_step": self._last_step, "results": [asdict(check) for check in self.results]}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self._last_step = state_dict["last_step"]
-        self.results = [GradCheckResult(**r) for r in state_dict["results"]]
+        self.results = [self._restored(saved) for saved in state_dict["results"]]
+
+    def _restored(self, saved: dict[str, Any]) -> LayerCheck:
+        if "status" in saved:
+            return LayerCheck(**saved)
+        # Saved before results were LayerChecks: only step, layer, rel_error and passed were kept.
+        rel_error = saved["rel_error"]
+        if not saved["passed"]:
+            status = "wrong"
+        else:
+            status = "good" if rel_error < self.good_below else "acceptable"
+        return LayerCheck(saved["layer"], rel_error, math.nan, math.nan, math.nan, status=status, step=saved["step"])
 
     def _check_num_samples(self, pl_module: LightningModule) -> None:
         if self.num_samples >= 2:
@@ -181,10 +184,12 @@ class GradCheck(Callback):
         layers = batch_statistics_layers(pl_module)
         if layers:
             names = ", ".join(repr(name) for name in layers)
-            which = f"layer {names} is" if len(layers) == 1 else f"layers {names} are"
-            raise ValueError(
-                f"`num_samples={self.num_samples!r}` is not valid: expected at least 2, since BatchNorm in training "
-                f"mode needs >= 2 samples ({which} BatchNorm in training mode)."
+            culprits = f"layer {names} is" if len(layers) == 1 else f"layers {names} are"
+            raise invalid(
+                "num_samples",
+                self.num_samples,
+                f"at least 2, since BatchNorm in training mode needs >= 2 samples ({culprits} BatchNorm in "
+                "training mode)",
             )
 
     def _due(self, step: int) -> bool:
@@ -196,7 +201,7 @@ class GradCheck(Callback):
 
     def _act(self, trainer: Trainer, step: int, failures: list[LayerCheck]) -> None:
         if failures:
-            layers = ", ".join(f"{r.layer!r} (relative error {r.rel_error:.3g})" for r in failures)
+            layers = ", ".join(f"{check.layer!r} (relative error {check.rel_error:.3g})" for check in failures)
             noun = "layer" if len(failures) == 1 else "layers"
             message = f"GradCheck at step {step}: wrong gradient in {noun} {layers}; fail_above={self.fail_above:g}."
         else:

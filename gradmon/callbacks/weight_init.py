@@ -22,11 +22,10 @@ from gradmon.init import (
     check_bias,
     check_weights,
     compile_pattern,
-    format_scheme,
     initialize,
-    resolve_scheme,
     resolve_types,
 )
+from gradmon.init_spec import format_scheme, resolve_scheme
 from gradmon.tensorboard import markdown_table
 
 RECORD_HEADER = ("layer", "scheme", "weight std before", "weight std after")
@@ -35,7 +34,7 @@ RECORD_HEADER = ("layer", "scheme", "weight std before", "weight std after")
 class WeightInit(Callback):
     r"""Initialise the weights of selected layers with a named scheme, once, when fitting starts.
 
-    Schemes are those of :mod:`gradmon.init` (``normal``, ``uniform``, ``constant``, ``zeros``, ``ones``,
+    Schemes are those of :mod:`gradmon.init_schemes` (``normal``, ``uniform``, ``constant``, ``zeros``, ``ones``,
     ``xavier_uniform``, ``xavier_normal``, ``kaiming_uniform``, ``kaiming_normal``, ``lecun_uniform``,
     ``lecun_normal``, ``orthogonal``, ``trunc_normal``, and ``default``: the layer's own ``reset_parameters``), their
     arguments as keywords or in the string form ``"normal(std=0.01)"`` that configs use.
@@ -132,14 +131,14 @@ class WeightInit(Callback):
     @cached_property  # Lightning reads it around every hook call
     def state_key(self) -> str:
         # `weights` joins the key only when set, so checkpoints written before it existed still find their state.
-        narrowed = {} if self.weights is None else {"weights": self.weights.pattern}
+        weights_key = {} if self.weights is None else {"weights": self.weights.pattern}
         return self._generate_state_key(
             scheme=format_scheme(self.scheme, self.arguments),
             types=[t.__qualname__ for t in self.types],
             include=_pattern_text(self.include),
             exclude=_pattern_text(self.exclude),
             bias=self.bias,
-            **narrowed,
+            **weights_key,
         )
 
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
