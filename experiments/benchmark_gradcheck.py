@@ -1,7 +1,7 @@
 """What one gradient check costs, in training steps.
 
 For two reference ReLU MLPs (kaiming init, batch 128, CPU) it times one training step (forward, backward, SGD step,
-in float32) and one :func:`gradmon.gradcheck.check_gradients` on the first ``num_samples`` examples of the batch and
+in float32) and one :func:`gradmon.numerical.check_gradients` on the first ``num_samples`` examples of the batch and
 on the whole batch, and reports the medians and their ratio. Run with ``python -m experiments.benchmark_gradcheck``.
 """
 
@@ -16,8 +16,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from experiments.models import build_mlp
-from gradmon.gradcheck import check_gradients, layer_parameters
+from experiments.models import kaiming_mlp
+from gradmon.numerical import check_gradients, layer_parameters
 from gradmon.tensorboard import markdown_table
 
 IN_FEATURES = 64
@@ -25,15 +25,6 @@ NUM_CLASSES = 10
 
 #: name -> (hidden layers, width)
 REFERENCE_MLPS = {"deep narrow": (20, 64), "shallow wide": (4, 512)}
-
-
-def kaiming_mlp(depth: int, width: int) -> nn.Sequential:
-    model = build_mlp(IN_FEATURES, NUM_CLASSES, depth, width, "relu")
-    for module in model.modules():
-        if isinstance(module, nn.Linear):
-            nn.init.kaiming_normal_(module.weight, nonlinearity="relu")
-            nn.init.zeros_(module.bias)
-    return model
 
 
 def cross_entropy(model: nn.Module, batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
@@ -97,7 +88,8 @@ def main(threads: int = 1) -> None:
     num_samples, batch_size = 8, 128
     rows = []
     for name, (depth, width) in REFERENCE_MLPS.items():
-        m = measure(functools.partial(kaiming_mlp, depth, width), batch_size=batch_size, num_samples=num_samples)
+        model = functools.partial(kaiming_mlp, IN_FEATURES, NUM_CLASSES, depth, width)
+        m = measure(model, batch_size=batch_size, num_samples=num_samples)
         rows.append([
             f"{name} ({depth}x{width})",
             f"{m['params']:,}",

@@ -18,7 +18,7 @@ import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
-import torch
+import yaml
 from lightning.pytorch.cli import LightningCLI
 
 from experiments.data import DigitsDataModule
@@ -30,8 +30,9 @@ warnings.filterwarnings("ignore", ".*does not have many workers.*")
 #: Intra-op threads for the experiments' runs. Their matrices are 64 wide, too small to split over threads; on a busy
 #: two-core machine the threads' spin-waiting made a 230-step run take 80 s instead of 2 s.
 THREADS = 1
+CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 #: What every experiment's config shares, loaded before the variant's own.
-BASE_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "base.yaml"
+BASE_CONFIG = CONFIG_DIR / "base.yaml"
 
 
 class ExperimentCLI(LightningCLI):
@@ -75,6 +76,31 @@ def cli_main(args: Sequence[str] | None = None, run: bool = True) -> ExperimentC
     )
 
 
-if __name__ == "__main__":
-    torch.set_num_threads(THREADS)
-    cli_main()
+def fit_config(config: str, logdir: Path, *overrides: str) -> ExperimentCLI:
+    """``python -m experiments fit --config configs/<config>.yaml`` with its run under ``logdir`` and LightningCLI
+    ``overrides`` after the config, without the progress bar and the model summary."""
+    return cli_main(
+        [
+            "fit",
+            f"--config={CONFIG_DIR / f'{config}.yaml'}",
+            f"--trainer.logger.init_args.save_dir={logdir}",
+            "--trainer.enable_progress_bar=false",
+            "--trainer.enable_model_summary=false",
+            *overrides,
+        ]
+    )
+
+
+def variant_configs() -> list[str]:
+    """The name of every variant's config: each file of ``configs/`` but the base, by name."""
+    return sorted(path.stem for path in CONFIG_DIR.glob("*.yaml") if path != BASE_CONFIG)
+
+
+def run_name(config: str) -> tuple[str, str]:
+    """The (experiment, variant) a config logs to, its run being ``<save_dir>/<experiment>/<variant>``: the logger's
+    ``name`` and ``version``, from the config or else from the base."""
+    names = {}
+    for path in (BASE_CONFIG, CONFIG_DIR / f"{config}.yaml"):
+        logger = yaml.safe_load(path.read_text()).get("trainer", {}).get("logger", {})
+        names.update(logger.get("init_args", {}))
+    return names["name"], names["version"]

@@ -21,43 +21,30 @@ from pathlib import Path
 import torch
 
 from experiments import matrix_product, sigmoid
-from experiments.__main__ import THREADS, cli_main
+from experiments.cli import THREADS, fit_config, run_name, variant_configs
 from gradmon import GradCheck, GradHealthMonitor, GradientHealthWarning
 from gradmon.report import write_report
 
-CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
-#: The training runs, in the order the README walks through them.
-CONFIGS = (
-    "vanishing_sigmoid",
-    "vanishing_tanh",
-    "vanishing_relu",
-    "init_normal_0.01",
-    "init_normal_1",
-    "init_xavier",
-    "init_kaiming",
-    "init_default",
-    "exploding_relu",
-    "gradcheck_buggy",
-    "gradcheck_fixed",
-)
-EXPERIMENTS = (sigmoid.EXPERIMENT, matrix_product.EXPERIMENT, "vanishing", "init", "exploding", "gradcheck")
+#: The trained experiments in the order the README walks through them; one not listed here runs after them.
+WALKTHROUGH = ("vanishing", "init", "exploding", "gradcheck")
+
+
+def walkthrough_order(config: str) -> tuple[int, str]:
+    experiment = run_name(config)[0]
+    return (WALKTHROUGH.index(experiment) if experiment in WALKTHROUGH else len(WALKTHROUGH), config)
+
+
+#: The training runs: every variant config, grouped by experiment in walkthrough order, by name within one.
+CONFIGS = tuple(sorted(variant_configs(), key=walkthrough_order))
+#: Every experiment the demo runs, as named by its runs' directory ``<logdir>/<experiment>``.
+EXPERIMENTS = (sigmoid.EXPERIMENT, matrix_product.EXPERIMENT, *dict.fromkeys(run_name(c)[0] for c in CONFIGS))
 
 
 def train(config: str, logdir: Path, *overrides: str) -> str:
     """Run one config (with LightningCLI ``overrides``); return its line: name, steps, accuracy, seconds, and what
     gradmon flagged."""
     start = time.perf_counter()
-    cli = cli_main(
-        [
-            "fit",
-            f"--config={CONFIG_DIR / f'{config}.yaml'}",
-            f"--trainer.logger.init_args.save_dir={logdir}",
-            "--trainer.enable_progress_bar=false",
-            "--trainer.enable_model_summary=false",
-            *overrides,
-        ]
-    )
-    trainer = cli.trainer
+    trainer = fit_config(config, logdir, *overrides).trainer
     val_acc = trainer.callback_metrics.get("val/acc")
     accuracy = f"val acc {float(val_acc):.2f}" if val_acc is not None else "no validation"
     name = f"{trainer.logger.name}/{trainer.logger.version}"

@@ -28,6 +28,17 @@ def build_mlp(in_features: int, num_classes: int, depth: int, width: int, activa
     return nn.Sequential(*layers)
 
 
+def kaiming_mlp(in_features: int, num_classes: int, depth: int, width: int) -> nn.Sequential:
+    """:func:`build_mlp` with ReLU, Kaiming-normal weights and zero biases: a deep net whose gradients stay healthy,
+    so that the benchmarks time gradmon's healthy path."""
+    model = build_mlp(in_features, num_classes, depth, width, "relu")
+    for module in model.modules():
+        if isinstance(module, nn.Linear):
+            nn.init.kaiming_normal_(module.weight, nonlinearity="relu")
+            nn.init.zeros_(module.bias)
+    return model
+
+
 class MLP(LightningModule):
     """A deep MLP trained with SGD on cross-entropy.
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
+import gradmon.norms
+
 
 @pytest.fixture(scope="session", autouse=True)
 def one_thread():
@@ -14,3 +16,17 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def norm_computations(monkeypatch: pytest.MonkeyPatch) -> list[float]:
+    """The norm type of every gradient-norm computation (``gradmon.norms.compute_norms`` call) the test makes."""
+    computed: list[float] = []
+    compute_norms = gradmon.norms.compute_norms
+
+    def counted(layout, tensors, norm_type):
+        computed.append(norm_type)
+        return compute_norms(layout, tensors, norm_type)
+
+    monkeypatch.setattr(gradmon.norms, "compute_norms", counted)
+    return computed

@@ -13,12 +13,11 @@ from pathlib import Path
 
 import lightning.pytorch as pl
 import torch
-from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.strategies import DDPStrategy, ModelParallelStrategy
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).parent))
-from helpers import MLP, make_loader  # noqa: E402
+from helpers import MLP, PlantNaN, fit, rank_loader  # noqa: E402
 
 from gradmon import GradHealthMonitor, GradNormMonitor, WeightInit  # noqa: E402
 
@@ -37,18 +36,6 @@ class ShardedMLP(MLP):
             if isinstance(layer, nn.Linear):
                 fully_shard(layer, mesh=mesh)
         fully_shard(self, mesh=mesh)
-
-
-class PlantNaN(pl.Callback):
-    """Puts a NaN into ``net.2``'s weight gradient (this rank's shard of it) at one step, on one rank or all."""
-
-    def __init__(self, step: int, rank: int | None = None) -> None:
-        self.step, self.rank = step, rank
-
-    def on_after_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if self.rank in (None, trainer.global_rank) and trainer.global_step == self.step:
-            grad = pl_module.net[2].weight.grad
-            (grad.to_local() if hasattr(grad, "to_local") else grad)[0, 0] = float("nan")
 
 
 class InitialWeights(pl.Callback):
@@ -73,7 +60,7 @@ def main(scenario: str, out: Path) -> None:
         model = MLP() if scenario == "ddp_norms" else ShardedMLP()
         callbacks = [GradNormMonitor(log_every_n_steps=1), GradHealthMonitor(on_nonfinite="skip")]
         if scenario == "fsdp_norms":
-            callbacks.append(PlantNaN(step=2, rank=1))
+            callbacks.append(PlantNaN(2, element=(0, 0), rank=1))
     elif scenario == "fsdp_init":
         # WeightInit on DTensor shards: the full weights must be those a single process draws with the same seeds.
         strategy = ModelParallelStrategy(data_parallel_size=2, tensor_parallel_size=1)
@@ -90,22 +77,9 @@ def main(scenario: str, out: Path) -> None:
         callbacks = [GradHealthMonitor(exploding_threshold=threshold, vanishing_threshold=0.0, on_exploding="stop")]
     else:
         raise SystemExit(f"unknown scenario {scenario!r}")
-    trainer = pl.Trainer(
-        accelerator="cpu",
-        devices=2,
-        strategy=strategy,
-        max_steps=STEPS,
-        callbacks=callbacks,
-        logger=TensorBoardLogger(out, name="tb", version=0),
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        enable_checkpointing=False,
-        use_distributed_sampler=False,
-    )
-    # Each rank takes every other sample, so the two ranks' step-k batches together are the reference's step-k batch.
-    dataset = make_loader(batch_size=2 * PER_DEVICE_BATCH, steps=STEPS).dataset
-    shard = torch.utils.data.Subset(dataset, range(int(os.environ.get("LOCAL_RANK", 0)), len(dataset), 2))
-    trainer.fit(model, torch.utils.data.DataLoader(shard, batch_size=PER_DEVICE_BATCH, shuffle=False))
+    loader = rank_loader(int(os.environ.get("LOCAL_RANK", 0)), PER_DEVICE_BATCH, STEPS)
+    trainer = fit(model, callbacks, steps=STEPS, tmp_path=out, loader=loader, devices=2, strategy=strategy,
+                  use_distributed_sampler=False)
     health = next((c for c in callbacks if isinstance(c, GradHealthMonitor)), None)
     weights = {k: _full(v).detach().clone() for k, v in model.state_dict().items()}
     initial = next((c.weights for c in callbacks if isinstance(c, InitialWeights)), None)

@@ -161,9 +161,7 @@ def raw_phase(rank: int, world: int) -> dict[str, Any]:
 
 def lightning_phase(rank: int, out: Path) -> dict[str, Any]:
     """GradNormMonitor under Lightning's FSDPStrategy, the layers wrapped by hand in ``configure_model``."""
-    import lightning.pytorch as pl
-    from helpers import MLP, make_loader
-    from lightning.pytorch.loggers import TensorBoardLogger
+    from helpers import MLP, fit, rank_loader
     from lightning.pytorch.strategies import FSDPStrategy
 
     from gradmon import GradNormMonitor
@@ -189,23 +187,9 @@ def lightning_phase(rank: int, out: Path) -> dict[str, Any]:
             self.net = FSDP(self.net, **kwargs)
 
     torch.manual_seed(0)
-    model = FSDP1MLP()
-    trainer = pl.Trainer(
-        accelerator="cpu",
-        devices=2,
-        strategy=CPUFSDPStrategy(process_group_backend="gloo"),
-        max_steps=STEPS,
-        callbacks=[GradNormMonitor(log_every_n_steps=1)],
-        logger=TensorBoardLogger(out, name="tb", version=0),
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        enable_checkpointing=False,
-        use_distributed_sampler=False,
-    )
-    # Each rank takes every other sample, so the two ranks' step-k batches together are the reference's step-k batch.
-    dataset = make_loader(batch_size=2 * PER_DEVICE_BATCH, steps=STEPS).dataset
-    shard = torch.utils.data.Subset(dataset, range(rank, len(dataset), 2))
-    trainer.fit(model, torch.utils.data.DataLoader(shard, batch_size=PER_DEVICE_BATCH, shuffle=False))
+    trainer = fit(FSDP1MLP(), [GradNormMonitor(log_every_n_steps=1)], steps=STEPS, tmp_path=out,
+                  loader=rank_loader(rank, PER_DEVICE_BATCH, STEPS), devices=2,
+                  strategy=CPUFSDPStrategy(process_group_backend="gloo"), use_distributed_sampler=False)
     return {"global_step": trainer.global_step, "strategy_model": type(trainer.strategy.model).__name__}
 
 

@@ -1,13 +1,21 @@
-"""Small models, data and readers shared by the tests."""
+"""Small models, data, Trainer runs and readers shared by the tests."""
 
 from __future__ import annotations
 
+import contextlib
+import math
+import warnings
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import lightning.pytorch as pl
 import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from tensorboard.plugins.custom_scalar import layout_pb2
 from torch import nn
+
+from gradmon import GradientHealthWarning
+from gradmon.naming import layer_name
 
 ACTIVATIONS = {"relu": nn.ReLU, "sigmoid": nn.Sigmoid, "tanh": nn.Tanh}
 
@@ -18,6 +26,7 @@ class MLP(pl.LightningModule):
     def __init__(self, depth: int = 3, width: int = 16, in_features: int = 8, activation: str = "relu",
                  init: str | None = None, optimizer: str = "sgd", lr: float = 0.05) -> None:
         super().__init__()
+        self.in_features = in_features
         layers: list[nn.Module] = []
         d = in_features
         for _ in range(depth):
@@ -47,6 +56,29 @@ class MLP(pl.LightningModule):
         if self.optimizer_name == "adam":
             return torch.optim.Adam(self.parameters(), lr=self.lr)
         return torch.optim.SGD(self.parameters(), lr=self.lr)
+
+
+def mlp_layers(depth: int = 3) -> list[str]:
+    """The layers of ``MLP(depth)``, as gradmon names them: ``net.0``, ``net.2``, ... and the head."""
+    return [f"net.{2 * i}" for i in range(depth + 1)]
+
+
+class PlantNaN(pl.Callback):
+    """Turns the weight gradient of ``layer`` into NaN after the backward of the given optimizer steps: the whole
+    gradient, or only the one ``element``; under sharding, this rank's piece of it, on ``rank`` only or on all."""
+
+    def __init__(self, *steps: int, layer: str = "net.2", element: tuple[int, ...] | None = None,
+                 rank: int | None = None) -> None:
+        self.steps, self.layer, self.element, self.rank = set(steps), layer, element, rank
+
+    def on_after_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if trainer.global_step in self.steps and self.rank in (None, trainer.global_rank):
+            grad = pl_module.get_submodule(self.layer).weight.grad
+            local = grad.to_local() if hasattr(grad, "to_local") else grad
+            if self.element is None:
+                local.fill_(math.nan)
+            else:
+                local[self.element] = math.nan
 
 
 class ScaleGrad(torch.autograd.Function):
@@ -100,6 +132,63 @@ def trainer(tmp_path: Path | None = None, **kwargs) -> pl.Trainer:
     return pl.Trainer(**defaults)
 
 
+def logdir(tmp_path: Path) -> Path:
+    """Where :func:`trainer` given ``tmp_path`` writes its TensorBoard run."""
+    return tmp_path / "tb" / "version_0"
+
+
+def fit(
+    model: pl.LightningModule,
+    callbacks: Sequence[pl.Callback] = (),
+    *,
+    steps: int,
+    tmp_path: Path | None = None,
+    loader: torch.utils.data.DataLoader | None = None,
+    batch_size: int = 16,
+    batches: int | None = None,
+    ckpt_path: Path | None = None,
+    **trainer_kwargs,
+) -> pl.Trainer:
+    """Train ``model`` for ``steps`` optimizer steps on a :func:`trainer` with ``callbacks``; on ``loader``, or else on
+    ``batches`` (default: ``steps``) batches of :func:`make_loader` data, as wide as the :class:`MLP`'s input."""
+    t = trainer(tmp_path, max_steps=steps, callbacks=list(callbacks), **trainer_kwargs)
+    if loader is None:
+        loader = make_loader(batch_size, batches or steps, in_features=model.in_features)
+    t.fit(model, loader, ckpt_path=ckpt_path)
+    return t
+
+
+def rank_loader(rank: int, per_device_batch: int, steps: int, world: int = 2) -> torch.utils.data.DataLoader:
+    """This rank's share of ``make_loader(world * per_device_batch, steps)``: every ``world``-th sample, so that the
+    ranks' step-k batches together are the single-process step-k batch."""
+    dataset = make_loader(batch_size=world * per_device_batch, steps=steps).dataset
+    shard = torch.utils.data.Subset(dataset, range(rank, len(dataset), world))
+    return torch.utils.data.DataLoader(shard, batch_size=per_device_batch, shuffle=False)
+
+
+@contextlib.contextmanager
+def health_warnings() -> Iterator[list[str]]:
+    """The messages of every GradientHealthWarning raised in the block (none hidden as a repeat), filled on exit."""
+    messages: list[str] = []
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        yield messages
+    messages.extend(str(w.message) for w in record if issubclass(w.category, GradientHealthWarning))
+
+
+def hand_norms(tensors: dict[str, torch.Tensor], p: float, group_by: str = "layer") -> dict[str, float]:
+    """p-norm per layer of named tensors, in float64 with torch.linalg.vector_norm."""
+    parts: dict[str, list[torch.Tensor]] = {}
+    for name, t in tensors.items():
+        parts.setdefault(layer_name(name, group_by), []).append(t.detach().double().reshape(-1))
+    return {layer: torch.linalg.vector_norm(torch.cat(ts), p).item() for layer, ts in parts.items()}
+
+
+def hand_total(tensors: dict[str, torch.Tensor], p: float) -> float:
+    """p-norm of all named tensors together, in float64."""
+    return torch.linalg.vector_norm(torch.cat([t.detach().double().reshape(-1) for t in tensors.values()]), p).item()
+
+
 def read_scalars(logdir: Path) -> dict[str, dict[int, float]]:
     """Every scalar tag of the event files under ``logdir``, as {tag: {step: value}}."""
     acc = accumulator(logdir)
@@ -110,3 +199,11 @@ def accumulator(logdir: Path) -> EventAccumulator:
     acc = EventAccumulator(str(logdir), size_guidance={"scalars": 0, "histograms": 0, "tensors": 0})
     acc.Reload()
     return acc
+
+
+def read_layouts(logdir: Path) -> list[layout_pb2.Layout]:
+    """Every custom-scalars layout written to the run at ``logdir``."""
+    return [
+        layout_pb2.Layout.FromString(event.tensor_proto.string_val[0])
+        for event in accumulator(logdir).Tensors("custom_scalars__config__")
+    ]

@@ -11,14 +11,14 @@ from pathlib import Path
 
 import pytest
 import torch
-from distributed_runs import PER_DEVICE_BATCH, STEPS, PlantNaN
-from helpers import MLP, make_loader, read_scalars, trainer
+from distributed_runs import PER_DEVICE_BATCH, STEPS
+from helpers import MLP, PlantNaN, fit, logdir, mlp_layers, read_scalars
 
 from gradmon import GradHealthMonitor, GradNormMonitor
 from gradmon.init import initialize
 
 HERE = Path(__file__).parent
-LAYERS = ["net.0", "net.2", "net.4", "net.6"]
+LAYERS = mlp_layers(depth=3)
 
 
 def launch(scenario: str, out: Path, timeout: float = 240) -> None:
@@ -36,10 +36,9 @@ def reference(tmp_path: Path, plant_nan_at: int | None = None):
     model = MLP()
     callbacks = [GradNormMonitor(log_every_n_steps=1), GradHealthMonitor(on_nonfinite="skip")]
     if plant_nan_at is not None:
-        callbacks.append(PlantNaN(step=plant_nan_at))
-    t = trainer(tmp_path, max_steps=STEPS, callbacks=callbacks)
-    t.fit(model, make_loader(batch_size=2 * PER_DEVICE_BATCH, steps=STEPS))
-    return read_scalars(tmp_path / "tb" / "version_0"), model.state_dict(), callbacks[1]
+        callbacks.append(PlantNaN(plant_nan_at, element=(0, 0)))
+    fit(model, callbacks, steps=STEPS, tmp_path=tmp_path, batch_size=2 * PER_DEVICE_BATCH)
+    return read_scalars(logdir(tmp_path)), model.state_dict(), callbacks[1]
 
 
 def assert_norms_match(got: dict, want: dict, steps: range) -> None:
@@ -54,7 +53,7 @@ def assert_norms_match(got: dict, want: dict, steps: range) -> None:
 
 def test_ddp_norms_equal_single_process_norms(tmp_path: Path) -> None:
     launch("ddp_norms", tmp_path / "ddp")
-    got = read_scalars(tmp_path / "ddp" / "tb" / "version_0")
+    got = read_scalars(logdir(tmp_path / "ddp"))
     want, want_weights, _ = reference(tmp_path / "ref")
     assert_norms_match(got, want, range(STEPS))
     ranks = [torch.load(tmp_path / "ddp" / f"rank{r}.pt") for r in (0, 1)]
@@ -65,7 +64,7 @@ def test_ddp_norms_equal_single_process_norms(tmp_path: Path) -> None:
 
 def test_fsdp_sharded_norms_are_full_tensor_norms_and_ranks_skip_together(tmp_path: Path) -> None:
     launch("fsdp_norms", tmp_path / "fsdp")
-    got = read_scalars(tmp_path / "fsdp" / "tb" / "version_0")
+    got = read_scalars(logdir(tmp_path / "fsdp"))
     want, want_weights, want_health = reference(tmp_path / "ref", plant_nan_at=2)
     # Steps 0, 1 and 3 are finite; at step 2 rank 1's shard of net.2 held a NaN: flagged, named, skipped on both ranks.
     assert_norms_match(got, want, range(2))

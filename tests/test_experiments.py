@@ -11,16 +11,15 @@ from pathlib import Path
 
 import pytest
 import torch
-from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from helpers import accumulator
 
 import gradmon
 from experiments import matrix_product, sigmoid
-from experiments.__main__ import cli_main
-from experiments.demo import CONFIGS, quiet, train
+from experiments.cli import CONFIG_DIR, cli_main, fit_config, run_name
+from experiments.demo import CONFIGS, EXPERIMENTS, quiet, train
 from experiments.gradcheck_bug import PLANTED_LAYER, LinearWrongWeightGrad
 from gradmon.report import layer_norms, load_run
 
-CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 EPOCHS, BATCHES = 2, 3
 MAX_STEPS = EPOCHS * BATCHES
 
@@ -31,6 +30,13 @@ pytestmark = pytest.mark.filterwarnings(
 
 def test_every_config_is_run_by_the_demo():
     assert sorted(CONFIGS) == sorted(p.stem for p in CONFIG_DIR.glob("*.yaml") if p.stem != "base")
+
+
+def test_the_demo_runs_the_experiments_in_the_readmes_order_named_as_their_runs():
+    assert EXPERIMENTS == ("sigmoid", "matrix_product", "vanishing", "init", "exploding", "gradcheck")
+    experiments = [run_name(config)[0] for config in CONFIGS]
+    assert experiments == ["vanishing"] * 3 + ["init"] * 5 + ["exploding"] + ["gradcheck"] * 2
+    assert run_name("init_normal_0.01") == ("init", "normal_0.01")
 
 
 def test_variant_configs_state_only_what_differs_from_the_base():
@@ -47,12 +53,8 @@ def test_variant_configs_state_only_what_differs_from_the_base():
 
 def test_rerunning_a_variant_replaces_its_run_instead_of_adding_a_second_event_file(tmp_path, capsys):
     for depth in (16, 3):
-        cli_main([
-            "fit", f"--config={CONFIG_DIR / 'vanishing_tanh.yaml'}", f"--trainer.logger.init_args.save_dir={tmp_path}",
-            f"--model.depth={depth}", "--trainer.max_epochs=1", "--trainer.limit_train_batches=2",
-            "--trainer.limit_val_batches=1", "--trainer.log_every_n_steps=1", "--trainer.enable_progress_bar=false",
-            "--trainer.enable_model_summary=false",
-        ])
+        fit_config("vanishing_tanh", tmp_path, f"--model.depth={depth}", "--trainer.max_epochs=1",
+                   "--trainer.limit_train_batches=2", "--trainer.limit_val_batches=1", "--trainer.log_every_n_steps=1")
     run_dir = tmp_path / "vanishing" / "tanh"
     assert len(list(run_dir.glob("events.out.tfevents.*"))) == 1
     assert "replacing the earlier run" in capsys.readouterr().out
@@ -73,9 +75,7 @@ def test_sigmoid_gradient_peaks_at_a_quarter_and_is_3e_4_at_8():
 def test_sigmoid_run_writes_a_png_and_a_tensorboard_image(tmp_path):
     png = sigmoid.run(tmp_path)
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    events = EventAccumulator(str(tmp_path / "sigmoid" / "saturation"))
-    events.Reload()
-    assert events.Tags()["images"] == ["sigmoid/curve_and_gradient"]
+    assert accumulator(tmp_path / "sigmoid" / "saturation").Tags()["images"] == ["sigmoid/curve_and_gradient"]
 
 
 def test_matrix_product_explodes_for_standard_normal_and_not_when_scaled():
@@ -133,19 +133,8 @@ def runs(tmp_path_factory) -> dict[str, tuple[object, Path]]:
     logdir = tmp_path_factory.mktemp("runs")
     done = {}
     for config in CONFIGS:
-        cli = cli_main(
-            [
-                "fit",
-                f"--config={CONFIG_DIR / f'{config}.yaml'}",
-                f"--trainer.logger.init_args.save_dir={logdir}",
-                f"--trainer.max_epochs={EPOCHS}",
-                f"--trainer.limit_train_batches={BATCHES}",
-                "--trainer.limit_val_batches=2",
-                "--trainer.log_every_n_steps=1",
-                "--trainer.enable_progress_bar=false",
-                "--trainer.enable_model_summary=false",
-            ]
-        )
+        cli = fit_config(config, logdir, f"--trainer.max_epochs={EPOCHS}", f"--trainer.limit_train_batches={BATCHES}",
+                         "--trainer.limit_val_batches=2", "--trainer.log_every_n_steps=1")
         done[config] = (cli, Path(cli.trainer.logger.log_dir))
     return done
 
@@ -217,8 +206,7 @@ def test_gradcheck_passes_the_fixed_model(runs):
 def test_the_hparams_tab_holds_the_model_settings_the_init_scheme_and_the_accuracy(runs):
     from tensorboard.plugins.hparams import plugin_data_pb2
 
-    acc = EventAccumulator(str(runs["init_kaiming"][1]), size_guidance={"tensors": 0})
-    acc.Reload()
+    acc = accumulator(runs["init_kaiming"][1])
     content = acc.SummaryMetadata("_hparams_/session_start_info").plugin_data.content
     hparams = plugin_data_pb2.HParamsPluginData.FromString(content).session_start_info.hparams
     assert hparams["depth"].number_value == 16

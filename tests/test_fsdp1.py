@@ -14,11 +14,10 @@ from types import SimpleNamespace
 import pytest
 import torch
 from fsdp1_runs import NORM_TYPES, PER_DEVICE_BATCH, STEPS, Net, global_batch, loss_of
-from helpers import MLP, make_loader, read_scalars
+from helpers import MLP, hand_norms, hand_total, logdir, make_loader, read_scalars
 from torch import nn
 from torch.distributed.fsdp import ShardingStrategy
 
-from gradmon.naming import layer_name
 from gradmon.sharding import _fsdp1_replicas, local_grad_or_zeros
 
 HERE = Path(__file__).parent
@@ -61,15 +60,6 @@ def raw(run: Path, rank: int) -> dict:
     return torch.load(run / f"raw_rank{rank}.pt", weights_only=False)
 
 
-def per_layer(named: dict[str, torch.Tensor], p: float) -> tuple[dict[str, float], float]:
-    """Per-layer p-norms and the total of whole tensors, in float64."""
-    layers: dict[str, list[torch.Tensor]] = {}
-    for name, t in named.items():
-        layers.setdefault(layer_name(name), []).append(t.detach().double().reshape(-1))
-    norms = {layer: torch.linalg.vector_norm(torch.cat(ts), p).item() for layer, ts in layers.items()}
-    return norms, torch.linalg.vector_norm(torch.cat([t for ts in layers.values() for t in ts]), p).item()
-
-
 @pytest.fixture(scope="module")
 def reference() -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
     """The unsharded model's gradients (trainable parameters) and weights, on the whole global batch."""
@@ -93,13 +83,13 @@ def test_fsdp1_layer_norms_are_those_of_the_full_gradients_on_every_rank(run: Pa
         assert sorted(result["param_names"]) == sorted(grads)  # the user's names: no _fsdp_wrapped_module
         assert result["layer_names"] == ["scale", "net.0", "net.4"]  # net.2 is frozen
         for p in NORM_TYPES:
-            want_layers, want_total = per_layer(grads, p)
+            want_layers, want_total = hand_norms(grads, p), hand_total(grads, p)
             got_layers, got_total = result["grad_norms"][p]
             assert got_layers == pytest.approx(want_layers, rel=REL), (config, p)
             assert got_total == pytest.approx(want_total, rel=REL), (config, p)
         got_layers, got_total = result["grad_norms_after_gather"]
-        assert got_layers == pytest.approx(per_layer(grads, 2.0)[0], rel=REL)
-        want_layers, want_total = per_layer(weights, 2.0)
+        assert got_layers == pytest.approx(hand_norms(grads, 2.0), rel=REL)
+        want_layers, want_total = hand_norms(weights, 2.0), hand_total(weights, 2.0)
         assert result["weight_norms"][0] == pytest.approx(want_layers, rel=REL)  # frozen net.2 included
         assert result["weight_norms"][1] == pytest.approx(want_total, rel=REL)
 
@@ -165,15 +155,16 @@ def lightning_reference() -> dict[str, dict[int, float]]:
         optimizer.zero_grad()
         nn.functional.cross_entropy(model(x), y).backward()
         named = {n: p for n, p in model.named_parameters() if p.requires_grad}
-        grad_layers, total = per_layer({n: p.grad for n, p in named.items()}, 2.0)
-        weight_layers, _ = per_layer(named, 2.0)
+        grads = {n: p.grad for n, p in named.items()}
+        grad_layers, total = hand_norms(grads, 2.0), hand_total(grads, 2.0)
+        weight_layers = hand_norms(named, 2.0)
         for layer in grad_layers:
             want.setdefault(f"grad_norm/{layer}", {})[step] = grad_layers[layer]
             want.setdefault(f"weight_norm/{layer}", {})[step] = weight_layers[layer]
         want.setdefault("grad_norm/total", {})[step] = total
         before = {n: p.detach().clone() for n, p in named.items()}
         optimizer.step()
-        update_layers, _ = per_layer({n: p.detach() - before[n] for n, p in named.items()}, 2.0)
+        update_layers = hand_norms({n: p.detach() - before[n] for n, p in named.items()}, 2.0)
         for layer, update in update_layers.items():
             want.setdefault(f"update_ratio/{layer}", {})[step] = update / weight_layers[layer]
     return want
@@ -187,7 +178,7 @@ def test_grad_norm_monitor_under_lightning_fsdp_strategy_logs_full_gradient_norm
                      "(gradmon/callbacks/_grad_source.py, optimizer_layout)")
     assert not errors, errors[0]
     assert [r["global_step"] for r in results] == [STEPS] * WORLD
-    got = read_scalars(run / "tb" / "version_0")
+    got = read_scalars(logdir(run))
     want = lightning_reference()
     assert {tag for tag in got if tag.startswith("grad_norm/")} == {"grad_norm/net.0", "grad_norm/net.4",
                                                                     "grad_norm/total"}

@@ -3,27 +3,19 @@
 from __future__ import annotations
 
 import copy
+import functools
 import math
-import warnings
 from pathlib import Path
 
+import helpers
 import lightning.pytorch as pl
 import pytest
 import torch
-from helpers import MLP, make_loader, read_scalars, trainer
+from helpers import MLP, PlantNaN, health_warnings, logdir, read_scalars
 
-import gradmon.norms as gradmon_norms
 from gradmon import GradHealthMonitor, GradientHealthError, GradientHealthWarning, GradNormMonitor
 
-
-def fit(model: pl.LightningModule, callbacks: list, steps: int, tmp_path: Path | None = None, **kwargs) -> pl.Trainer:
-    t = trainer(tmp_path, max_steps=steps, callbacks=callbacks, **kwargs)
-    t.fit(model, make_loader(batch_size=32, steps=steps, in_features=model.net[0].in_features))
-    return t
-
-
-def health_warnings(record) -> list[str]:
-    return [str(w.message) for w in record if issubclass(w.category, GradientHealthWarning)]
+fit = functools.partial(helpers.fit, batch_size=32)
 
 
 # --- classification with defaults -------------------------------------------------------------------------------
@@ -63,25 +55,13 @@ def test_defaults_flag_a_deep_relu_mlp_initialised_standard_normal_as_exploding_
 # --- planted faults ---------------------------------------------------------------------------------------------
 
 
-def plant_nan(model: MLP, layer: int, at_step: int) -> None:
-    """A tensor hook that turns ``net.<layer>.weight``'s gradient into NaN at one optimizer step."""
-
-    def hook(grad: torch.Tensor) -> torch.Tensor:
-        return torch.full_like(grad, math.nan) if model.trainer.global_step == at_step else grad
-
-    model.net[layer].weight.register_hook(hook)
-
-
 def test_a_nan_planted_in_one_layer_is_flagged_at_that_step_naming_that_layer() -> None:
     torch.manual_seed(0)
-    model = MLP(depth=3)
-    plant_nan(model, layer=2, at_step=4)
     monitor = GradHealthMonitor(on_nonfinite="skip")  # "warn" would let the NaN into the weights
-    with warnings.catch_warnings(record=True) as record:
-        warnings.simplefilter("always")
-        fit(model, [monitor], steps=6)
+    with health_warnings() as messages:
+        fit(MLP(depth=3), [PlantNaN(4), monitor], steps=6)
     assert [(e.step, e.layer, e.condition) for e in monitor.events] == [(4, "net.2", "nonfinite")]
-    (message,) = health_warnings(record)
+    (message,) = messages
     assert "step 4" in message and "first in layer net.2" in message
 
 
@@ -130,30 +110,27 @@ def assert_same_state(a: tuple[dict, dict], b: tuple[dict, dict]) -> None:
 def test_skip_leaves_weights_and_adam_state_exactly_as_before_the_faulty_step() -> None:
     torch.manual_seed(0)
     model = MLP(depth=3, optimizer="adam", lr=1e-2)
-    plant_nan(model, layer=2, at_step=3)
     faulty, healthy = Snapshot(step=3), Snapshot(step=2)
     monitor = GradHealthMonitor(on_nonfinite="skip")
-    with warnings.catch_warnings(record=True) as record:
-        warnings.simplefilter("always")
-        t = fit(model, [monitor, faulty, healthy], steps=6)
+    with health_warnings() as messages:
+        t = fit(model, [PlantNaN(3), monitor, faulty, healthy], steps=6)
     assert_same_state(faulty.before, faulty.after)
     with pytest.raises(AssertionError):  # a normal step does change them: the check above can fail
         assert_same_state(healthy.before, healthy.after)
     assert faulty.before[1]["state"][0]["step"] == 3  # Adam's step count did not advance either
     assert monitor.skipped_steps == 1 and t.global_step == 6
     assert all(torch.isfinite(p).all() for p in model.parameters())
-    assert "skipped" in health_warnings(record)[0]
+    assert "skipped" in messages[0]
 
 
 def test_stop_ends_the_run_gracefully_after_the_flagged_step(tmp_path: Path) -> None:
     torch.manual_seed(0)
-    model = MLP(depth=3)
-    plant_nan(model, layer=0, at_step=2)
     monitor = GradHealthMonitor(on_nonfinite="stop")
     with pytest.warns(GradientHealthWarning, match="Stopping the run"):
-        t = fit(model, [monitor], steps=20, tmp_path=tmp_path, enable_checkpointing=True)
+        t = fit(MLP(depth=3), [PlantNaN(2, layer="net.0"), monitor], steps=20, tmp_path=tmp_path,
+                enable_checkpointing=True)
     assert t.global_step == 3 and t.should_stop
-    assert list((tmp_path / "tb" / "version_0" / "checkpoints").glob("*.ckpt"))  # checkpointing finished normally
+    assert list((logdir(tmp_path) / "checkpoints").glob("*.ckpt"))  # checkpointing finished normally
 
 
 def test_raise_puts_the_details_in_the_error() -> None:
@@ -164,14 +141,9 @@ def test_raise_puts_the_details_in_the_error() -> None:
 
 def test_warnings_are_rate_limited_but_the_first_of_each_condition_is_always_reported() -> None:
     torch.manual_seed(0)
-    model = MLP(depth=3)
-    for step in (1, 2, 3, 9):
-        plant_nan(model, layer=2, at_step=step)
     monitor = GradHealthMonitor(on_nonfinite="skip", warn_every_n_steps=5)
-    with warnings.catch_warnings(record=True) as record:
-        warnings.simplefilter("always")
-        fit(model, [monitor], steps=12)
-    messages = health_warnings(record)
+    with health_warnings() as messages:
+        fit(MLP(depth=3), [PlantNaN(1, 2, 3, 9), monitor], steps=12)
     assert [m.split(",")[0] for m in messages] == [
         "gradmon: non-finite gradients at step 1",
         "gradmon: non-finite gradients at step 9",
@@ -185,31 +157,28 @@ def test_warnings_are_rate_limited_but_the_first_of_each_condition_is_always_rep
 
 def test_counts_are_logged_at_logging_steps_and_at_flagged_steps(tmp_path: Path) -> None:
     torch.manual_seed(0)
-    model = MLP(depth=3)
-    plant_nan(model, layer=2, at_step=3)
-    fit(model, [GradHealthMonitor(on_nonfinite="skip", log_every_n_steps=4)], steps=9, tmp_path=tmp_path)
-    scalars = read_scalars(tmp_path / "tb" / "version_0")
+    fit(MLP(depth=3), [PlantNaN(3), GradHealthMonitor(on_nonfinite="skip", log_every_n_steps=4)], steps=9,
+        tmp_path=tmp_path)
+    scalars = read_scalars(logdir(tmp_path))
     assert scalars["grad_health/nonfinite"] == {0: 0.0, 3: 1.0, 4: 0.0, 8: 0.0}
     assert scalars["grad_health/skipped_steps"] == {0: 0.0, 3: 1.0, 4: 1.0, 8: 1.0}
     assert set(scalars["grad_health/vanishing"]) == {0, 3, 4, 8}
 
 
-def test_norms_are_computed_once_per_step_when_both_monitors_are_attached(monkeypatch) -> None:
-    calls = []
-    real = gradmon_norms.compute_norms
-    monkeypatch.setattr(gradmon_norms, "compute_norms", lambda *a: calls.append(1) or real(*a))
+def test_norms_are_computed_once_per_step_when_both_monitors_are_attached(
+    tmp_path: Path, norm_computations: list[float]
+) -> None:
     torch.manual_seed(0)
-    health = GradHealthMonitor()
-    fit(MLP(depth=3), [health, GradNormMonitor(log_every_n_steps=1)], steps=5)
-    assert len(calls) == 5
-    assert health._source is not health._own_source
+    fit(MLP(depth=3), [GradHealthMonitor(), GradNormMonitor(log_every_n_steps=1)], steps=5, tmp_path=tmp_path)
+    assert norm_computations == [2.0] * 5  # not 10: both monitors log every step from one computation
 
 
-def test_a_monitor_with_another_norm_type_is_not_shared() -> None:
+def test_a_monitor_with_another_norm_type_is_not_shared(tmp_path: Path, norm_computations: list[float]) -> None:
     torch.manual_seed(0)
-    health = GradHealthMonitor()
-    fit(MLP(depth=3), [GradNormMonitor(norm_type="inf"), health], steps=2)
-    assert health._source is health._own_source
+    fit(MLP(depth=3), [GradNormMonitor(norm_type="inf", log_every_n_steps=1), GradHealthMonitor()], steps=2,
+        tmp_path=tmp_path)
+    # Each step, GradNormMonitor's inf-norms, and GradHealthMonitor's own 2-norms.
+    assert norm_computations == [math.inf, 2.0] * 2
 
 
 def test_history_survives_a_resume_from_checkpoint(tmp_path: Path) -> None:
@@ -220,11 +189,10 @@ def test_history_survives_a_resume_from_checkpoint(tmp_path: Path) -> None:
     t.save_checkpoint(path)
     resumed = GradHealthMonitor(warmup_steps=2)
     torch.manual_seed(0)
-    t2 = trainer(None, max_steps=8, callbacks=[resumed])
-    t2.fit(MLP(depth=3), make_loader(batch_size=32, steps=8), ckpt_path=path)
+    fit(MLP(depth=3), [resumed], steps=8, ckpt_path=path)
     state = torch.load(path, weights_only=False)["callbacks"][monitor.state_key]
     assert state["tracker"]["seen"]["net.0"] == 6
-    assert resumed.tracker._seen["net.0"] == 8  # 6 restored + 2 new steps
+    assert resumed.tracker.state_dict()["seen"]["net.0"] == 8  # 6 restored + 2 new steps
 
 
 @pytest.mark.parametrize(

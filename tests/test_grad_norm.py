@@ -13,20 +13,29 @@ from pathlib import Path
 import lightning.pytorch as pl
 import pytest
 import torch
-from helpers import MLP, accumulator, make_loader, read_scalars, trainer
+from helpers import (
+    MLP,
+    accumulator,
+    fit,
+    hand_norms,
+    hand_total,
+    logdir,
+    make_loader,
+    mlp_layers,
+    read_layouts,
+    read_scalars,
+)
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 from lightning.pytorch.plugins import MixedPrecision
 from tensorboard.backend.event_processing.event_file_loader import RawEventFileLoader
 from tensorboard.compat.proto import event_pb2
-from tensorboard.plugins.custom_scalar import layout_pb2
 from torch import nn
 
-import gradmon.norms as gradmon_norms
 from gradmon import GradHealthMonitor, GradNormMonitor
 from gradmon.callbacks import _logging
-from gradmon.norms import layer_name
+from gradmon.naming import layer_name
 
-LAYERS = ["net.0", "net.2", "net.4", "net.6"]
+LAYERS = mlp_layers(depth=3)
 PER_LAYER = ("grad_norm", "grad_norm_log10", "weight_norm", "update_ratio", "update_ratio_log10")
 
 
@@ -50,18 +59,6 @@ class Recorder(pl.Callback):
         if self._step is not None:
             self.after[self._step] = {n: p.detach().clone() for n, p in pl_module.named_parameters()}
             self._step = None
-
-
-def hand_norms(tensors: dict[str, torch.Tensor], p: float, group_by: str = "layer") -> dict[str, float]:
-    """p-norm per layer of named tensors, in float64 with torch.linalg.vector_norm."""
-    parts: dict[str, list[torch.Tensor]] = {}
-    for name, t in tensors.items():
-        parts.setdefault(layer_name(name, group_by), []).append(t.double().reshape(-1))
-    return {layer: torch.linalg.vector_norm(torch.cat(ts), p).item() for layer, ts in parts.items()}
-
-
-def hand_total(tensors: dict[str, torch.Tensor], p: float) -> float:
-    return torch.linalg.vector_norm(torch.cat([t.double().reshape(-1) for t in tensors.values()]), p).item()
 
 
 def expected(rec: Recorder, step: int, p: float = 2.0, group_by: str = "layer") -> dict[str, float]:
@@ -95,18 +92,12 @@ def assert_logged(logged: dict[str, dict[int, float]], rec: Recorder, steps: lis
             assert by_step[step] == pytest.approx(want[step][tag], rel=1e-5, abs=1e-6), (tag, step)
 
 
-def fit(tmp_path: Path | None, model: pl.LightningModule, monitor: pl.Callback | None = None, steps: int = 6,
-        batches: int | None = None, **kwargs) -> Recorder:
+def recorded_fit(tmp_path: Path | None, model: pl.LightningModule, monitor: pl.Callback, steps: int, **kwargs
+                 ) -> Recorder:
     """Fit ``model`` for ``steps`` optimizer steps with ``monitor`` and a Recorder after it."""
     rec = Recorder()
-    callbacks = ([monitor] if monitor is not None else []) + [rec]
-    t = trainer(tmp_path, max_steps=steps, callbacks=callbacks, **kwargs)
-    t.fit(model, make_loader(steps=batches or steps))
+    fit(model, [monitor, rec], steps=steps, tmp_path=tmp_path, **kwargs)
     return rec
-
-
-def logdir(tmp_path: Path) -> Path:
-    return tmp_path / "tb" / "version_0"
 
 
 def tags(prefix: str, layers: list[str]) -> set[str]:
@@ -122,7 +113,7 @@ def all_tags(layers: list[str]) -> set[str]:
 
 def test_logs_every_n_steps_at_steps_0_n_2n_with_exact_tags_and_hand_values(tmp_path: Path) -> None:
     torch.manual_seed(0)
-    rec = fit(tmp_path, MLP(), GradNormMonitor(log_every_n_steps=2), steps=6)
+    rec = recorded_fit(tmp_path, MLP(), GradNormMonitor(log_every_n_steps=2), steps=6)
     logged = gradmon_scalars(logdir(tmp_path))
     assert set(logged) == all_tags(LAYERS)
     assert_logged(logged, rec, [0, 2, 4])
@@ -130,7 +121,7 @@ def test_logs_every_n_steps_at_steps_0_n_2n_with_exact_tags_and_hand_values(tmp_
 
 def test_each_logging_step_is_one_tensorboard_summary_holding_all_its_values(tmp_path: Path) -> None:
     torch.manual_seed(0)
-    fit(tmp_path, MLP(), GradNormMonitor(log_every_n_steps=2), steps=4)
+    recorded_fit(tmp_path, MLP(), GradNormMonitor(log_every_n_steps=2), steps=4)
     (path,) = logdir(tmp_path).glob("events.out.tfevents.*")
     summaries = []
     for raw in RawEventFileLoader(str(path)).Load():
@@ -143,7 +134,7 @@ def test_each_logging_step_is_one_tensorboard_summary_holding_all_its_values(tmp
 
 def test_default_interval_is_the_trainers_log_every_n_steps(tmp_path: Path) -> None:
     torch.manual_seed(0)
-    fit(tmp_path, MLP(), GradNormMonitor(), steps=7, log_every_n_steps=3)
+    recorded_fit(tmp_path, MLP(), GradNormMonitor(), steps=7, log_every_n_steps=3)
     logged = gradmon_scalars(logdir(tmp_path))
     assert {tag: sorted(v) for tag, v in logged.items()} == {tag: [0, 3, 6] for tag in all_tags(LAYERS)}
 
@@ -167,21 +158,16 @@ def test_no_host_sync_and_no_work_on_steps_that_do_not_log(tmp_path: Path, monke
         original = getattr(torch.Tensor, method)
         monkeypatch.setattr(torch.Tensor, method, lambda self, _o=original: syncs.update([step[0]]) or _o(self))
     torch.manual_seed(0)
-    t = trainer(tmp_path, max_steps=6, callbacks=[Clock(), monitor])
-    t.fit(MLP(), make_loader(steps=6))
+    fit(MLP(), [Clock(), monitor], steps=6, tmp_path=tmp_path)
     assert computed == [0, 2, 4]
     assert {s: n for s, n in syncs.items() if s is not None} == {0: 1, 2: 1, 4: 1}  # one transfer per logging step
 
 
-def test_grad_health_monitor_reuses_the_norms_of_the_step(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    calls: list[int] = []
-    original = gradmon_norms.compute_norms
-    monkeypatch.setattr(gradmon_norms, "compute_norms", lambda *args: calls.append(1) or original(*args))
+def test_grad_health_monitor_reuses_the_norms_of_the_step(tmp_path: Path, norm_computations: list[float]) -> None:
     monitors = [GradNormMonitor(log_every_n_steps=1), GradHealthMonitor(log_every_n_steps=1)]
     torch.manual_seed(0)
-    t = trainer(tmp_path, max_steps=3, callbacks=monitors)
-    t.fit(MLP(), make_loader(steps=3))
-    assert len(calls) == 3
+    fit(MLP(), monitors, steps=3, tmp_path=tmp_path)
+    assert len(norm_computations) == 3
 
 
 # --------------------------------------------------------------------------------------------------- values
@@ -189,13 +175,13 @@ def test_grad_health_monitor_reuses_the_norms_of_the_step(tmp_path: Path, monkey
 
 def test_values_equal_hand_norms_with_adam(tmp_path: Path) -> None:
     torch.manual_seed(0)
-    rec = fit(tmp_path, MLP(optimizer="adam", lr=1e-2), GradNormMonitor(log_every_n_steps=1), steps=3)
+    rec = recorded_fit(tmp_path, MLP(optimizer="adam", lr=1e-2), GradNormMonitor(log_every_n_steps=1), steps=3)
     assert_logged(gradmon_scalars(logdir(tmp_path)), rec, [0, 1, 2])
 
 
 def test_update_ratio_with_sgd_is_lr_times_grad_norm_over_weight_norm(tmp_path: Path) -> None:
     torch.manual_seed(0)
-    fit(tmp_path, MLP(lr=0.05), GradNormMonitor(log_every_n_steps=1), steps=3)
+    recorded_fit(tmp_path, MLP(lr=0.05), GradNormMonitor(log_every_n_steps=1), steps=3)
     logged = gradmon_scalars(logdir(tmp_path))
     for layer in LAYERS:
         for step in range(3):
@@ -207,7 +193,7 @@ def test_first_gradient_norm_equals_the_norm_of_the_loss_gradient_recomputed_on_
     torch.manual_seed(0)
     model = MLP()
     start = copy.deepcopy(model)
-    fit(tmp_path, model, GradNormMonitor(log_every_n_steps=1), steps=1)
+    recorded_fit(tmp_path, model, GradNormMonitor(log_every_n_steps=1), steps=1)
     x, y = next(iter(make_loader(steps=1)))
     start.training_step((x, y), 0).backward()
     grads = {n: p.grad for n, p in start.named_parameters()}
@@ -220,7 +206,7 @@ def test_first_gradient_norm_equals_the_norm_of_the_loss_gradient_recomputed_on_
 @pytest.mark.parametrize(("norm_type", "p"), [("inf", math.inf), (1, 1.0), (3.0, 3.0)])
 def test_norm_type_sets_the_p_of_every_logged_norm(tmp_path: Path, norm_type, p: float) -> None:
     torch.manual_seed(0)
-    rec = fit(tmp_path, MLP(), GradNormMonitor(norm_type=norm_type, log_every_n_steps=2), steps=3)
+    rec = recorded_fit(tmp_path, MLP(), GradNormMonitor(norm_type=norm_type, log_every_n_steps=2), steps=3)
     assert_logged(gradmon_scalars(logdir(tmp_path)), rec, [0, 2], p=p)
 
 
@@ -228,7 +214,8 @@ def test_accumulated_gradient_is_logged_once_per_optimizer_step(tmp_path: Path) 
     torch.manual_seed(0)
     model = MLP()
     start = copy.deepcopy(model)
-    rec = fit(tmp_path, model, GradNormMonitor(log_every_n_steps=1), steps=3, batches=6, accumulate_grad_batches=2)
+    monitor = GradNormMonitor(log_every_n_steps=1)
+    rec = recorded_fit(tmp_path, model, monitor, steps=3, batches=6, accumulate_grad_batches=2)
     logged = gradmon_scalars(logdir(tmp_path))
     assert_logged(logged, rec, [0, 1, 2])
     # Step 0 is the mean of the losses of batches 0 and 1, at the initial weights.
@@ -242,7 +229,7 @@ def test_accumulated_gradient_is_logged_once_per_optimizer_step(tmp_path: Path) 
 def test_logged_norm_is_the_gradient_before_clipping(tmp_path: Path) -> None:
     torch.manual_seed(0)
     clip, lr = 1e-3, 0.05
-    rec = fit(tmp_path, MLP(lr=lr), GradNormMonitor(log_every_n_steps=1), steps=2, gradient_clip_val=clip)
+    rec = recorded_fit(tmp_path, MLP(lr=lr), GradNormMonitor(log_every_n_steps=1), steps=2, gradient_clip_val=clip)
     logged = gradmon_scalars(logdir(tmp_path))
     assert_logged(logged, rec, [0, 1])
     for step in (0, 1):
@@ -259,7 +246,7 @@ def test_logged_norm_is_the_gradient_after_amp_unscaling(tmp_path: Path) -> None
     torch.manual_seed(0)
     model = MLP()
     start = copy.deepcopy(model)
-    rec = fit(tmp_path, model, GradNormMonitor(log_every_n_steps=1), steps=1, plugins=[plugin])
+    rec = recorded_fit(tmp_path, model, GradNormMonitor(log_every_n_steps=1), steps=1, plugins=[plugin])
     logged = gradmon_scalars(logdir(tmp_path))
     assert_logged(logged, rec, [0])
     start.training_step(next(iter(make_loader(steps=1))), 0).backward()
@@ -269,7 +256,7 @@ def test_logged_norm_is_the_gradient_after_amp_unscaling(tmp_path: Path) -> None
 
 def test_update_ratios_can_be_turned_off(tmp_path: Path) -> None:
     torch.manual_seed(0)
-    fit(tmp_path, MLP(), GradNormMonitor(log_every_n_steps=1, log_update_ratios=False), steps=2)
+    recorded_fit(tmp_path, MLP(), GradNormMonitor(log_every_n_steps=1, log_update_ratios=False), steps=2)
     assert set(gradmon_scalars(logdir(tmp_path))) == all_tags(LAYERS) - tags("update_ratio", LAYERS) - tags(
         "update_ratio_log10", LAYERS
     )
@@ -277,7 +264,7 @@ def test_update_ratios_can_be_turned_off(tmp_path: Path) -> None:
 
 def test_weight_norms_can_be_turned_off(tmp_path: Path) -> None:
     torch.manual_seed(0)
-    fit(tmp_path, MLP(), GradNormMonitor(log_every_n_steps=1, log_weight_norms=False), steps=2)
+    recorded_fit(tmp_path, MLP(), GradNormMonitor(log_every_n_steps=1, log_weight_norms=False), steps=2)
     assert set(gradmon_scalars(logdir(tmp_path))) == all_tags(LAYERS) - tags("weight_norm", LAYERS)
 
 
@@ -294,7 +281,7 @@ class WithDeadGate(MLP):
 
 def test_log10_is_left_out_for_a_zero_norm(tmp_path: Path) -> None:
     torch.manual_seed(0)
-    fit(tmp_path, WithDeadGate(), GradNormMonitor(log_every_n_steps=1), steps=1)
+    recorded_fit(tmp_path, WithDeadGate(), GradNormMonitor(log_every_n_steps=1), steps=1)
     logged = gradmon_scalars(logdir(tmp_path))
     assert set(logged) == all_tags(["gate", *LAYERS]) - {"grad_norm_log10/gate", "update_ratio_log10/gate"}
     assert logged["grad_norm/gate"] == {0: 0.0}
@@ -307,7 +294,7 @@ def test_log10_is_left_out_for_a_zero_norm(tmp_path: Path) -> None:
 
 def test_group_by_parameter_logs_every_parameter_under_its_full_name(tmp_path: Path) -> None:
     torch.manual_seed(0)
-    rec = fit(tmp_path, MLP(), GradNormMonitor(group_by="parameter", log_every_n_steps=2), steps=3)
+    rec = recorded_fit(tmp_path, MLP(), GradNormMonitor(group_by="parameter", log_every_n_steps=2), steps=3)
     logged = gradmon_scalars(logdir(tmp_path))
     params = [f"{layer}.{kind}" for layer in LAYERS for kind in ("weight", "bias")]
     assert set(logged) == all_tags(params)
@@ -327,7 +314,7 @@ class WithRootParameter(MLP):
 
 def test_a_parameter_registered_on_the_root_module_is_its_own_layer(tmp_path: Path) -> None:
     torch.manual_seed(0)
-    rec = fit(tmp_path, WithRootParameter(), GradNormMonitor(log_every_n_steps=2), steps=3)
+    rec = recorded_fit(tmp_path, WithRootParameter(), GradNormMonitor(log_every_n_steps=2), steps=3)
     logged = gradmon_scalars(logdir(tmp_path))
     assert set(logged) == all_tags(["scale", *LAYERS])
     assert_logged(logged, rec, [0, 2])
@@ -344,7 +331,7 @@ class PartlyFrozen(MLP):
 
 def test_frozen_and_unused_parameters_are_left_out(tmp_path: Path) -> None:
     torch.manual_seed(0)
-    rec = fit(tmp_path, PartlyFrozen(), GradNormMonitor(log_every_n_steps=2), steps=3)
+    rec = recorded_fit(tmp_path, PartlyFrozen(), GradNormMonitor(log_every_n_steps=2), steps=3)
     logged = gradmon_scalars(logdir(tmp_path))
     assert set(logged) == all_tags(LAYERS[1:])
     assert set(rec.grads[0]) == {f"{layer}.{kind}" for layer in LAYERS[1:] for kind in ("weight", "bias")}
@@ -361,7 +348,7 @@ class TiedMLP(MLP):
 
 def test_tied_weights_are_counted_once_under_their_first_layer(tmp_path: Path) -> None:
     torch.manual_seed(0)
-    rec = fit(tmp_path, TiedMLP(), GradNormMonitor(log_every_n_steps=1), steps=2)
+    rec = recorded_fit(tmp_path, TiedMLP(), GradNormMonitor(log_every_n_steps=1), steps=2)
     logged = gradmon_scalars(logdir(tmp_path))
     assert set(logged) == all_tags(["net.0", "net.2", "net.4"])
     # named_parameters() names the tied tensor once, so Recorder's by-hand norms count it once too.
@@ -383,7 +370,7 @@ class AllFrozen(MLP):
 def test_a_model_without_trainable_parameters_warns_once_and_logs_nothing(tmp_path: Path) -> None:
     torch.manual_seed(0)
     with pytest.warns(UserWarning) as record:
-        fit(tmp_path, AllFrozen(), GradNormMonitor(log_every_n_steps=1), steps=3)
+        recorded_fit(tmp_path, AllFrozen(), GradNormMonitor(log_every_n_steps=1), steps=3)
     ours = [w for w in record if "no trainable parameters" in str(w.message)]
     assert len(ours) == 1 and "GradNormMonitor" in str(ours[0].message)
     assert gradmon_scalars(logdir(tmp_path)) == {}
@@ -404,13 +391,13 @@ class Manual(MLP):
 
 def test_manual_optimization_is_monitored_at_each_optimizer_step(tmp_path: Path) -> None:
     torch.manual_seed(0)
-    rec = fit(tmp_path, Manual(), GradNormMonitor(log_every_n_steps=2), steps=6)
+    rec = recorded_fit(tmp_path, Manual(), GradNormMonitor(log_every_n_steps=2), steps=6)
     assert_logged(gradmon_scalars(logdir(tmp_path)), rec, [0, 2, 4])
 
 
 def test_a_float64_model_is_monitored(tmp_path: Path) -> None:
     torch.manual_seed(0)
-    rec = fit(tmp_path, MLP(), GradNormMonitor(log_every_n_steps=1), steps=2, precision="64-true")
+    rec = recorded_fit(tmp_path, MLP(), GradNormMonitor(log_every_n_steps=1), steps=2, precision="64-true")
     assert_logged(gradmon_scalars(logdir(tmp_path)), rec, [0, 1])
 
 
@@ -422,7 +409,7 @@ def test_without_a_logger_the_monitor_does_nothing_and_training_runs(monkeypatch
     calls: list[int] = []
     monkeypatch.setattr(monitor.source, "grad_norms", lambda *args: calls.append(1))
     torch.manual_seed(0)
-    rec = fit(None, MLP(), monitor, steps=3, logger=False)
+    rec = recorded_fit(None, MLP(), monitor, steps=3, logger=False)
     assert sorted(rec.after) == [0, 1, 2]
     assert calls == []
 
@@ -446,7 +433,8 @@ def test_csv_and_tensorboard_loggers_both_get_the_scalars_and_only_tensorboard_t
     monkeypatch.setattr(_logging, "rank_zero_info", messages.append)
     loggers = [TensorBoardLogger(tmp_path, name="tb", version=0), CSVLogger(tmp_path, name="csv", version=0)]
     torch.manual_seed(0)
-    rec = fit(None, MLP(), GradNormMonitor(log_every_n_steps=2, histogram_every_n_steps=2), steps=6, logger=loggers)
+    monitor = GradNormMonitor(log_every_n_steps=2, histogram_every_n_steps=2)
+    rec = recorded_fit(None, MLP(), monitor, steps=6, logger=loggers)
     assert_logged(gradmon_scalars(logdir(tmp_path)), rec, [0, 2, 4])
     csv_values = read_csv(tmp_path / "csv" / "version_0" / "metrics.csv")
     assert_logged({tag: v for tag, v in csv_values.items() if tag.split("/")[0] in PER_LAYER}, rec, [0, 2, 4])
@@ -459,14 +447,15 @@ def test_csv_and_tensorboard_loggers_both_get_the_scalars_and_only_tensorboard_t
 def test_csv_logger_alone_gets_scalars_and_no_crash_with_histograms_on(tmp_path: Path) -> None:
     torch.manual_seed(0)
     logger = CSVLogger(tmp_path, name="csv", version=0)
-    rec = fit(None, MLP(), GradNormMonitor(log_every_n_steps=2, histogram_every_n_steps=1), steps=4, logger=logger)
+    monitor = GradNormMonitor(log_every_n_steps=2, histogram_every_n_steps=1)
+    rec = recorded_fit(None, MLP(), monitor, steps=4, logger=logger)
     csv_values = read_csv(tmp_path / "csv" / "version_0" / "metrics.csv")
     assert_logged({tag: v for tag, v in csv_values.items() if tag.split("/")[0] in PER_LAYER}, rec, [0, 2])
 
 
 def test_histograms_follow_their_own_interval_and_hold_the_layer_values(tmp_path: Path) -> None:
     torch.manual_seed(0)
-    rec = fit(tmp_path, MLP(), GradNormMonitor(log_every_n_steps=2, histogram_every_n_steps=3), steps=7)
+    rec = recorded_fit(tmp_path, MLP(), GradNormMonitor(log_every_n_steps=2, histogram_every_n_steps=3), steps=7)
     acc = accumulator(logdir(tmp_path))
     assert set(acc.Tags()["histograms"]) == tags("grad_hist", LAYERS) | tags("weight_hist", LAYERS)
     assert_logged(gradmon_scalars(logdir(tmp_path)), rec, [0, 2, 4, 6])
@@ -484,17 +473,14 @@ def test_histograms_follow_their_own_interval_and_hold_the_layer_values(tmp_path
 
 def test_histograms_are_off_by_default(tmp_path: Path) -> None:
     torch.manual_seed(0)
-    fit(tmp_path, MLP(), GradNormMonitor(log_every_n_steps=1), steps=2)
+    recorded_fit(tmp_path, MLP(), GradNormMonitor(log_every_n_steps=1), steps=2)
     assert accumulator(logdir(tmp_path)).Tags()["histograms"] == []
 
 
 def test_custom_scalars_layout_is_written_once_per_run(tmp_path: Path) -> None:
     torch.manual_seed(0)
-    fit(tmp_path, MLP(), GradNormMonitor(log_every_n_steps=1), steps=4)
-    events = accumulator(logdir(tmp_path)).Tensors("custom_scalars__config__")
-    assert len(events) == 1
-    layout = layout_pb2.Layout()
-    layout.ParseFromString(events[0].tensor_proto.string_val[0])
+    recorded_fit(tmp_path, MLP(), GradNormMonitor(log_every_n_steps=1), steps=4)
+    (layout,) = read_layouts(logdir(tmp_path))
     assert [c.title for c in layout.category] == ["gradmon"]
     charts = {chart.title: list(chart.multiline.tag) for chart in layout.category[0].chart}
     assert charts == {
@@ -517,8 +503,7 @@ def test_monitoring_does_not_change_the_run(tmp_path: Path) -> None:
     def final_weights(callbacks: list[pl.Callback], path: Path) -> dict[str, torch.Tensor]:
         torch.manual_seed(0)
         model = MLP(optimizer="adam", lr=1e-2)
-        t = trainer(path, max_steps=6, callbacks=callbacks, gradient_clip_val=0.5, accumulate_grad_batches=2)
-        t.fit(model, make_loader(steps=12))
+        fit(model, callbacks, steps=6, batches=12, tmp_path=path, gradient_clip_val=0.5, accumulate_grad_batches=2)
         return model.state_dict()
 
     health = GradHealthMonitor(on_exploding="skip", on_nonfinite="skip", log_every_n_steps=1)
@@ -529,7 +514,7 @@ def test_monitoring_does_not_change_the_run(tmp_path: Path) -> None:
     assert watched.keys() == plain.keys()
     for name in plain:
         assert torch.equal(watched[name], plain[name]), name
-    assert sorted(read_scalars(tmp_path / "watched" / "tb" / "version_0")["grad_norm/total"]) == list(range(6))
+    assert sorted(read_scalars(logdir(tmp_path / "watched"))["grad_norm/total"]) == list(range(6))
 
 
 # --------------------------------------------------------------------------------------------------- arguments

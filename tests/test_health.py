@@ -36,7 +36,8 @@ def test_nonfinite_is_flagged_at_once_first_layer_first_and_not_folded_into_hist
     tracker = HealthTracker()
     events = tracker.update(0, {"a": 0.1, "b": math.nan, "c": math.inf, "d": 0.2})
     assert [(e.layer, e.condition) for e in events] == [("b", "nonfinite"), ("c", "nonfinite")]
-    assert "b" not in tracker._mean_log and "c" not in tracker._mean_log
+    history = tracker.state_dict()
+    assert history["mean_log"].keys() == history["seen"].keys() == {"a", "d"}
 
 
 def test_an_inf_norm_of_finite_values_is_exploding_not_nonfinite() -> None:

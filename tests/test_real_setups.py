@@ -6,26 +6,31 @@ from __future__ import annotations
 import math
 import pickle
 import re
-import warnings
 from pathlib import Path
 
 import lightning.pytorch as pl
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import MLP, accumulator, make_loader, read_scalars, trainer
+from helpers import (
+    MLP,
+    PlantNaN,
+    accumulator,
+    fit,
+    health_warnings,
+    logdir,
+    make_loader,
+    mlp_layers,
+    read_layouts,
+    read_scalars,
+)
 from lightning.pytorch.callbacks import BackboneFinetuning
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 from lightning.pytorch.plugins import MixedPrecision
-from tensorboard.plugins.custom_scalar import layout_pb2
 from torch import nn
 
-from gradmon import GradHealthMonitor, GradientHealthError, GradientHealthWarning, GradNormMonitor
+from gradmon import GradHealthMonitor, GradientHealthError, GradNormMonitor
 from gradmon.callbacks.grad_health import EVENTS_IN_CHECKPOINT
-
-
-def health_warnings(record) -> list[str]:
-    return [str(w.message) for w in record if issubclass(w.category, GradientHealthWarning)]
 
 
 class Grads(pl.Callback):
@@ -80,9 +85,9 @@ def test_a_layer_unfrozen_by_requires_grad_is_logged_from_its_first_gradient_and
     tmp_path: Path,
 ) -> None:
     grads = Grads()
-    t = trainer(tmp_path, max_steps=6, callbacks=[Unfreeze(at_step=3), GradNormMonitor(log_every_n_steps=1), grads])
-    t.fit(Finetune(), make_loader(batch_size=16, steps=6))
-    scalars = read_scalars(tmp_path / "tb" / "version_0")
+    fit(Finetune(), [Unfreeze(at_step=3), GradNormMonitor(log_every_n_steps=1), grads], steps=6, tmp_path=tmp_path,
+        loader=make_loader(steps=6))
+    scalars = read_scalars(logdir(tmp_path))
     assert sorted(scalars["grad_norm/backbone.0"]) == [3, 4, 5]
     assert sorted(scalars["grad_norm/head"]) == [0, 1, 2, 3, 4, 5]
     assert grads.layers[2] == {"head"} and grads.layers[3] == {"backbone.0", "backbone.2", "head"}
@@ -93,19 +98,15 @@ def test_a_layer_unfrozen_by_requires_grad_is_logged_from_its_first_gradient_and
 def test_backbone_finetuning_adds_a_param_group_and_the_backbone_is_monitored_and_checked_from_then_on(
     tmp_path: Path,
 ) -> None:
-    class NaNAt(pl.Callback):  # a NaN in the backbone's gradient at one step, after it was unfrozen
-        def on_after_backward(self, trainer, pl_module) -> None:
-            if trainer.global_step == 6:
-                pl_module.backbone[2].weight.grad[0, 0] = math.nan
-
     grads = Grads()
     finetuning = BackboneFinetuning(unfreeze_backbone_at_epoch=1, lambda_func=lambda epoch: 1.0, verbose=False)
-    callbacks = [finetuning, GradNormMonitor(log_every_n_steps=1), GradHealthMonitor(on_nonfinite="raise"), NaNAt(),
-                 grads]
-    t = trainer(tmp_path, max_steps=8, callbacks=callbacks)
+    # A NaN in the backbone's gradient at one step, after it was unfrozen.
+    nan = PlantNaN(6, layer="backbone.2", element=(0, 0))
+    callbacks = [finetuning, GradNormMonitor(log_every_n_steps=1), GradHealthMonitor(on_nonfinite="raise"), nan, grads]
     with pytest.raises(GradientHealthError, match=r"step 6, first in layer backbone\.2"):
-        t.fit(Finetune(backbone_in_optimizer=False), make_loader(batch_size=16, steps=4))  # 4 steps per epoch
-    scalars = read_scalars(tmp_path / "tb" / "version_0")
+        fit(Finetune(backbone_in_optimizer=False), callbacks, steps=8, tmp_path=tmp_path,
+            loader=make_loader(steps=4))  # 4 steps per epoch
+    scalars = read_scalars(logdir(tmp_path))
     assert sorted(scalars["grad_norm/backbone.0"]) == [4, 5]  # unfrozen at epoch 1 = step 4; the run raised at 6
     assert scalars["grad_norm/total"][4] == pytest.approx(grads.total[4], rel=1e-5)
     assert grads.total[4] > scalars["grad_norm/head"][4] * 1.01  # the backbone's share is in the total
@@ -118,8 +119,7 @@ def test_detecting_a_change_of_parameters_does_not_rebuild_the_layout_every_step
     real = _grad_source.optimizer_layout
     monkeypatch.setattr(_grad_source, "optimizer_layout", lambda *a: builds.append(1) or real(*a))
     finetuning = BackboneFinetuning(unfreeze_backbone_at_epoch=1, lambda_func=lambda epoch: 1.0, verbose=False)
-    t = trainer(None, max_steps=12, callbacks=[finetuning, GradHealthMonitor()])
-    t.fit(Finetune(backbone_in_optimizer=False), make_loader(batch_size=16, steps=4))
+    fit(Finetune(backbone_in_optimizer=False), [finetuning, GradHealthMonitor()], steps=12, loader=make_loader(steps=4))
     assert len(builds) == 2  # once at the start, once when the backbone's group was added
 
 
@@ -166,7 +166,7 @@ def test_with_two_optimizers_each_layer_keeps_its_own_vanishing_streak() -> None
     # 10th step on: 20 global steps = 10 steps of each, so each network's 2 layers are flagged at its 10th step.
     monitor = GradHealthMonitor(vanishing_threshold=100.0, exploding_threshold=1e6, on_vanishing="ignore",
                                 depth_ratio=None)
-    trainer(None, max_steps=24, callbacks=[monitor]).fit(GAN(), gan_loader(12))
+    fit(GAN(), [monitor], steps=24, loader=gan_loader(12))
     flagged = sorted({(e.step, e.layer) for e in monitor.events})
     generator_steps, discriminator_steps = range(0, 24, 2), range(1, 24, 2)
     assert flagged == sorted(
@@ -178,7 +178,7 @@ def test_with_two_optimizers_each_layer_keeps_its_own_vanishing_streak() -> None
 def test_with_two_optimizers_exploding_patience_counts_each_layers_own_steps() -> None:
     monitor = GradHealthMonitor(vanishing_threshold=0.0, exploding_threshold=1e-9, exploding_patience=3,
                                 on_exploding="ignore", spike_factor=None, depth_ratio=None)
-    trainer(None, max_steps=8, callbacks=[monitor]).fit(GAN(), gan_loader(4))
+    fit(GAN(), [monitor], steps=8, loader=gan_loader(4))
     # Generator at global steps 0, 2, 4, 6: its third step is 4. Discriminator at 1, 3, 5, 7: third is 5.
     assert sorted({e.step for e in monitor.events if e.layer.startswith("generator")}) == [4, 6]
     assert sorted({e.step for e in monitor.events if e.layer.startswith("discriminator")}) == [5, 7]
@@ -186,9 +186,8 @@ def test_with_two_optimizers_exploding_patience_counts_each_layers_own_steps() -
 
 def test_with_two_optimizers_each_is_logged_on_its_own_steps_with_its_own_total(tmp_path: Path) -> None:
     grads = Grads()
-    t = trainer(tmp_path, max_steps=16, callbacks=[GradNormMonitor(log_every_n_steps=2), grads])
-    t.fit(GAN(), gan_loader(8))
-    scalars = read_scalars(tmp_path / "tb" / "version_0")
+    fit(GAN(), [GradNormMonitor(log_every_n_steps=2), grads], steps=16, tmp_path=tmp_path, loader=gan_loader(8))
+    scalars = read_scalars(logdir(tmp_path))
     # Every 2nd step of each optimizer: generator at global steps 0, 4, 8, 12; discriminator at 1, 5, 9, 13.
     assert sorted(scalars["grad_norm/generator.0"]) == [0, 4, 8, 12]
     assert sorted(scalars["grad_norm/discriminator.0"]) == [1, 5, 9, 13]
@@ -202,14 +201,11 @@ def test_with_two_optimizers_each_is_logged_on_its_own_steps_with_its_own_total(
 
 
 def test_two_optimizers_resume_their_own_step_counts(tmp_path: Path) -> None:
-    first = GradNormMonitor(log_every_n_steps=3)
-    t = trainer(None, max_steps=8, callbacks=[first])
-    t.fit(GAN(), gan_loader(8))
+    t = fit(GAN(), [GradNormMonitor(log_every_n_steps=3)], steps=8, loader=gan_loader(8))
     t.save_checkpoint(tmp_path / "gan.ckpt")
     resumed = GradNormMonitor(log_every_n_steps=3)
-    t2 = trainer(tmp_path, max_steps=16, callbacks=[resumed])
-    t2.fit(GAN(), gan_loader(8), ckpt_path=tmp_path / "gan.ckpt")
-    scalars = read_scalars(tmp_path / "tb" / "version_0")
+    fit(GAN(), [resumed], steps=16, tmp_path=tmp_path, loader=gan_loader(8), ckpt_path=tmp_path / "gan.ckpt")
+    scalars = read_scalars(logdir(tmp_path))
     # Each optimizer's steps 0, 3, 6 were before the checkpoint (4 steps each); its 6th step (index 6) is at global
     # step 12 for the generator and 13 for the discriminator.
     assert sorted(scalars["grad_norm/generator.0"]) == [12]
@@ -239,34 +235,31 @@ def fp16_fit(monitor: GradHealthMonitor, steps: int, tmp_path: Path | None = Non
     scales = ScaleLog(scaler)
     torch.manual_seed(0)
     model = (NaNLossMLP if nan_loss else MLP)(depth=2, lr=0.01)
-    t = trainer(tmp_path, max_steps=steps, callbacks=[monitor, scales],
-                plugins=[MixedPrecision("16-mixed", "cpu", scaler=scaler)])
-    t.fit(model, make_loader(batch_size=16, steps=steps))
+    t = fit(model, [monitor, scales], steps=steps, tmp_path=tmp_path,
+            plugins=[MixedPrecision("16-mixed", "cpu", scaler=scaler)])
     return t, scales
 
 
 def test_fp16_scaler_overflow_steps_are_counted_not_flagged_and_never_acted_on(tmp_path: Path) -> None:
     monitor = GradHealthMonitor(on_nonfinite="stop", on_exploding="stop", log_every_n_steps=5)
-    with warnings.catch_warnings(record=True) as record:
-        warnings.simplefilter("always")
+    with health_warnings() as messages:
         t, scales = fp16_fit(monitor, steps=30, tmp_path=tmp_path)
     overflows = sum(after < before for before, after in zip([2.0**40] + scales.scales, scales.scales))
     assert overflows >= 20  # 2**40 halves down to fp16's range
     assert t.global_step == 30  # not stopped
     assert monitor.amp_overflow_steps == overflows
     assert monitor.events == [] and monitor.skipped_steps == 0
-    assert health_warnings(record) == []
-    logged = read_scalars(tmp_path / "tb" / "version_0")["grad_health/amp_overflow_steps"]
+    assert messages == []
+    logged = read_scalars(logdir(tmp_path))["grad_health/amp_overflow_steps"]
     assert logged[25] == overflows and logged[0] == 1.0
 
 
 def test_fp16_overflows_that_drive_the_scale_below_one_are_reported_once() -> None:
     monitor = GradHealthMonitor(on_nonfinite="stop")
-    with warnings.catch_warnings(record=True) as record:
-        warnings.simplefilter("always")
+    with health_warnings() as messages:
         t, _ = fp16_fit(monitor, steps=50, nan_loss=True)
     assert t.global_step == 50 and monitor.amp_overflow_steps == 50 and monitor.events == []
-    (message,) = health_warnings(record)
+    (message,) = messages
     # 2**40 halved 41 times falls below 1 at the overflow of step 41.
     assert "skipped step 41" in message and "bf16-mixed" in message
 
@@ -274,26 +267,17 @@ def test_fp16_overflows_that_drive_the_scale_below_one_are_reported_once() -> No
 # --- crashes in the middle of a run -----------------------------------------------------------------------------
 
 
-def plant_nan(layer: int, at_step: int) -> pl.Callback:
-    class PlantNaN(pl.Callback):
-        def on_after_backward(self, trainer, pl_module) -> None:
-            if trainer.global_step == at_step:
-                pl_module.net[layer].weight.grad.fill_(math.nan)
-
-    return PlantNaN()
-
-
 def test_histograms_of_an_all_nan_gradient_keep_the_finite_values_and_count_the_rest(tmp_path: Path) -> None:
     torch.manual_seed(0)
-    callbacks = [plant_nan(2, at_step=1), GradNormMonitor(log_every_n_steps=1, histogram_every_n_steps=1),
+    callbacks = [PlantNaN(1), GradNormMonitor(log_every_n_steps=1, histogram_every_n_steps=1),
                  GradHealthMonitor(on_nonfinite="ignore")]
-    trainer(tmp_path, max_steps=2, callbacks=callbacks).fit(MLP(depth=2), make_loader(steps=2))
-    acc = accumulator(tmp_path / "tb" / "version_0")
+    fit(MLP(depth=2), callbacks, steps=2, tmp_path=tmp_path)
+    acc = accumulator(logdir(tmp_path))
     assert [e.step for e in acc.Histograms("grad_hist/net.0")] == [0, 1]
     # At step 1 the layer's histogram holds its bias's 16 finite values; the weight's 256 NaNs are counted.
     (hist,) = [e for e in acc.Histograms("grad_hist/net.2") if e.step == 1]
     assert hist.histogram_value.num == 16
-    counts = read_scalars(tmp_path / "tb" / "version_0")["grad_hist_nonfinite/net.2"]
+    counts = read_scalars(logdir(tmp_path))["grad_hist_nonfinite/net.2"]
     assert counts == {1: 16 * 16.0}
 
 
@@ -303,12 +287,11 @@ def test_skip_and_histograms_log_the_same_whatever_the_callback_order(tmp_path: 
     health = GradHealthMonitor(on_nonfinite="skip")
     norms = GradNormMonitor(log_every_n_steps=1, histogram_every_n_steps=1)
     monitors = [health, norms] if health_first else [norms, health]
-    trainer(tmp_path, max_steps=3, callbacks=[plant_nan(2, at_step=1), *monitors]).fit(MLP(depth=2),
-                                                                                        make_loader(steps=3))
-    acc = accumulator(tmp_path / "tb" / "version_0")
+    fit(MLP(depth=2), [PlantNaN(1), *monitors], steps=3, tmp_path=tmp_path)
+    acc = accumulator(logdir(tmp_path))
     assert [e.step for e in acc.Histograms("grad_hist/net.0")] == [0, 1, 2]
     assert health.skipped_steps == 1
-    scalars = read_scalars(tmp_path / "tb" / "version_0")
+    scalars = read_scalars(logdir(tmp_path))
     assert math.isnan(scalars["grad_norm/net.2"][1])
     assert scalars["update_ratio/net.0"][1] == 0.0  # the step was skipped: no update
 
@@ -322,7 +305,7 @@ def test_warmup_steps_zero_judges_spikes_from_the_second_step() -> None:
 
     torch.manual_seed(0)
     monitor = GradHealthMonitor(warmup_steps=0, on_exploding="ignore", exploding_threshold=1e9)
-    trainer(None, max_steps=5, callbacks=[Spike(), monitor]).fit(MLP(depth=2), make_loader(steps=5))
+    fit(MLP(depth=2), [Spike(), monitor], steps=5)
     first = monitor.events[0]
     assert (first.step, first.condition, first.rule) == (3, "exploding", "spike")
 
@@ -336,13 +319,11 @@ def test_a_compiled_submodule_keeps_the_users_layer_names(tmp_path: Path) -> Non
     model.net = torch.compile(model.net, backend="eager")
     monitor = GradHealthMonitor(vanishing_threshold=100.0, exploding_threshold=1e6, vanishing_patience=1,
                                 on_vanishing="ignore")
-    trainer(tmp_path, max_steps=1, callbacks=[GradNormMonitor(log_every_n_steps=1), monitor]).fit(
-        model, make_loader(steps=1)
-    )
-    tags = set(read_scalars(tmp_path / "tb" / "version_0"))
-    assert {"grad_norm/net.0", "grad_norm/net.2", "grad_norm/net.4"} <= tags
+    fit(model, [GradNormMonitor(log_every_n_steps=1), monitor], steps=1, tmp_path=tmp_path)
+    tags = set(read_scalars(logdir(tmp_path)))
+    assert {f"grad_norm/{layer}" for layer in mlp_layers(depth=2)} <= tags
     assert not any("_orig_mod" in tag for tag in tags)
-    assert {e.layer for e in monitor.events} == {"net.0", "net.2", "net.4"}
+    assert {e.layer for e in monitor.events} == set(mlp_layers(depth=2))
 
 
 def test_a_logger_prefix_applies_to_every_tag_as_it_does_to_lightnings_own_metrics(tmp_path: Path) -> None:
@@ -350,18 +331,15 @@ def test_a_logger_prefix_applies_to_every_tag_as_it_does_to_lightnings_own_metri
     tb = TensorBoardLogger(tmp_path, name="tb", version=0, prefix="x")
     csv = CSVLogger(tmp_path, name="csv", version=0, prefix="x")
     callbacks = [GradNormMonitor(log_every_n_steps=1), GradHealthMonitor(log_every_n_steps=1)]
-    trainer(None, max_steps=2, callbacks=callbacks, logger=[tb, csv]).fit(MLP(depth=2), make_loader(steps=2))
-    tb_tags = set(read_scalars(tmp_path / "tb" / "version_0"))
+    fit(MLP(depth=2), callbacks, steps=2, logger=[tb, csv])
+    tb_tags = set(read_scalars(logdir(tmp_path)))
     csv_tags = set((tmp_path / "csv" / "version_0" / "metrics.csv").read_text().splitlines()[0].split(","))
     for tags in (tb_tags, csv_tags):
         assert {"x-grad_norm/total", "x-grad_norm/net.0", "x-grad_health/nonfinite"} <= tags
         assert not any(tag.startswith(("grad_norm", "grad_health")) for tag in tags)
     # The custom-scalars charts pick the prefixed tags.
-    events = accumulator(tmp_path / "tb" / "version_0").Tensors("custom_scalars__config__")
-    layout = layout_pb2.Layout()
-    layout.ParseFromString(events[0].tensor_proto.string_val[0])
-    regex = layout.category[0].chart[0].multiline.tag[0]
-    assert {t for t in tb_tags if re.fullmatch(regex, t)} == {f"x-grad_norm/net.{i}" for i in (0, 2, 4)}
+    regex = read_layouts(logdir(tmp_path))[0].category[0].chart[0].multiline.tag[0]
+    assert {t for t in tb_tags if re.fullmatch(regex, t)} == {f"x-grad_norm/{layer}" for layer in mlp_layers(depth=2)}
 
 
 def test_callbacks_reused_for_a_fresh_fit_start_fresh(tmp_path: Path) -> None:
@@ -369,29 +347,25 @@ def test_callbacks_reused_for_a_fresh_fit_start_fresh(tmp_path: Path) -> None:
     norms = GradNormMonitor(log_every_n_steps=1)
     for run in range(2):
         torch.manual_seed(run)
-        with warnings.catch_warnings(record=True) as record:
-            warnings.simplefilter("always")
-            t = trainer(tmp_path / str(run), max_steps=4, callbacks=[plant_nan(2, at_step=2), health, norms])
-            t.fit(MLP(depth=2), make_loader(steps=4))
+        with health_warnings() as messages:
+            fit(MLP(depth=2), [PlantNaN(2), health, norms], steps=4, tmp_path=tmp_path / str(run))
         # The second fit's NaN is reported (not rate-limited by the first fit's), and only its own events count.
-        assert len(health_warnings(record)) == 1
+        assert len(messages) == 1
         assert [(e.step, e.layer) for e in health.events] == [(2, "net.2")]
         assert health.skipped_steps == 1 and health.flagged_steps["nonfinite"] == 1
-        assert sorted(read_scalars(tmp_path / str(run) / "tb" / "version_0")["grad_norm/net.0"]) == [0, 1, 2, 3]
+        assert sorted(read_scalars(logdir(tmp_path / str(run)))["grad_norm/net.0"]) == [0, 1, 2, 3]
 
 
 def test_a_resume_with_changed_thresholds_keeps_the_history_and_applies_the_new_thresholds(tmp_path: Path) -> None:
     torch.manual_seed(0)
     first = GradHealthMonitor(on_nonfinite="skip", warmup_steps=2)
-    t = trainer(None, max_steps=6, callbacks=[plant_nan(2, at_step=2), first])
-    t.fit(MLP(depth=2), make_loader(steps=8))
+    t = fit(MLP(depth=2), [PlantNaN(2), first], steps=6, batches=8)
     t.save_checkpoint(tmp_path / "run.ckpt")
     resumed = GradHealthMonitor(on_nonfinite="skip", warmup_steps=2, exploding_threshold=1e-9,
                                 on_exploding="ignore", vanishing_threshold=0.0)
     assert resumed.state_key == first.state_key
     torch.manual_seed(0)
-    t2 = trainer(None, max_steps=8, callbacks=[resumed])
-    t2.fit(MLP(depth=2), make_loader(steps=8), ckpt_path=tmp_path / "run.ckpt")
+    fit(MLP(depth=2), [resumed], steps=8, ckpt_path=tmp_path / "run.ckpt")
     assert resumed.skipped_steps == 1
     assert [(e.step, e.condition) for e in resumed.events[:1]] == [(2, "nonfinite")]
     seen = resumed.tracker.state_dict()["seen"]
@@ -403,8 +377,7 @@ def test_checkpointed_state_stays_small_however_many_events(tmp_path: Path) -> N
     torch.manual_seed(0)
     monitor = GradHealthMonitor(vanishing_threshold=100.0, exploding_threshold=1e6, vanishing_patience=1,
                                 on_vanishing="ignore", depth_ratio=None)
-    t = trainer(None, max_steps=300, callbacks=[monitor])
-    t.fit(MLP(depth=6), make_loader(batch_size=4, steps=300))
+    t = fit(MLP(depth=6), [monitor], steps=300, batch_size=4)
     assert len(monitor.events) == 7 * 300
     state = monitor.state_dict()
     assert len(state["events"]) == EVENTS_IN_CHECKPOINT

@@ -250,21 +250,10 @@ def test_a_metric_no_run_logged_is_a_note_and_an_empty_one_an_error(tmp_path, ca
 @pytest.fixture(scope="module")
 def trained_logdir(tmp_path_factory) -> Path:
     """One real, short run of the deep sigmoid MLP with every gradmon monitor of its config."""
-    from experiments.__main__ import cli_main
+    from experiments.cli import fit_config
 
     logdir = tmp_path_factory.mktemp("runs")
-    config = Path(__file__).resolve().parent.parent / "configs" / "vanishing_sigmoid.yaml"
-    cli_main(
-        [
-            "fit",
-            f"--config={config}",
-            f"--trainer.logger.init_args.save_dir={logdir}",
-            "--trainer.max_steps=12",
-            "--trainer.log_every_n_steps=2",
-            "--trainer.enable_progress_bar=false",
-            "--trainer.enable_model_summary=false",
-        ]
-    )
+    fit_config("vanishing_sigmoid", logdir, "--trainer.max_steps=12", "--trainer.log_every_n_steps=2")
     return logdir
 
 

@@ -3,13 +3,12 @@ come from gradmon.tags."""
 
 from __future__ import annotations
 
-import math
 import re
 from pathlib import Path
 
 import pytest
 import torch
-from helpers import MLP, accumulator, make_loader, read_scalars, trainer
+from helpers import MLP, PlantNaN, accumulator, fit, logdir, mlp_layers, read_scalars
 
 from gradmon import GradCheck, GradHealthMonitor, GradNormMonitor, WeightInit, tags
 from gradmon.report import load_run
@@ -28,14 +27,10 @@ def logged(tmp_path_factory) -> Path:
     tmp_path = tmp_path_factory.mktemp("tags")
 
     torch.manual_seed(0)
-    model = MLP(depth=2)
-    model.net[2].weight.register_hook(
-        lambda g: torch.full_like(g, math.nan) if model.trainer.global_step == 2 else g
-    )
     callbacks = [WeightInit("kaiming_normal", seed=0), GradNormMonitor(log_every_n_steps=1, histogram_every_n_steps=2),
-                 GradHealthMonitor(on_nonfinite="skip"), GradCheck(every_n_steps=2)]
-    trainer(tmp_path, max_steps=4, callbacks=callbacks).fit(model, make_loader(steps=4))
-    return tmp_path / "tb" / "version_0"
+                 GradHealthMonitor(on_nonfinite="skip"), GradCheck(every_n_steps=2), PlantNaN(2)]
+    fit(MLP(depth=2), callbacks, steps=4, tmp_path=tmp_path)
+    return logdir(tmp_path)
 
 
 def test_every_logged_tag_is_a_metric_of_the_vocabulary(logged: Path) -> None:
@@ -57,7 +52,7 @@ def test_a_flagged_layer_is_logged_with_its_condition_at_its_step(logged: Path) 
 
 def test_the_report_reads_the_same_tags(logged: Path) -> None:
     run = load_run(logged)
-    assert run.layers() == ["net.0", "net.2", "net.4"]
+    assert run.layers() == mlp_layers(depth=2)
     assert run.layers(f"{tags.GRAD_HEALTH_FLAG}/") == ["net.2"]
 
 
