@@ -11,12 +11,11 @@
 from __future__ import annotations
 
 import copy
-import math
 
 import lightning.pytorch as pl
 import pytest
 import torch
-from helpers import MLP, make_loader
+from helpers import MLP, PlantNaN, make_loader
 
 from gradmon import GradCheck, GradHealthMonitor, GradNormMonitor, WeightInit
 
@@ -57,22 +56,13 @@ def gpu_trainer(steps: int, callbacks: list, **kwargs) -> pl.Trainer:
     return pl.Trainer(callbacks=callbacks, **defaults)
 
 
-class PlantNaN(pl.Callback):
-    def __init__(self, at_step: int) -> None:
-        self.at_step = at_step
-
-    def on_after_backward(self, trainer, pl_module) -> None:
-        if trainer.global_step == self.at_step:
-            pl_module.net[2].weight.grad[0, 0] = math.nan
-
-
 def test_sync_free_health_and_norm_monitor_hooks_never_sync_the_device(tmp_path) -> None:
     torch.manual_seed(0)
     health = no_sync(GradHealthMonitor(on_nonfinite="skip", on_exploding="skip", sync_free=True))
     # Logging steps read their numbers one step later from pinned memory: no step may sync.
     norms = no_sync(GradNormMonitor(log_every_n_steps=5))
     logger = pl.loggers.TensorBoardLogger(tmp_path, name="tb", version=0)
-    t = gpu_trainer(20, [PlantNaN(at_step=7), health, norms], logger=logger)
+    t = gpu_trainer(20, [PlantNaN(7, element=(0, 0)), health, norms], logger=logger)
     t.fit(FusedMLP(depth=4, width=64), make_loader(batch_size=64, steps=20))
     assert t.global_step == 20
     assert [(e.step, e.condition) for e in health.events] == [(7, "nonfinite")]
@@ -89,7 +79,7 @@ def test_fused_adam_skip_on_cuda_leaves_weights_and_state_exactly_as_before() ->
 
     torch.manual_seed(0)
     snap = Snap()
-    gpu_trainer(5, [PlantNaN(at_step=2), GradHealthMonitor(on_nonfinite="skip", sync_free=True), snap]).fit(
+    gpu_trainer(5, [PlantNaN(2, element=(0, 0)), GradHealthMonitor(on_nonfinite="skip", sync_free=True), snap]).fit(
         FusedMLP(depth=2), make_loader(steps=5))
     (w2, o2), (w3, o3) = snap.states[2], snap.states[3]
     assert all(torch.equal(w2[k], w3[k]) for k in w2)

@@ -13,7 +13,7 @@ from pathlib import Path
 import lightning.pytorch as pl
 import pytest
 import torch
-from helpers import MLP, make_loader, read_scalars, trainer
+from helpers import MLP, PlantNaN, make_loader, read_scalars, trainer
 
 import gradmon.norms as gradmon_norms
 from gradmon import GradHealthMonitor, GradientHealthError, GradientHealthWarning, GradNormMonitor
@@ -22,15 +22,6 @@ from gradmon import GradHealthMonitor, GradientHealthError, GradientHealthWarnin
 class FusedMLP(MLP):
     def configure_optimizers(self):
         return torch.optim.Adam(self.parameters(), lr=0.01, fused=True)
-
-
-class PlantNaN(pl.Callback):
-    def __init__(self, at_step: int) -> None:
-        self.at_step = at_step
-
-    def on_after_backward(self, trainer, pl_module) -> None:
-        if trainer.global_step == self.at_step:
-            pl_module.net[2].weight.grad[0, 0] = math.nan
 
 
 class Snapshot(pl.Callback):
@@ -80,7 +71,7 @@ def test_a_nan_is_skipped_on_the_device_and_weights_and_adam_state_stay_exactly_
     monitor = GradHealthMonitor(on_nonfinite="skip", sync_free=True)
     with warnings.catch_warnings(record=True) as record:
         warnings.simplefilter("always")
-        fit(FusedMLP(depth=2), [PlantNaN(at_step=3), monitor, snapshot, reads], steps=6)
+        fit(FusedMLP(depth=2), [PlantNaN(3, element=(0, 0)), monitor, snapshot, reads], steps=6)
     (weights_3, adam_3), (weights_4, adam_4) = snapshot.states[3], snapshot.states[4]
     assert all(torch.equal(weights_3[k], weights_4[k]) for k in weights_3)
     assert all(torch.equal(v, adam_4["state"][i][k]) for i in adam_3["state"] for k, v in adam_3["state"][i].items())
@@ -109,7 +100,8 @@ def test_the_host_judges_each_step_one_step_later() -> None:
 
     clock = Clock()
     torch.manual_seed(0)
-    t = trainer(None, max_steps=6, callbacks=[clock, PlantNaN(at_step=2), Spy(on_nonfinite="raise", sync_free=True)])
+    monitor = Spy(on_nonfinite="raise", sync_free=True)
+    t = trainer(None, max_steps=6, callbacks=[clock, PlantNaN(2, element=(0, 0)), monitor])
     with pytest.raises(GradientHealthError, match=r"non-finite gradients at step 2, first in layer net\.2"):
         t.fit(FusedMLP(depth=2), make_loader(batch_size=16, steps=6))
     assert judged_at == [(0, 1), (1, 2), (2, 3)]  # step k's numbers are judged during step k + 1
@@ -131,7 +123,7 @@ def test_sync_free_logs_the_same_counts_at_the_same_steps(tmp_path: Path) -> Non
     for sync_free in (False, True):
         torch.manual_seed(0)
         monitor = GradHealthMonitor(on_nonfinite="skip", log_every_n_steps=4, sync_free=sync_free)
-        fit(FusedMLP(depth=2), [PlantNaN(at_step=3), monitor], steps=9, tmp_path=tmp_path / str(sync_free))
+        fit(FusedMLP(depth=2), [PlantNaN(3, element=(0, 0)), monitor], steps=9, tmp_path=tmp_path / str(sync_free))
         scalars[sync_free] = read_scalars(tmp_path / str(sync_free) / "tb" / "version_0")
     assert scalars[True]["grad_health/nonfinite"] == {0: 0.0, 3: 1.0, 4: 0.0, 8: 0.0}
     assert scalars[True]["grad_health/skipped_steps"] == scalars[False]["grad_health/skipped_steps"]
@@ -161,7 +153,7 @@ def test_an_optimizer_without_found_inf_falls_back_to_a_host_read_and_says_so(mo
     snapshot, reads = Snapshot(), HostReads(monkeypatch)
     monitor = GradHealthMonitor(on_nonfinite="skip", sync_free=True)
     with pytest.warns(UserWarning, match=r"SGD cannot take a device-side skip flag.*fused=True"):
-        fit(MLP(depth=2), [PlantNaN(at_step=2), monitor, snapshot, reads], steps=4)
+        fit(MLP(depth=2), [PlantNaN(2, element=(0, 0)), monitor, snapshot, reads], steps=4)
     assert all(torch.equal(snapshot.states[2][0][k], snapshot.states[3][0][k]) for k in snapshot.states[2][0])
     assert dict(reads.reads) == {0: 1, 1: 1, 2: 1, 3: 1}  # the skip flag, read on the host every step
     assert monitor.skipped_steps == 1
@@ -171,14 +163,14 @@ def test_the_skip_flag_is_handed_over_for_one_step_only() -> None:
     torch.manual_seed(0)
     model = FusedMLP(depth=2)
     monitor = GradHealthMonitor(on_nonfinite="skip", sync_free=True)
-    t = fit(model, [PlantNaN(at_step=1), monitor], steps=3)
+    t = fit(model, [PlantNaN(1, element=(0, 0)), monitor], steps=3)
     assert not hasattr(t.optimizers[0], "found_inf")
     assert monitor.skipped_steps == 1
 
 
 def test_grad_norm_monitor_beside_a_sync_free_monitor_logs_the_gradients_of_a_skipped_step(tmp_path: Path) -> None:
     torch.manual_seed(0)
-    callbacks = [PlantNaN(at_step=1), GradHealthMonitor(on_nonfinite="skip", sync_free=True),
+    callbacks = [PlantNaN(1, element=(0, 0)), GradHealthMonitor(on_nonfinite="skip", sync_free=True),
                  GradNormMonitor(log_every_n_steps=1)]
     fit(FusedMLP(depth=2), callbacks, steps=3, tmp_path=tmp_path)
     scalars = read_scalars(tmp_path / "tb" / "version_0")

@@ -567,26 +567,15 @@ class _Measured:
     has_overflow: bool
 
 
-def _amp_overflow_on_device(trainer: pl.Trainer, optimizer: torch.optim.Optimizer) -> torch.Tensor | None:
-    """:func:`_amp_overflow` as a device scalar (no host read)."""
-    scaler = _scaler(trainer)
-    if scaler is None:
-        return None
-    found_inf = scaler._per_optimizer_states.get(id(optimizer), {}).get("found_inf_per_device")
-    if not found_inf:
-        return None
-    values = list(found_inf.values())
-    return torch.stack([v.reshape(()).to(values[0].device) for v in values]).sum()
-
-
 def _scaler(trainer: pl.Trainer) -> Any:
     scaler = getattr(trainer.precision_plugin, "scaler", None)
     return scaler if scaler is not None and scaler.is_enabled() else None
 
 
-def _amp_overflow(trainer: pl.Trainer, optimizer: torch.optim.Optimizer) -> bool | None:
+def _amp_overflow_on_device(trainer: pl.Trainer, optimizer: torch.optim.Optimizer) -> torch.Tensor | None:
     """Whether the precision plugin's GradScaler found inf/NaN when it unscaled this step's gradients (it then skips
-    ``optimizer.step`` and lowers its scale); ``None`` when no enabled scaler has unscaled this optimizer."""
+    ``optimizer.step`` and lowers its scale), as a device scalar (nonzero: yes); ``None`` when no enabled scaler has
+    unscaled this optimizer."""
     scaler = _scaler(trainer)
     if scaler is None:
         return None
@@ -594,7 +583,14 @@ def _amp_overflow(trainer: pl.Trainer, optimizer: torch.optim.Optimizer) -> bool
     found_inf = scaler._per_optimizer_states.get(id(optimizer), {}).get("found_inf_per_device")
     if not found_inf:
         return None
-    return bool(sum(float(v.sum()) for v in found_inf.values()))
+    values = list(found_inf.values())
+    return torch.stack([v.reshape(()).to(values[0].device) for v in values]).sum()
+
+
+def _amp_overflow(trainer: pl.Trainer, optimizer: torch.optim.Optimizer) -> bool | None:
+    """:func:`_amp_overflow_on_device`, read on the host."""
+    flag = _amp_overflow_on_device(trainer, optimizer)
+    return None if flag is None else read_host(flag.reshape(1))[0] > 0
 
 
 def _amp_scale(trainer: pl.Trainer) -> float:
