@@ -18,11 +18,11 @@ from gradmon.callbacks import _logging
 from gradmon.callbacks._grad_source import GradNormSource, OptimizerSteps, optimizer_names
 from gradmon.norms import (
     GroupBy,
+    HostCopy,
     Norms,
     WeightSnapshot,
     compute_norms,
     full_grads_and_weights,
-    transfer,
     update_ratios,
 )
 
@@ -38,13 +38,24 @@ class _Pending:
     snapshot: WeightSnapshot | None
 
 
+@dataclass(eq=False)
+class _Sent:
+    """Logging steps whose numbers are on their way to the host."""
+
+    records: list[_Pending]
+    updates: list[Norms | None]
+    norms: list[Norms]
+    copy: HostCopy
+
+
 class GradNormMonitor(Callback):
     r"""Log per-layer gradient norms, weight norms and update-to-weight ratios to every logger of the Trainer.
 
     Computed in ``on_before_optimizer_step``: after AMP unscaling and gradient accumulation, before gradient
     clipping, once per optimizer step. Gradients are grouped by (device, dtype) and reduced with one fused
-    ``torch._foreach_norm`` per group; steps that do not log cost nothing, and a logging step makes one host
-    transfer for all its values.
+    ``torch._foreach_norm`` per group; steps that do not log cost nothing, and a logging step sends all its values
+    to the host in one non-blocking copy, read (and written to the loggers) at the end of the next batch, so no step
+    waits for the device.
 
     A *layer* is the module that owns the parameters (``net.0`` for ``net.0.weight`` and ``net.0.bias``); a parameter
     registered on the root module is its own layer; ``group_by="parameter"`` logs every parameter separately.
@@ -103,6 +114,7 @@ class GradNormMonitor(Callback):
         self._steps = OptimizerSteps()
         self._done: tuple[int, int] | None = None
         self._pending: list[_Pending] = []
+        self._in_flight: list[_Sent] = []
         self._layout_written = False
         self._no_histograms: set[int] = set()
 
@@ -131,6 +143,7 @@ class GradNormMonitor(Callback):
         self._done = None
         self._every = self.log_every_n_steps or trainer.log_every_n_steps
         self._pending = []
+        self._in_flight = []
         self._layout_written = False
         if not any(p.requires_grad for p in pl_module.parameters()):
             rank_zero_warn("GradNormMonitor: the model has no trainable parameters; there are no gradients to log.")
@@ -167,14 +180,28 @@ class GradNormMonitor(Callback):
         self._pending.append(_Pending(step, total_tag, grads, weights, snapshot))
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any) -> None:
+        # Numbers sent at the end of the last logging batch are surely on the host by now: log them, then send
+        # this batch's. Reading them at once would make the host wait for the device.
+        arrived, self._in_flight = self._in_flight, []
         if self._pending:
-            self._flush(trainer)
+            self._in_flight.append(self._send())
+        for sent in arrived:
+            self._log(trainer, sent)
+
+    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
+        # A run that ends in an exception (a GradientHealthError, say) still gets the numbers it measured.
+        self.on_train_end(trainer, pl_module)
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self._pending:
-            self._flush(trainer)
+            self._in_flight.append(self._send())
+        arrived, self._in_flight = self._in_flight, []
+        for sent in arrived:
+            self._log(trainer, sent)
 
-    def _flush(self, trainer: pl.Trainer) -> None:
+    def _send(self) -> _Sent:
+        """Finish the captured steps on the device (weight and update norms) and start one non-blocking copy of all
+        their numbers to the host."""
         pending, self._pending = self._pending, []
         updates: list[Norms | None] = []
         for record in pending:
@@ -183,13 +210,22 @@ class GradNormMonitor(Callback):
                 continue
             record.weights, update = record.snapshot.finish(self.norm_type)
             updates.append(update)
-        transfer([n for r, u in zip(pending, updates) for n in (r.grads, r.weights, u) if n is not None])
+        norms = [n for r, u in zip(pending, updates) for n in (r.grads, r.weights, u) if n is not None]
+        device = norms[0].device_values.device
+        return _Sent(pending, updates, norms, HostCopy(torch.cat([n.device_values.to(device) for n in norms])))
+
+    def _log(self, trainer: pl.Trainer, sent: _Sent) -> None:
+        values = sent.copy.values()
+        start = 0
+        for norms in sent.norms:
+            norms.set_host(values[start : start + len(norms.layout)])
+            start += len(norms.layout)
         if not trainer.is_global_zero:
             return
         if not self._layout_written:
             _logging.write_layout(trainer)
             self._layout_written = True
-        for record, update in zip(pending, updates):
+        for record, update in zip(sent.records, sent.updates):
             _logging.log_scalars(trainer, self._metrics(record, update), record.step)
 
     def _metrics(self, record: _Pending, update: Norms | None) -> dict[str, float]:
