@@ -1,7 +1,7 @@
 """Overhead benchmark: what gradmon's monitors cost per training step, against no monitoring and against Lightning's
 documented ``grad_norm`` recipe.
 
-    python -m experiments.benchmark [--repeats 7]
+    python -m experiments.benchmark [--repeats 7] [--device cpu|cuda] [--threads 1]
 
 Trains, in one process, interleaved and repeated (median of the repeats), a 20x64 and a 4x512 ReLU MLP (kaiming
 init, so the healthy path is timed; batch 128, CPU) four ways:
@@ -13,8 +13,10 @@ init, so the healthy path is timed; batch 128, CPU) four ways:
       ``on_before_optimizer_step``: roughly what reading the gradients once at that hook costs.
 
 All four log to TensorBoard with ``log_every_n_steps=50``. Step times are taken between callback hooks after a
-warm-up, so Trainer start-up is excluded. Prints ms/step and the ratios (b)/(a), (c)/(b) and (f)/(a), then the cost
-of one GradCheck relative to one training step.
+warm-up, so Trainer start-up is excluded. Prints ms/step, the ratios (b)/(a), (c)/(b), (f)/(a) and (b)/(f), and the
+time spent inside gradmon's own hooks per step (median over the runs; far steadier than a difference of two
+end-to-end times), then the targets with what was measured, then the cost of one GradCheck relative to one training
+step. On ``--device cuda`` a large MLP (8x4096) joins, where the GPU rather than Python is the bottleneck.
 """
 
 from __future__ import annotations
@@ -79,54 +81,123 @@ class StepTimer(pl.Callback):
             self.start = time.perf_counter()
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if trainer.strategy.root_device.type == "cuda":
+            torch.cuda.synchronize()  # the timer's own sync, outside gradmon's hooks
         self.end = time.perf_counter()
 
 
-def ms_per_step(variant: str, depth: int, width: int, steps: int, logdir: str) -> float:
+#: gradmon's hooks that run during training steps (the ones timed from the inside).
+TIMED_HOOKS = ("on_before_optimizer_step", "on_train_batch_end", "on_train_batch_start")
+
+
+class HookClock:
+    """Time spent inside the given callbacks' own hooks, per step after the warm-up: a far steadier measure of
+    gradmon's cost than the difference of two end-to-end step times (this machine's steps vary by 5% or more)."""
+
+    def __init__(self) -> None:
+        self.seconds = 0.0
+        self.counting = False
+
+    def wrap(self, callback: pl.Callback) -> pl.Callback:
+        for name in TIMED_HOOKS:
+            if getattr(type(callback), name) is getattr(pl.Callback, name):
+                continue
+            hook = getattr(callback, name)
+
+            def timed(trainer, *args, _hook=hook, **kwargs):
+                start = time.perf_counter()
+                try:
+                    return _hook(trainer, *args, **kwargs)
+                finally:
+                    if trainer.global_step >= WARMUP_STEPS:
+                        self.seconds += time.perf_counter() - start
+
+            setattr(callback, name, timed)
+        return callback
+
+
+def run(variant: str, depth: int, width: int, steps: int, logdir: str, device: str) -> tuple[float, float]:
+    """(ms per step, microseconds per step inside gradmon's hooks) of one training run."""
     torch.manual_seed(0)
     model = (RecipeMLP if variant == "recipe" else BenchMLP)(depth, width)
-    timer = StepTimer()
+    timer, clock = StepTimer(), HookClock()
     callbacks: list[pl.Callback] = [timer]
     if variant == "gradmon":
-        callbacks = [GradNormMonitor(log_every_n_steps=50), GradHealthMonitor(), timer]
+        callbacks = [clock.wrap(GradNormMonitor(log_every_n_steps=50)), clock.wrap(GradHealthMonitor()), timer]
     elif variant == "floor":
-        callbacks = [NormFloor(), timer]
+        callbacks = [clock.wrap(NormFloor()), timer]
     g = torch.Generator().manual_seed(0)
     x = torch.randn(BATCH * steps, IN_FEATURES, generator=g)
     y = torch.randint(0, NUM_CLASSES, (BATCH * steps,), generator=g)
     loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=BATCH)
     trainer = pl.Trainer(
-        accelerator="cpu", devices=1, max_steps=steps, callbacks=callbacks, log_every_n_steps=50,
-        logger=pl.loggers.TensorBoardLogger(logdir, name=variant), enable_progress_bar=False,
+        accelerator="gpu" if device == "cuda" else "cpu", devices=1, max_steps=steps, callbacks=callbacks,
+        log_every_n_steps=50, logger=pl.loggers.TensorBoardLogger(logdir, name=variant), enable_progress_bar=False,
         enable_model_summary=False, enable_checkpointing=False,
     )
     trainer.fit(model, loader)
-    return 1e3 * (timer.end - timer.start) / (steps - WARMUP_STEPS)
+    measured = steps - WARMUP_STEPS
+    return 1e3 * (timer.end - timer.start) / measured, 1e6 * clock.seconds / measured
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--repeats", type=int, default=7, help="runs of each variant (median taken); at least 5")
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="where to train (default: cpu)")
+    parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads on the CPU (default: 1)")
+    parser.add_argument("--no-gradcheck", action="store_true", help="skip the GradCheck cost table")
     args = parser.parse_args(argv)
     logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
     warnings.filterwarnings("ignore")
+    torch.set_num_threads(args.threads)
     models = {"20x64": (20, 64, 400), "4x512": (4, 512, 150)}
-    print(f"machine: {platform.processor() or platform.machine()}, {torch.get_num_threads()} torch threads, "
-          f"torch {torch.__version__}, lightning {pl.__version__}")
+    if args.device == "cuda":  # large enough that the GPU, not Python, is the bottleneck
+        models["8x4096"] = (8, 4096, 150)
+    where = torch.cuda.get_device_name() if args.device == "cuda" else platform.processor() or platform.machine()
+    print(f"machine: {where}, {torch.get_num_threads()} torch threads, torch {torch.__version__}, "
+          f"lightning {pl.__version__}")
     print(f"{'model':<8}{'(a) none':>12}{'(b) gradmon':>14}{'(c) recipe':>13}{'(f) floor':>12}"
-          f"{'(b)/(a)':>10}{'(c)/(b)':>10}{'(f)/(a)':>10}")
+          f"{'(b)/(a)':>10}{'(c)/(b)':>10}{'(f)/(a)':>10}{'(b)/(f)':>10}{'in-hook (b)':>14}{'% of (a)':>10}")
+    results = {}
     with tempfile.TemporaryDirectory() as logdir:
         for name, (depth, width, steps) in models.items():
             times: dict[str, list[float]] = {variant: [] for variant in VARIANTS}
+            hook_us: list[float] = []
             for _ in range(max(args.repeats, 5)):
                 for variant in times:  # interleaved, so drifts in machine load hit all four alike
-                    times[variant].append(ms_per_step(variant, depth, width, steps, logdir))
+                    ms, us = run(variant, depth, width, steps, logdir, args.device)
+                    times[variant].append(ms)
+                    if variant == "gradmon":
+                        hook_us.append(us)
             none, gradmon, recipe, floor = (statistics.median(times[v]) for v in VARIANTS)
+            in_hook = statistics.median(hook_us)
+            results[name] = (none, gradmon, recipe, floor, in_hook)
             times_ms = f"{none:>10.3f}ms{gradmon:>12.3f}ms{recipe:>11.3f}ms{floor:>10.3f}ms"
-            ratios = f"{gradmon / none:>10.3f}{recipe / gradmon:>10.2f}{floor / none:>10.3f}"
-            print(f"{name:<8}{times_ms}{ratios}", flush=True)
+            ratios = f"{gradmon / none:>10.3f}{recipe / gradmon:>10.2f}{floor / none:>10.3f}{gradmon / floor:>10.3f}"
+            print(f"{name:<8}{times_ms}{ratios}{in_hook:>12.0f}us{100 * in_hook / (1e3 * none):>9.1f}%", flush=True)
+    print_targets(results)
+    if not args.no_gradcheck and args.device == "cpu":
+        print()
+        benchmark_gradcheck.main(threads=torch.get_num_threads())
+
+
+def print_targets(results: dict[str, tuple[float, float, float, float, float]]) -> None:
+    """The targets, each with the measured value and whether it is met."""
+    checks = []
+    if "20x64" in results:
+        none, gradmon, recipe, _, in_hook = results["20x64"]
+        checks += [
+            ("20x64 in-hook cost <= 5% of a step without monitoring", 100 * in_hook / (1e3 * none), 5.0, "%"),
+            ("20x64 (b)/(a) <= 1.08", gradmon / none, 1.08, ""),
+            ("20x64 (c)/(b) >= 3 (the recipe costs 3x more)", -recipe / gradmon, -3.0, ""),
+        ]
+    if "4x512" in results:
+        _, gradmon, _, floor, _ = results["4x512"]
+        checks.append(("4x512 (b) within 2% of the floor (f)", gradmon / floor, 1.02, ""))
     print()
-    benchmark_gradcheck.main(threads=torch.get_num_threads())
+    for text, value, bound, unit in checks:
+        shown = -value if value < 0 else value
+        print(f"  {'met    ' if value <= bound else 'NOT met'}  {text}: {shown:.3f}{unit}")
 
 
 if __name__ == "__main__":

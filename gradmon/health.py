@@ -37,6 +37,10 @@ _LOG_TINY = math.log(_TINY)
 _OTHER = {"vanishing": "exploding", "exploding": "vanishing"}
 
 
+def _log(value: float) -> float:
+    return math.log(value) if value > _TINY else _LOG_TINY
+
+
 @dataclass(frozen=True)
 class HealthRules:
     """Thresholds of the health rules. Defaults and the reasons for them:
@@ -140,28 +144,34 @@ class HealthTracker:
         spike = math.log(rules.spike_factor) if rules.spike_factor is not None else None
         patience = {"vanishing": rules.vanishing_patience, "exploding": rules.exploding_patience}
         decay = rules.history_decay
+        keep = 1.0 - decay
         log_vanishing = math.log(rules.vanishing_threshold) if rules.vanishing_threshold > 0 else _LOG_TINY
         # Streaks belong to the layers: a layer absent from this step (another optimizer's, or frozen) keeps its own.
         mean_log, seen, streak = self._mean_log, self._seen, self._streak
+        # Locals: this loop runs for every layer at every step.
+        exploding_threshold, vanishing_threshold, warmup = (
+            rules.exploding_threshold, rules.vanishing_threshold, rules.warmup_steps
+        )
+        inf, log, tiny = math.inf, math.log, _TINY
         nonfinite: list[HealthEvent] = []
         flagged: list[HealthEvent] = []
         for layer, value in norms.items():
-            if value != value or (value == math.inf and (confirm_nonfinite is None or confirm_nonfinite(layer))):
+            if value != value or (value == inf and (confirm_nonfinite is None or confirm_nonfinite(layer))):
                 nonfinite.append(HealthEvent(step, layer, "nonfinite", value, "nonfinite"))
                 if streak:
                     streak.pop((layer, "vanishing"), None)
                     streak.pop((layer, "exploding"), None)
                 continue
-            log_value = math.log(value) if value > _TINY else _LOG_TINY
+            log_value = log(value) if value > tiny else _LOG_TINY
             n = seen.get(layer, 0)
-            if value > rules.exploding_threshold:
+            if value > exploding_threshold:
                 condition, rule = "exploding", "threshold"
-            elif value < rules.vanishing_threshold:
+            elif value < vanishing_threshold:
                 condition, rule = "vanishing", "threshold"
             elif (
                 spike is not None
                 and n > 0
-                and n >= rules.warmup_steps
+                and n >= warmup
                 and mean_log[layer] > log_vanishing  # a layer climbing out of vanishing is not exploding
                 and log_value > mean_log[layer] + spike
             ):
@@ -179,8 +189,8 @@ class HealthTracker:
             elif streak:
                 streak.pop((layer, "vanishing"), None)
                 streak.pop((layer, "exploding"), None)
-            if value != math.inf:
-                mean_log[layer] = log_value if n == 0 else decay * mean_log[layer] + (1.0 - decay) * log_value
+            if value != inf:
+                mean_log[layer] = log_value if n == 0 else decay * mean_log[layer] + keep * log_value
                 seen[layer] = n + 1
         return nonfinite + flagged
 
@@ -193,12 +203,11 @@ class HealthTracker:
         if not all(v < math.inf for v in values):  # NaN and inf compare False
             return set()
         k = rules.depth_window
-        logs = [math.log(v) if v > _TINY else _LOG_TINY for v in values]
-        bound = sum(logs[-k:]) / k + math.log(rules.depth_ratio)
-        if sum(logs[:k]) / k >= bound:
+        bound = sum(_log(v) for v in values[-k:]) / k + math.log(rules.depth_ratio)
+        if sum(_log(v) for v in values[:k]) / k >= bound:  # the usual case: only 2k logs per step
             return set()
         names = list(norms)
-        return {names[i] for i in range(len(names) - k) if logs[i] < bound}
+        return {names[i] for i in range(len(names) - k) if _log(values[i]) < bound}
 
     def state_dict(self) -> dict[str, Any]:
         """The history (running means, counts, streaks): data, not settings, so a resume with other thresholds keeps

@@ -145,13 +145,12 @@ def full_grads_and_weights(layout: ParamLayout) -> tuple[list[Tensor], list[Tens
     return grads, weights
 
 
-@torch.no_grad()
 def stacked_norms(layout: ParamLayout, tensors: Sequence[Tensor], norm_type: float) -> Tensor:
     """The p-norm of each tensor's local data as one vector (float32, or float64 when any tensor is) on the first
     group's device, in input order.
 
-    ``tensors[i]`` must have the device and dtype of ``layout.params[i]`` (gradients, weights and updates do).
-    No host sync happens here.
+    ``tensors[i]`` must have the device and dtype of ``layout.params[i]`` (gradients, weights and updates do) and
+    must not require grad (gradients never do; pass weights detached). No host sync happens here.
     """
     locals_ = [local_tensor(t) for t in tensors] if layout.sharded else tensors
     if layout.sharded and math.isinf(norm_type):
@@ -185,6 +184,8 @@ def _group_norms(tensors: list[Tensor], norm_type: float, dot: bool = False) -> 
     and fp16 norms would lose digits; float64 cannot be narrowed); or, for the 2-norm of large CPU tensors, dots."""
     if dot and norm_type == 2.0:
         return torch.stack([torch.dot(f, f) for f in (t.reshape(-1) for t in tensors)]).sqrt_()
+    if tensors[0].dtype in (torch.float32, torch.float64):  # already accumulated in full precision: the fast path
+        return torch.stack(torch._foreach_norm(tensors, norm_type))
     dtype = torch.promote_types(tensors[0].dtype, torch.float32)
     return torch.stack(torch._foreach_norm(tensors, norm_type, dtype=dtype))
 

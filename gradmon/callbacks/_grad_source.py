@@ -63,12 +63,13 @@ class OptimizerSteps:
     def reset(self) -> None:
         self.counts = {}
 
-    def advance(self, trainer: pl.Trainer, optimizer: torch.optim.Optimizer) -> tuple[int, int]:
-        """``(index of optimizer in trainer.optimizers, its step count before this step)``; counts this step."""
+    def advance(self, trainer: pl.Trainer, optimizer: torch.optim.Optimizer, step: int) -> tuple[int, int]:
+        """``(index of optimizer in trainer.optimizers, its step count before this step)``; counts this step.
+        ``step`` is ``trainer.global_step``, which the caller has already read (it is not free)."""
         optimizers = trainer.optimizers
-        index = next((i for i, o in enumerate(optimizers) if o is optimizer), 0)
         if len(optimizers) <= 1:
-            return index, trainer.global_step
+            return 0, step
+        index = next((i for i, o in enumerate(optimizers) if o is optimizer), 0)
         count = self.counts.get(index, 0)
         self.counts[index] = count + 1
         return index, count

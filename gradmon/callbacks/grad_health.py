@@ -221,7 +221,7 @@ class GradHealthMonitor(Callback):
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer
     ) -> None:
         step = trainer.global_step
-        _, count = self._steps.advance(trainer, optimizer)
+        _, count = self._steps.advance(trainer, optimizer, step)
         log_now = count % self._every == 0
         if self.sync_free:
             self._judge_in_flight(trainer)  # the earlier steps' numbers, surely on the host by now

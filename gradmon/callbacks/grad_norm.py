@@ -155,7 +155,7 @@ class GradNormMonitor(Callback):
         if self._done == (id(optimizer), step):  # already taken, before a GradHealthMonitor discarded the gradients
             return
         self._done = (id(optimizer), step)
-        index, count = self._steps.advance(trainer, optimizer)  # counted even unlogged: a resume may add a logger
+        index, count = self._steps.advance(trainer, optimizer, step)  # counted even unlogged: a resume may add a logger
         if not trainer.loggers:
             return
         log = count % self._every == 0
