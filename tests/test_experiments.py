@@ -235,3 +235,15 @@ def test_health_warnings_print_as_the_category_and_message():
         "GradientHealthWarning: gradmon: test\n"
     )
     assert warnings.formatwarning("other", UserWarning, "x.py", 3, line="").startswith("x.py:3: UserWarning: other")
+
+
+def test_the_benchmark_times_steps_and_gradmons_hooks(tmp_path):
+    from experiments import benchmark, profile_hooks
+
+    step_ms, hook_us = benchmark.run("gradmon", depth=2, width=8, steps=benchmark.WARMUP_STEPS + 5,
+                                     logdir=str(tmp_path), device="cpu")
+    assert step_ms > 0 and 0 < hook_us < 1e3 * step_ms
+    assert benchmark.run("none", 2, 8, benchmark.WARMUP_STEPS + 5, str(tmp_path), "cpu")[1] == 0.0
+    parts = profile_hooks.profile(steps=benchmark.WARMUP_STEPS + 5, depth=2, width=8)
+    assert parts["kernel"] > 0 and parts["rules"] > 0
+    assert parts["total"] == pytest.approx(sum(parts[k] for k in ("kernel", "transfer", "rules", "bookkeeping")))
