@@ -117,7 +117,7 @@ CAUSES: dict[str, str] = {
 DEPTH_MIN_LAYERS = 4
 #: The signal must change by this factor between the first and the last layer: a healthy net stays within a few x.
 DEPTH_CHANGE = 10.0
-#: ... and by at least this factor per layer in each half of the depth: geometric, not a power law or one jump.
+#: ... at a rate of at least this factor per layer: a steady, geometric change, not a long net's slow drift.
 DEPTH_FACTOR = 1.1
 #: Weights within this factor of the RMS their fan-in and activation need are at the right scale.
 SCALE_TOLERANCE = 1.18
@@ -394,18 +394,15 @@ class _Trend:
 
 
 def depth_trend(names: Sequence[str], values: Sequence[float]) -> _Trend | None:
-    """The geometric change of ``values`` (one per layer, input to output) through depth, or ``None`` when it is
-    not one: fewer than :data:`DEPTH_MIN_LAYERS` finite positive values, an overall change below
-    :data:`DEPTH_CHANGE`, or halves that do not both change by :data:`DEPTH_FACTOR` per layer the same way."""
+    """The steady change of ``values`` (one per layer, input to output) through depth, from a least-squares fit of
+    their log10 against depth; ``None`` when there is none: fewer than :data:`DEPTH_MIN_LAYERS` finite positive
+    values, an overall change below :data:`DEPTH_CHANGE`, or a rate below :data:`DEPTH_FACTOR` per layer."""
     if len(values) < DEPTH_MIN_LAYERS or not all(math.isfinite(v) and v > 0 for v in values):
         return None
     logs = [math.log10(v) for v in values]
     n = len(logs)
     slope = _slope(range(n), logs)
-    middle = n // 2
-    halves = (_slope(range(middle + 1), logs[: middle + 1]), _slope(range(middle, n), logs[middle:]))
-    least = math.log10(DEPTH_FACTOR)
-    if abs(slope) * (n - 1) < math.log10(DEPTH_CHANGE) or not all(h * slope > 0 and abs(h) >= least for h in halves):
+    if abs(slope) * (n - 1) < math.log10(DEPTH_CHANGE) or abs(slope) < math.log10(DEPTH_FACTOR):
         return None
     return _Trend(tuple(names), 10**slope, 10 ** (slope * (n - 1)), values[0], values[-1])
 
@@ -426,7 +423,8 @@ def diagnose(evidence: Evidence) -> list[Finding]:
         return [nonfinite]
     findings = _depth(evidence)
     findings += _saturation(evidence)
-    findings += _dead(evidence)
+    if not any(f.condition == "forward_decay" for f in findings):  # a vanished signal leaves the biases' sign alone
+        findings += _dead(evidence)
     if not any(f.condition.startswith(("forward", "backward")) for f in findings):
         findings += _update_ratio(evidence)
     return findings

@@ -38,6 +38,11 @@ class ShardedMLP(MLP):
         fully_shard(self, mesh=mesh)
 
 
+class FusedMLP(MLP):
+    def configure_optimizers(self):
+        return torch.optim.Adam(self.parameters(), lr=0.01, fused=True)
+
+
 class InitialWeights(pl.Callback):
     """The full weights as the first training step sees them."""
 
@@ -75,6 +80,12 @@ def main(scenario: str, out: Path) -> None:
         rank = int(os.environ.get("LOCAL_RANK", 0))
         threshold = 1e-30 if rank == 1 else 1e4
         callbacks = [GradHealthMonitor(exploding_threshold=threshold, vanishing_threshold=0.0, on_exploding="stop")]
+    elif scenario == "ddp_sync_free":
+        # A NaN on rank 1 only, after DDP's all-reduce: the device skip flag, combined across ranks with one
+        # collective, must make both ranks skip that step, so the replicas stay identical.
+        strategy = DDPStrategy()
+        model = FusedMLP()
+        callbacks = [GradHealthMonitor(on_nonfinite="skip", sync_free=True), PlantNaN(2, element=(0, 0), rank=1)]
     else:
         raise SystemExit(f"unknown scenario {scenario!r}")
     loader = rank_loader(int(os.environ.get("LOCAL_RANK", 0)), PER_DEVICE_BATCH, STEPS)

@@ -102,3 +102,14 @@ def test_weight_init_on_fsdp_shards_gives_the_single_process_weights(tmp_path: P
             torch.testing.assert_close(initial[name], w, rtol=0, atol=0, msg=name)
     w2 = initial["net.2.weight"]
     torch.testing.assert_close(w2 @ w2.T, torch.eye(w2.shape[0]), rtol=0, atol=1e-5)
+
+
+def test_sync_free_skip_is_taken_by_every_rank_when_one_rank_finds_a_nan(tmp_path: Path) -> None:
+    launch("ddp_sync_free", tmp_path / "ddp")
+    ranks = [torch.load(tmp_path / "ddp" / f"rank{r}.pt") for r in (0, 1)]
+    assert [r["global_step"] for r in ranks] == [STEPS, STEPS]
+    assert [r["skipped_steps"] for r in ranks] == [1, 1]
+    assert ranks[1]["events"] == [(2, "net.2", "nonfinite")] and ranks[0]["events"] == []  # rank 0's were finite
+    for name, weight in ranks[0]["weights"].items():
+        assert torch.isfinite(weight).all()
+        assert torch.equal(weight, ranks[1]["weights"][name])  # the replicas did not diverge

@@ -67,21 +67,22 @@ class GradHealthMonitor(Callback):
 
     Under DDP and FSDP the decision to skip, stop or raise is reduced across ranks, so all ranks act together.
 
-    ``sync_free=True`` (off by default) never stalls the device: on a GPU every host read (``.item()``,
-    ``.tolist()``) waits for the device to drain its queue, and the default mode makes one per step. In sync-free
-    mode the decision that must come before ``optimizer.step`` (a non-finite layer, or a layer above
-    ``exploding_threshold`` for ``exploding_patience`` steps, for the conditions whose action is ``"skip"``) is
-    computed on the device, combined across ranks with one device collective, and handed to the optimizer as
-    ``found_inf``: fused optimizers (``Adam``, ``AdamW``, ``SGD`` with ``fused=True``, on CUDA and CPU) then leave
-    weights, moments and step counts untouched; it is OR-ed with a GradScaler's own flag, never replacing it. An
-    optimizer that cannot take the flag gets a host read of it instead (one sync per step, said once in a warning).
-    Everything else (the spike and depth rules, patience, warnings, ``events``, stop, raise and logging) reads the
-    step's numbers one step later, from a non-blocking copy into pinned memory: warnings, ``"stop"`` and ``"raise"``
-    come one step late, so the flagged step's update has been applied (and with ``"stop"`` one more step runs)
-    unless a device skip discarded it; only ``"skip"`` protects the weights at the flagged step. The spike rule's
-    ``"skip"`` cannot act in time and is reported as not skipped. Host decisions are taken from norms that are the
-    same on every rank (after the gradients' all-reduce, or the sharded norms' collective), so they need no
-    collective of their own. An infinite norm counts as non-finite (there is no gradient left to inspect).
+    ``sync_free=True`` (off by default) never stalls the device: on a GPU every host read (``.item()``, ``.tolist()``)
+    waits for the device to drain its queue, and the default mode makes one per step. In sync-free mode the decision
+    that must come before ``optimizer.step`` (a non-finite layer, or a layer above ``exploding_threshold`` for
+    ``exploding_patience`` steps, for the conditions whose action is ``"skip"``) is computed on the device, combined
+    across ranks with one device collective, and handed to the optimizer as ``found_inf``: fused optimizers (``Adam``,
+    ``AdamW``, ``SGD`` with ``fused=True``, on CUDA and CPU) then leave weights, moments and step counts untouched; it
+    is OR-ed with a GradScaler's own flag, never replacing it. An optimizer that cannot take the flag gets a host read
+    of it instead (one sync per step, said once in a warning). Everything else (the spike and depth rules, patience,
+    warnings, ``events``, stop, raise and logging) reads the step's numbers one step later, from a non-blocking copy
+    into pinned memory: warnings, ``"stop"`` and ``"raise"`` come one step late, so the flagged step's update has been
+    applied (and with ``"stop"`` one more step runs) unless a device skip discarded it; only ``"skip"`` protects the
+    weights at the flagged step. The spike rule's ``"skip"`` cannot act in time and is reported as not skipped. Host
+    decisions are taken from norms that are the same on every rank (after the gradients' all-reduce, or the sharded
+    norms' collective), so they need no collective of their own; a rank-local fault (written after the all-reduce) is
+    still skipped on every rank through the combined device flag, and the others report the skip as found on another
+    rank. An infinite norm counts as non-finite (there is no gradient left to inspect).
 
     Several optimizers (a GAN under manual optimization): each optimizer's step is judged on the layers it updates;
     a layer's patience streak changes only at steps where that layer has a gradient, and ``log_every_n_steps`` counts
@@ -398,9 +399,17 @@ class GradHealthMonitor(Callback):
             extra = values[n + 1 :] if n else values
             skipped = bool(measured.has_skip_flag and extra.pop(0) > 0)
             overflow = bool(extra.pop(0) > 0) if measured.has_overflow else None
+            counted = self.skipped_steps
             self._judge(
                 trainer, measured.step, measured.log_now, overflow, per_layer, None, lambda s=skipped: s, reduce=False
             )
+            if skipped and self.skipped_steps == counted and not overflow:
+                # The device flag is combined across ranks: another rank's gradients made every rank skip.
+                self.skipped_steps += 1
+                warn_health(
+                    f"gradmon: the update of step {measured.step} was skipped: another rank found non-finite or "
+                    "exploding gradients."
+                )
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self._in_flight:
