@@ -271,6 +271,12 @@ class Norms:
         )
         return dict(zip(layout.layer_names, layers)), total
 
+    def divided_by(self, scale: Tensor) -> Norms:
+        """The norms of the tensors divided by ``scale`` (a device scalar): norms scale linearly, p-th-power sums by
+        ``scale ** p`` (inf-norm maxima linearly). No host sync."""
+        factor = scale if not self.power_sums or math.isinf(self.norm_type) else scale**self.norm_type
+        return Norms(self.layout, self.device_values / factor.to(self.device_values), self.norm_type, self.power_sums)
+
     def device_layer_norms(self) -> Tensor:
         """Per-layer norms of the full tensors, then their total, as one float64 vector on the device: the same
         numbers as :meth:`per_layer`, computed without leaving the device (for decisions that must not sync)."""

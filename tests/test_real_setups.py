@@ -387,3 +387,30 @@ def test_checkpointed_state_stays_small_however_many_events(tmp_path: Path) -> N
     assert len(pickle.dumps(state)) < 20_000
     t.save_checkpoint(tmp_path / "run.ckpt")
     assert (tmp_path / "run.ckpt").stat().st_size < 100_000
+
+
+class FusedAdamMLP(MLP):
+    def configure_optimizers(self):
+        return torch.optim.Adam(self.parameters(), lr=0.01, fused=True)
+
+
+def test_fp16_with_an_optimizer_that_unscales_itself_logs_unscaled_norms_and_counts_overflows(tmp_path: Path) -> None:
+    class Unscaled(pl.Callback):  # listed after the monitors: the gradients, still scaled, divided by the scale
+        totals: dict[int, float] = {}
+
+        def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
+            scale = trainer.precision_plugin.scaler.get_scale()
+            grads = [p.grad.float() / scale for p in pl_module.parameters()]
+            self.totals[trainer.global_step] = float(torch.nn.utils.get_total_norm(grads))
+
+    torch.manual_seed(0)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**40)  # overflows first, then settles
+    health, unscaled = GradHealthMonitor(on_nonfinite="stop"), Unscaled()
+    t = fit(FusedAdamMLP(depth=2), [GradNormMonitor(log_every_n_steps=1), health, unscaled], steps=40,
+            tmp_path=tmp_path, plugins=[MixedPrecision("16-mixed", "cpu", scaler=scaler)])
+    assert t.global_step == 40 and health.events == [] and health.amp_overflow_steps >= 20
+    logged = read_scalars(logdir(tmp_path))["grad_norm/total"]
+    finite = [s for s, v in logged.items() if math.isfinite(v)]
+    assert len(finite) >= 5
+    for step in finite:
+        assert logged[step] == pytest.approx(unscaled.totals[step], rel=1e-3)  # not 2**k times too large

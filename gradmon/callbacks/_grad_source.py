@@ -115,6 +115,25 @@ class GradNormSource:
         optimizer that has a gradient now (``None`` when none has). No host sync."""
         key = (id(optimizer), step)
         if key != self._key:
-            self._norms = self._gradient_norms(pl_module, optimizer).compute()
+            norms = self._gradient_norms(pl_module, optimizer).compute()
+            scale = pending_loss_scale(pl_module.trainer, optimizer)
+            self._norms = norms.divided_by(scale) if norms is not None and scale is not None else norms
             self._key = key
         return self._norms
+
+
+def pending_loss_scale(trainer: pl.Trainer, optimizer: torch.optim.Optimizer) -> torch.Tensor | None:
+    """The GradScaler's scale when the gradients are still scaled at ``on_before_optimizer_step``, else ``None``.
+
+    Lightning unscales before that hook, except for optimizers that unscale inside their own step (fused Adam, AdamW
+    and SGD, which take the scale from the scaler): their gradients still carry the loss scale there, and norms of
+    them would be the scale (65536 by default) times too large.
+    """
+    scaler = getattr(trainer.precision_plugin, "scaler", None)
+    if scaler is None or not scaler.is_enabled() or not getattr(optimizer, "_step_supports_amp_scaling", False):
+        return None
+    from torch.amp.grad_scaler import OptState
+
+    if scaler._per_optimizer_states.get(id(optimizer), {}).get("stage") is OptState.UNSCALED:
+        return None
+    return scaler._scale

@@ -16,7 +16,7 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from gradmon import tags
 from gradmon._validation import check_bool, check_choice, check_int, check_norm_type
 from gradmon.callbacks import _logging
-from gradmon.callbacks._grad_source import GradNormSource, OptimizerSteps
+from gradmon.callbacks._grad_source import GradNormSource, OptimizerSteps, pending_loss_scale
 from gradmon.callbacks.grad_norm import GradNormMonitor
 from gradmon.errors import GradientHealthError, warn_health
 from gradmon.health import (
@@ -32,6 +32,7 @@ from gradmon.health import (
     HealthTracker,
 )
 from gradmon.norms import GroupBy, HostCopy, Norms, has_nonfinite, read_host
+from gradmon.sharding import local_tensor
 from gradmon.tensorboard import markdown_table
 
 _MAX_NAMED = 5
@@ -591,6 +592,11 @@ def _amp_overflow_on_device(trainer: pl.Trainer, optimizer: torch.optim.Optimize
     # Lightning unscales before on_before_optimizer_step; the scaler keeps what it found per optimizer until update().
     found_inf = scaler._per_optimizer_states.get(id(optimizer), {}).get("found_inf_per_device")
     if not found_inf:
+        if pending_loss_scale(trainer, optimizer) is not None:
+            # An optimizer that unscales inside its step: the scaler has not looked yet, and will skip the step iff
+            # a gradient is non-finite, which is what an overflow is.
+            grads = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+            return (~torch.stack([torch.isfinite(local_tensor(g)).all() for g in grads]).all()).float()
         return None
     values = list(found_inf.values())
     return torch.stack([v.reshape(()).to(values[0].device) for v in values]).sum()
