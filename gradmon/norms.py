@@ -89,7 +89,10 @@ class ParamLayout:
         cache = self.__dict__.setdefault("_layer_index", {})
         index = cache.get(device)
         if index is None:
-            index = cache[device] = torch.tensor(self.layer_of_param, dtype=torch.long, device=device)
+            index = torch.tensor(self.layer_of_param, dtype=torch.long)
+            if device.type == "cuda":  # from pinned memory, without a sync even on the first step
+                index = index.pin_memory().to(device, non_blocking=True)
+            index = cache[device] = index.to(device)
         return index
 
     @property
