@@ -22,7 +22,8 @@ import torch
 
 from experiments import matrix_product, sigmoid
 from experiments.cli import THREADS, fit_config, run_name, variant_configs
-from gradmon import GradCheck, GradHealthMonitor, GradientHealthWarning
+from gradmon import ActivationMonitor, GradCheck, GradHealthMonitor, GradientHealthWarning
+from gradmon.diagnosis import CAUSES
 from gradmon.report import write_report
 
 #: The trained experiments in the order the README walks through them; one not listed here runs after them.
@@ -53,7 +54,8 @@ def train(config: str, logdir: Path, *overrides: str) -> str:
 
 
 def flagged(trainer) -> str:
-    """What gradmon's callbacks found in a run, in a few words."""
+    """What gradmon's callbacks found in a run, in a few words: the conditions GradHealthMonitor flagged, the
+    gradient check's verdict, and the causes ActivationMonitor's diagnosis named (with the first step of each)."""
     found = []
     for callback in trainer.callbacks:
         if isinstance(callback, GradHealthMonitor):
@@ -65,6 +67,9 @@ def flagged(trainer) -> str:
         elif isinstance(callback, GradCheck):
             failed = sorted({r.layer for r in callback.results if not r.passed})
             found.append(f"gradcheck failed in {', '.join(failed)}" if failed else "gradcheck passed")
+        elif isinstance(callback, ActivationMonitor) and callback.found:
+            causes = ", ".join(f"{CAUSES[cause]} (step {f.step})" for cause, f in callback.found.items())
+            found.append(f"diagnosis: {causes}")
     return "; ".join(found) or "nothing flagged"
 
 

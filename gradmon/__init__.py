@@ -1,7 +1,8 @@
 """gradmon: gradient-health callbacks for PyTorch Lightning.
 
 The pure-torch core (:mod:`gradmon.norms`, :mod:`gradmon.health`, :mod:`gradmon.init`, :mod:`gradmon.numerical`,
-:mod:`gradmon.tensorboard`) never imports Lightning; the callbacks in :mod:`gradmon.callbacks` are thin adapters.
+:mod:`gradmon.activations`, :mod:`gradmon.diagnosis`, :mod:`gradmon.tensorboard`) never imports Lightning; the
+callbacks in :mod:`gradmon.callbacks` are thin adapters.
 The public names below are imported lazily so that ``import gradmon.norms`` stays Lightning-free.
 """
 
@@ -17,6 +18,7 @@ _EXPORTS = {
     "GradHealthMonitor": "gradmon.callbacks.grad_health",
     "WeightInit": "gradmon.callbacks.weight_init",
     "GradCheck": "gradmon.callbacks.grad_check",
+    "ActivationMonitor": "gradmon.callbacks.activation_monitor",
     "GradientHealthWarning": "gradmon.errors",
     "GradientHealthError": "gradmon.errors",
 }

@@ -50,6 +50,7 @@ from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
 from gradmon.naming import clean_name
+from gradmon.norms import read_host
 
 #: Activation modules observed even though they own no parameters; subclasses count.
 ACTIVATION_TYPES: tuple[type[nn.Module], ...] = (
@@ -162,7 +163,7 @@ class RecordedBatch:
     def stats(self, host_values: list[float] | None = None) -> list[ModuleStats]:
         """The statistics, in call order (the forward's order), from ``host_values`` (this batch's :attr:`values`
         already on the host) or else from one transfer now."""
-        values = self.values.tolist() if host_values is None else host_values
+        values = read_host(self.values) if host_values is None else host_values
         out, i = [], 0
         for name, kind, names in self.modules:
             row = dict(zip(names, values[i : i + len(names)]))
@@ -205,16 +206,19 @@ class ActivationRecorder:
     def stop(self) -> RecordedBatch:
         """Remove every hook and stack what was observed into one device vector (no host sync)."""
         self._remove()
-        observations, self._observations = list(self._observations.values()), {}
+        self._last = self.peek()
+        self._observations = {}
+        return self._last
+
+    def peek(self) -> RecordedBatch:
+        """What has been observed so far in this batch, hooks left in place (no host sync)."""
+        observations = list(self._observations.values())
         modules = [(o.name, type(o.module).__name__, tuple(f for f in FIELDS if f in o.values)) for o in observations]
         tensors = [o.values[f] for o in observations for f in FIELDS if f in o.values]
-        if tensors:
-            device = tensors[0].device
-            values = torch.stack([t.to(device) for t in tensors])
-        else:
-            values = torch.zeros(0)
-        self._last = RecordedBatch(modules, values)
-        return self._last
+        if not tensors:
+            return RecordedBatch(modules, torch.zeros(0))
+        device = tensors[0].device
+        return RecordedBatch(modules, torch.stack([t.to(device) for t in tensors]))
 
     def stats(self) -> list[ModuleStats]:
         """The last recorded batch's statistics (one host transfer); empty before any."""
@@ -280,7 +284,7 @@ def rms(t: Tensor) -> Tensor:
 def dead_fraction(y: Tensor, unit_dim: int) -> Tensor:
     """The fraction of units (indices along ``unit_dim``) whose output is zero for every example and position."""
     alive = y.ne(0).movedim(unit_dim, -1).reshape(-1, y.shape[unit_dim]).any(dim=0)
-    return 1.0 - alive.float().mean()
+    return (~alive).float().mean()
 
 
 def _first_tensor(output: object) -> Tensor | None:

@@ -11,12 +11,13 @@ layers, the likely cause, the suggested change and the numbers behind them.
 The rules, and why (every threshold is a module constant):
 
 - **The signal through depth.** Over the weight layers' outputs in forward order (at least :data:`DEPTH_MIN_LAYERS`,
-  no normalisation layer among them), log10 of the output RMS is fitted against depth. A forward signal that
-  changes by at least :data:`DEPTH_CHANGE` (10x) overall, geometrically (each half of the depth changing by at least
-  :data:`DEPTH_FACTOR` per layer, the same way), shrinks or grows through depth; a healthy net stays within a few x
-  (kaiming ReLU, and Xavier tanh, whose signal shrinks as a power of depth, not geometrically). The same test on the
+  no normalisation layer among them), log10 of the output RMS is fitted against depth (least squares). A forward
+  signal that changes by at least :data:`DEPTH_CHANGE` (10x) overall, steadily (at least :data:`DEPTH_FACTOR` per
+  layer), shrinks or grows through depth; a healthy net at its start stays within a few x (kaiming ReLU; Xavier
+  tanh, whose signal shrinks as a power of depth, 5x over the demo's 17 layers, not geometrically). The same test on the
   RMS of the gradients with respect to those outputs, read from the output back to the input, says whether the
-  gradient shrinks or grows on its way back.
+  gradient shrinks or grows on its way back. A change nothing in the evidence explains is reported only beyond
+  :data:`UNEXPLAINED_CHANGE` (100x).
 - **Init scale.** A layer followed by an activation needs weights of RMS ``gain / sqrt(fan_in)`` to keep the signal's
   scale, ``gain`` being what the activation needs (:func:`needed_gain`: ``torch.nn.init.calculate_gain``, sqrt(2) for
   ReLU). The weights' own gain is ``RMS * sqrt(fan_in)``. When the signal shrinks or grows through depth: weights
@@ -113,12 +114,18 @@ CAUSES: dict[str, str] = {
     "unknown": "cause not found",
 }
 
+#: How a written finding is marked as cleared: the text ``**<condition>**: no longer found.`` at the step it cleared.
+CLEARED = "no longer found."
+
 #: Fewer weight layers than this have no "depth" to judge.
 DEPTH_MIN_LAYERS = 4
 #: The signal must change by this factor between the first and the last layer: a healthy net stays within a few x.
 DEPTH_CHANGE = 10.0
 #: ... at a rate of at least this factor per layer: a steady, geometric change, not a long net's slow drift.
 DEPTH_FACTOR = 1.1
+#: A change through depth that nothing in the evidence explains is reported only beyond this factor: trained healthy
+#: nets drift by 10x at times (a kaiming ReLU net a few steps in), while a broken one is off by orders of magnitude.
+UNEXPLAINED_CHANGE = 100.0
 #: Weights within this factor of the RMS their fan-in and activation need are at the right scale.
 SCALE_TOLERANCE = 1.18
 #: Weights whose gain is within this fraction of a standard scheme's are taken for that scheme.
@@ -383,7 +390,7 @@ def diagnose_model(
 
 
 @dataclass(frozen=True)
-class _Trend:
+class Trend:
     """A fitted change of a signal through the layers: ``factor`` per layer (input to output), ``change`` overall."""
 
     layers: tuple[str, ...]
@@ -393,7 +400,7 @@ class _Trend:
     last: float
 
 
-def depth_trend(names: Sequence[str], values: Sequence[float]) -> _Trend | None:
+def depth_trend(names: Sequence[str], values: Sequence[float]) -> Trend | None:
     """The steady change of ``values`` (one per layer, input to output) through depth, from a least-squares fit of
     their log10 against depth; ``None`` when there is none: fewer than :data:`DEPTH_MIN_LAYERS` finite positive
     values, an overall change below :data:`DEPTH_CHANGE`, or a rate below :data:`DEPTH_FACTOR` per layer."""
@@ -404,7 +411,7 @@ def depth_trend(names: Sequence[str], values: Sequence[float]) -> _Trend | None:
     slope = _slope(range(n), logs)
     if abs(slope) * (n - 1) < math.log10(DEPTH_CHANGE) or abs(slope) < math.log10(DEPTH_FACTOR):
         return None
-    return _Trend(tuple(names), 10**slope, 10 ** (slope * (n - 1)), values[0], values[-1])
+    return Trend(tuple(names), 10**slope, 10 ** (slope * (n - 1)), values[0], values[-1])
 
 
 def _slope(xs: Sequence[float] | range, ys: Sequence[float]) -> float:
@@ -447,14 +454,19 @@ def _depth(evidence: Evidence) -> list[Finding]:
     back_names = [n for n in names if stats[n].grad_rms is not None]
     # Read from the output back to the input: a factor below 1 means the gradient shrinks on its way back.
     backward = depth_trend(back_names[::-1], [stats[n].grad_rms for n in back_names][::-1])
-    findings = []
     if forward is not None:
         condition = "forward_decay" if forward.factor < 1 else "forward_growth"
-        findings.append(_scale_finding(evidence, condition, forward, backward, measured))
+        finding = _scale_finding(evidence, condition, forward, backward, measured)
+        trend = forward
     elif backward is not None:
         condition = "backward_decay" if backward.factor < 1 else "backward_growth"
-        findings.append(_backward_finding(evidence, condition, backward))
-    return findings
+        finding = _backward_finding(evidence, condition, backward)
+        trend = backward
+    else:
+        return []
+    if finding.cause == "unknown" and 1 / UNEXPLAINED_CHANGE < trend.change < UNEXPLAINED_CHANGE:
+        return []
+    return [finding]
 
 
 def _predicted(evidence: Evidence) -> list[Finding]:
@@ -467,7 +479,7 @@ def _predicted(evidence: Evidence) -> list[Finding]:
         factor = statistics.median(layer.gain / layer.needed_gain for layer in hidden if math.isfinite(layer.gain))
         change = factor ** len(hidden)
         if not (1 / DEPTH_CHANGE < change < DEPTH_CHANGE) and abs(math.log10(factor)) >= math.log10(DEPTH_FACTOR):
-            trend = _Trend(names, factor, change, math.nan, math.nan)
+            trend = Trend(names, factor, change, math.nan, math.nan)
             condition = "forward_decay" if factor < 1 else "forward_growth"
             return [_scale_finding(evidence, condition, trend, None, list(evidence.layers), predicted=True)]
     kinds = Counter(layer.activation for layer in hidden)
@@ -476,7 +488,7 @@ def _predicted(evidence: Evidence) -> list[Finding]:
         gain = statistics.median(layer.gain for layer in hidden)
         factor = _LARGEST_SLOPE[kind] * gain
         if factor ** count < 1 / DEPTH_CHANGE:
-            trend = _Trend(names[::-1], factor, factor**count, math.nan, math.nan)
+            trend = Trend(names[::-1], factor, factor**count, math.nan, math.nan)
             return [_saturating_finding(evidence, "backward_decay", trend, kind, _LARGEST_SLOPE[kind], count,
                                         predicted=True)]
     return []
@@ -485,8 +497,8 @@ def _predicted(evidence: Evidence) -> list[Finding]:
 def _scale_finding(
     evidence: Evidence,
     condition: str,
-    forward: _Trend,
-    backward: _Trend | None,
+    forward: Trend,
+    backward: Trend | None,
     layers: list[LayerInfo],
     predicted: bool = False,
 ) -> Finding:
@@ -495,18 +507,18 @@ def _scale_finding(
     numbers = {"forward factor per layer": forward.factor, "forward change": forward.change}
     if backward is not None:
         numbers["gradient factor per layer back"] = backward.factor
+    verb = "is predicted to " if predicted else ""
     how = (
-        f"{'is predicted to keep' if predicted else 'keeps'} {forward.factor:.2g} of the forward signal per layer"
-        if forward.factor < 1
-        else f"{'is predicted to multiply' if predicted else 'multiplies'} the forward signal by "
-        f"{forward.factor:.2g} per layer"
+        f"{verb}{'keep' if predicted else 'keeps'} {forward.factor:.2g} of the forward signal" if forward.factor < 1
+        else f"{verb}{'multiply' if predicted else 'multiplies'} the forward signal by {forward.factor:.2g}"
     )
     over = f"{_fmt(forward.change)}x over {len(forward.layers)} layers"
     if not predicted:
         over += (f" (output RMS {_fmt(forward.first)} at {forward.layers[0]}, {_fmt(forward.last)} at "
                  f"{forward.layers[-1]})")
     if backward is not None:
-        over += f", and the gradient {_fmt(backward.factor)} per layer on its way back"
+        moves = "keeps" if backward.factor < 1 else "grows by"
+        over += f", and the gradient {moves} {_fmt(backward.factor)} per layer on its way back"
     drift = _drift(evidence, hidden)
     if drift is not None:
         grew = drift > 1
@@ -535,11 +547,11 @@ def _scale_finding(
         f"weights of RMS {_fmt(gain / math.sqrt(fan_in))} = {gain:.2f}/sqrt(fan_in {fan_in})"
         + (f" ({scheme})" if scheme else "")
     )
-    needs = f"{activation} needs gain {need:.2f} ({_fmt(need / math.sqrt(fan_in))} at fan_in {fan_in})"
+    needs = f"gain {need:.2f} (RMS {_fmt(need / math.sqrt(fan_in))} at fan_in {fan_in})"
     if abs(math.log(gain / need)) <= math.log(SCALE_TOLERANCE):
         return Finding(
             evidence.step, condition, "unknown", forward.layers,
-            f"{weights} are what {needs}, yet each layer {how}: {over}",
+            f"{weights} are what {activation} needs, {needs}, yet each layer {how}: {over}",
             "look for a layer that rescales its output (a constant factor, pooling, a residual sum)", numbers,
         )
     try_init = _suggested_init(activation, need, fan_in)
@@ -547,18 +559,20 @@ def _scale_finding(
     if matched is not None and abs(need / SCHEME_GAINS[matched] - 1) > GAIN_MATCH:
         return Finding(
             evidence.step, condition, "gain_mismatch", forward.layers,
-            f"{weights} are scaled for {matched}, but {needs}: each layer {how}: {over}", try_init, numbers,
+            f"{weights} are scaled for {matched}, but {activation} needs {needs}: each layer {how}: {over}", try_init,
+            numbers,
         )
     small = gain < need
     torch_default = abs(gain / TORCH_DEFAULT_GAIN - 1) <= GAIN_MATCH
     default = " are PyTorch's default init (RMS 1/sqrt(3 fan_in))" if torch_default else ""
     return Finding(
         evidence.step, condition, "init_too_small" if small else "init_too_large", forward.layers,
-        f"{weights}{default}, {_fmt(gain / need)}x what {needs}: each layer {how}: {over}", try_init, numbers,
+        f"{weights}{default}, {_fmt(gain / need)}x the {needs} {activation} needs: each layer {how}: {over}",
+        try_init, numbers,
     )
 
 
-def _backward_finding(evidence: Evidence, condition: str, backward: _Trend) -> Finding:
+def _backward_finding(evidence: Evidence, condition: str, backward: Trend) -> Finding:
     """The gradient shrinks or grows on its way back while the forward signal does not."""
     numbers = {"gradient factor per layer back": backward.factor, "gradient change back": backward.change}
     over = (
@@ -583,7 +597,7 @@ def _backward_finding(evidence: Evidence, condition: str, backward: _Trend) -> F
 
 
 def _saturating_finding(
-    evidence: Evidence, condition: str, backward: _Trend, kind: str, slope: float, count: int,
+    evidence: Evidence, condition: str, backward: Trend, kind: str, slope: float, count: int,
     predicted: bool = False, numbers: Mapping[str, float] | None = None,
 ) -> Finding:
     largest = _LARGEST_SLOPE.get(kind, 1.0)
@@ -630,14 +644,15 @@ def _dead_finding(
     numbers: Mapping[str, float] | None = None,
 ) -> Finding:
     worst = max(dead, key=lambda s: s.dead_fraction or 0.0)
-    infos = {layer.name: layer for layer in evidence.layers}
-    feeding = [infos[s.name] for s in (_input_of(evidence, d.name) for d in dead) if s is not None and s.name in infos]
-    biases = [layer.bias_mean for layer in feeding if layer.bias_mean is not None and math.isfinite(layer.bias_mean)]
     numbers = dict(numbers or {}, **{"dead fraction": worst.dead_fraction or 0.0})
-    if biases and statistics.median(biases) < 0:
-        numbers["bias mean before"] = statistics.median(biases)
-        why = (f"the biases before them are negative (mean {_fmt(statistics.median(biases))}) and push the "
-               "pre-activations below zero for every example")
+    # The first dead module in forward order: those after it may be dead only because it passes them nothing.
+    feeding = _input_of(evidence, dead[0].name)
+    info = next((layer for layer in evidence.layers if feeding is not None and layer.name == feeding.name), None)
+    bias = info.bias_mean if info is not None else None
+    if feeding is not None and bias is not None and bias < -0.5 * feeding.rms:
+        numbers["bias mean before"] = bias
+        why = (f"the biases of {feeding.name} are negative (mean {_fmt(bias)}) and hold its outputs below zero for "
+               f"every example (output RMS {_fmt(feeding.rms)})")
     else:
         why = "their pre-activations are below zero for every example (large negative biases, or large updates)"
     return Finding(
@@ -699,7 +714,8 @@ def _nonfinite(evidence: Evidence) -> Finding | None:
         before = _input_of(evidence, overflow.name)
         numbers["overflow output RMS"] = overflow.rms
         why = f"the forward pass overflowed first at {overflow.name} (output RMS {_fmt(overflow.rms)})" + (
-            f", after {before.name} (RMS {_fmt(before.rms)})" if before is not None else "")
+            f", after {before.name} (RMS {_fmt(before.rms)})" if before is not None else "") + (
+            f"; the total gradient norm was {_fmt(spike[1])} at step {spike[0]}" if spike is not None else "")
         try_ = ("keep activations in range: normalisation, a smaller init scale or learning rate; under fp16, bf16 "
                 "or a loss scale")
     elif spike is not None:

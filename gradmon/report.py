@@ -18,12 +18,20 @@ Written into ``out``, for every run under the log directory that logged gradient
 - ``<parent>/gradient_flow_comparison.png``: the gradient flow at the first logged step of all runs sharing a parent
   directory, overlaid (on the union of their layers), which for ``runs/<experiment>/<variant>`` compares the
   variants of one experiment.
+- ``<run>/activation_rms_heatmap.png`` and ``<run>/dead_or_saturated_heatmap.png``, for a run ActivationMonitor
+  watched: log10 RMS of every observed module's output (``activation_rms_log10/<module>``, the forward signal), and
+  the dead fraction of its ReLU-like modules and saturated fraction of its bounded ones (sigmoid, tanh, ...) on a
+  fixed 0-1 scale; module by step, the input side on top. :func:`plot_activation_heatmap` also draws the backward
+  signal (``activation_grad_rms_log10``) and the mean slope. The gradient heatmap's layout and readability rules;
+  the strip of flagged steps on top, and the flagged layers' cells hatched where a row is a flagged layer.
 - ``summary.md``: one row per run that logged gradmon scalars: last monitored step; the last value of the metric
   (the ``metric`` tag; by default the shortest tag like ``val*acc*``, case-insensitive, e.g. ``val/acc``,
   ``val_acc``, ``valid/accuracy``; no column when no run has one); per condition, the steps GradHealthMonitor
   flagged and the first (``grad_health/*``); skipped steps; the gradient check's worst relative error
-  (``gradcheck/max_rel_error``). Then the notes (event files ignored, a ``metric`` no run logged) and links to the
-  figures.
+  (``gradcheck/max_rel_error``); the causes ActivationMonitor's diagnosis named. Then a Diagnosis section with each
+  run's findings as ActivationMonitor wrote them (``diagnosis/<condition>`` text: the latest finding of each
+  condition, and the step it cleared if it did), the notes (event files ignored, a ``metric`` no run logged) and
+  links to the figures.
 
 Every figure stays readable from 1 to 200 layers and from 1 to 100,000 steps: steps are ticked on whole numbers;
 layer labels drop the prefix all layers share, and a label longer than 28 characters gets its middle pieces
@@ -65,6 +73,7 @@ from tensorboard.backend.event_processing import event_accumulator, event_file_l
 
 from gradmon import tags
 from gradmon._validation import invalid
+from gradmon.diagnosis import CLEARED
 from gradmon.health import CONDITIONS
 from gradmon.tensorboard import markdown_table
 
@@ -81,14 +90,16 @@ MAX_LABEL_CHARS = 28
 MAX_HEATMAP_COLUMNS = 1000
 
 # Tag groups that mark a run as watched by gradmon, and so as a row of the summary.
-_GRADMON_GROUPS = (tags.GRAD_NORM, tags.GRAD_HEALTH, tags.GRADCHECK)
+_GRADMON_GROUPS = (tags.GRAD_NORM, tags.GRAD_HEALTH, tags.GRADCHECK, tags.ACTIVATION_RMS)
+# Text summaries are written under "<tag>/text_summary".
+_TEXT_SUFFIX = "/text_summary"
 # Keep every scalar (0 = no limit) and none of the heavy summaries the report does not draw.
 _SIZE_GUIDANCE = {
     event_accumulator.SCALARS: 0,
     event_accumulator.HISTOGRAMS: 1,
     event_accumulator.COMPRESSED_HISTOGRAMS: 1,
     event_accumulator.IMAGES: 1,
-    event_accumulator.TENSORS: 1,
+    event_accumulator.TENSORS: 0,  # text summaries (the diagnosis) are tensors: keep them all
     event_accumulator.AUDIO: 1,
 }
 _CONDITION_LABELS = {"vanishing": "vanishing", "exploding": "exploding", "nonfinite": "non-finite"}
@@ -127,6 +138,8 @@ class Run:
     scalars: dict[str, Series]
     event_file: Path | None = None
     ignored_event_files: list[Path] = field(default_factory=list)
+    #: ``diagnosis/<condition>`` text entries, as ``(step, markdown)`` in logged order, by tag.
+    texts: dict[str, list[tuple[int, str]]] = field(default_factory=dict)
 
     def layers(self, prefix: str = f"{tags.GRAD_NORM}/") -> list[str]:
         """Layer names logged under ``prefix``, in first-logged order (``grad_norm/total`` and the per-optimizer
@@ -137,6 +150,16 @@ class Run:
     @property
     def has_grad_norms(self) -> bool:
         return bool(self.layers())
+
+    @property
+    def modules(self) -> list[str]:
+        """The modules ActivationMonitor observed (``activation_rms/<module>``), in forward order."""
+        return self.layers(f"{tags.ACTIVATION_RMS}/")
+
+    def diagnosis(self) -> dict[str, list[tuple[int, str]]]:
+        """``{condition: [(step, markdown), ...]}`` from the ``diagnosis/<condition>`` texts, in logged order."""
+        prefix = f"{tags.DIAGNOSIS}/"
+        return {tag[len(prefix) :]: entries for tag, entries in self.texts.items() if tag.startswith(prefix)}
 
 
 def find_runs(logdir: str | Path) -> list[Path]:
@@ -187,8 +210,15 @@ def load_run(path: str | Path, logdir: str | Path | None = None) -> Run:
         scalars[tag] = Series(
             np.array([e.step for e in events], dtype=np.int64), np.array([e.value for e in events], dtype=np.float64)
         )
+    texts = {}
+    for tag in accumulator.Tags()[event_accumulator.TENSORS]:
+        if tag.startswith(f"{tags.DIAGNOSIS}/") and tag.endswith(_TEXT_SUFFIX):
+            texts[tag[: -len(_TEXT_SUFFIX)]] = [
+                (int(e.step), e.tensor_proto.string_val[0].decode("utf-8", "replace"))
+                for e in accumulator.Tensors(tag)
+            ]
     name = run_dir.relative_to(logdir).as_posix() if logdir is not None else run_dir.name
-    return Run(name if name != "." else run_dir.resolve().name, run_dir, scalars, files[-1], files[:-1])
+    return Run(name if name != "." else run_dir.resolve().name, run_dir, scalars, files[-1], files[:-1], texts)
 
 
 def load_runs(logdir: str | Path) -> list[Run]:
@@ -217,14 +247,20 @@ def find_metric(run: Run, metric: str | None = None) -> str | None:
     return min(found, key=lambda tag: (len(tag), tag)) if found else None
 
 
-def layer_matrix(run: Run, prefix: str = f"{tags.GRAD_NORM_LOG10}/") -> tuple[list[str], np.ndarray, np.ndarray]:
+def layer_matrix(
+    run: Run, prefix: str = f"{tags.GRAD_NORM_LOG10}/", index: str = f"{tags.GRAD_NORM}/"
+) -> tuple[list[str], np.ndarray, np.ndarray]:
     """``(layers, steps, values)``: ``values[i, j]`` is layer ``i``'s ``prefix`` value at ``steps[j]``.
 
-    Layers and steps are those of the gradient norms (``grad_norm/<layer>``), so a step at which a layer's value
-    was left out (``grad_norm_log10`` skips a zero or non-finite norm) is a NaN rather than a missing column.
+    Layers and steps are those of the ``index`` tags (by default the gradient norms, ``grad_norm/<layer>``), so a
+    step at which a layer's value was left out (``grad_norm_log10`` skips a zero or non-finite norm) is a NaN rather
+    than a missing column. Layers of ``index`` that never logged ``prefix`` are left out, unless ``prefix`` is
+    ``index``'s own log10 (a layer whose norm was never finite keeps its grey row).
     """
-    layers = run.layers()
-    steps = np.unique(np.concatenate([run.scalars[tags.tag(tags.GRAD_NORM, layer)].steps for layer in layers]))
+    layers = run.layers(index)
+    steps = np.unique(np.concatenate([run.scalars[index + layer].steps for layer in layers]))
+    if prefix.rstrip("/").removesuffix("_log10") != index.rstrip("/"):
+        layers = [layer for layer in layers if prefix + layer in run.scalars]
     values = np.full((len(layers), len(steps)), np.nan)
     for i, layer in enumerate(layers):
         series = run.scalars.get(prefix + layer)
@@ -375,16 +411,107 @@ def short_names(names: Sequence[str], max_chars: int = MAX_LABEL_CHARS) -> Short
 def plot_heatmap(run: Run) -> Figure:
     """Log10 gradient norm, layer by step, the input layer on top; see the module docstring."""
     layers, steps, values = layer_matrix(run)
+    return _heatmap(run, layers, steps, values, "log10 gradient norm by layer", "log10 gradient norm",
+                    "Grey: not logged, or a zero or non-finite norm.", "layer (input at top)")
+
+
+@dataclass(frozen=True)
+class ActivationHeatmap:
+    """One activation heatmap: the statistics it shows (a module's row takes the first of ``metrics`` it logged),
+    its title, colour-bar label, what grey means, and a fixed colour range (``None``: the values' own)."""
+
+    metrics: tuple[str, ...]
+    title: str
+    label: str
+    grey: str
+    limits: tuple[float, float] | None = None
+
+
+#: The activation heatmaps by file stem. ``gradmon report`` draws those of :data:`REPORT_ACTIVATION_HEATMAPS`; the
+#: others are there for :func:`plot_activation_heatmap`.
+ACTIVATION_HEATMAPS: dict[str, ActivationHeatmap] = {
+    "activation_rms_heatmap": ActivationHeatmap(
+        (tags.ACTIVATION_RMS_LOG10,), "log10 activation RMS by module", "log10 RMS",
+        "Grey: not logged, or a zero or non-finite RMS.",
+    ),
+    "dead_or_saturated_heatmap": ActivationHeatmap(
+        (tags.DEAD_FRACTION, tags.SATURATED_FRACTION), "dead or saturated fraction by module", "fraction",
+        "Grey: not logged.", (0.0, 1.0),
+    ),
+    "activation_grad_rms_heatmap": ActivationHeatmap(
+        (tags.ACTIVATION_GRAD_RMS_LOG10,), "log10 RMS of the gradient flowing into each module",
+        "log10 gradient RMS", "Grey: not logged, or a zero or non-finite RMS.",
+    ),
+    "activation_slope_heatmap": ActivationHeatmap(
+        (tags.ACTIVATION_SLOPE,), "mean slope by module (bounded activations)", "mean slope", "Grey: not logged.",
+        (0.0, 1.0),
+    ),
+}
+#: What ``gradmon report`` draws for a run ActivationMonitor watched, beside the gradient heatmap.
+REPORT_ACTIVATION_HEATMAPS = ("activation_rms_heatmap", "dead_or_saturated_heatmap")
+_FRACTION_WORDS = {
+    tags.DEAD_FRACTION: "dead fraction (units zero for the whole batch) of the ReLU-like modules",
+    tags.SATURATED_FRACTION: "saturated fraction (outputs where the slope is below 1% of its largest) of the "
+    "bounded activations",
+}
+
+
+def has_activation_heatmap(run: Run, figure: str) -> bool:
+    """Whether ``run`` logged what the activation heatmap ``figure`` shows."""
+    return any(tag.split("/", 1)[0] in ACTIVATION_HEATMAPS[figure].metrics for tag in run.scalars)
+
+
+def plot_activation_heatmap(run: Run, figure: str = "activation_rms_heatmap") -> Figure:
+    """One of :data:`ACTIVATION_HEATMAPS`, module by step in forward order, the input side on top: the gradient
+    heatmap's layout, readability rules and flag marks, over the modules ActivationMonitor observed."""
+    heatmap = ACTIVATION_HEATMAPS[figure]
+    index = f"{tags.ACTIVATION_RMS}/"
+    modules, steps, _ = layer_matrix(run, index, index)
+    rows: dict[str, np.ndarray] = {}
+    shown: list[str] = []
+    for metric in heatmap.metrics:
+        names, _, values = layer_matrix(run, f"{metric}/", index)
+        if names:
+            shown.append(metric)
+        for name, row in zip(names, values):
+            rows.setdefault(name, row)
+    modules = [m for m in modules if m in rows]
+    values = np.array([rows[m] for m in modules]).reshape(len(modules), len(steps))
+    notes = ["Rows: the " + "; the ".join(_FRACTION_WORDS[m] for m in shown) + "."] if len(heatmap.metrics) > 1 else []
+    return _heatmap(run, modules, steps, values, heatmap.title, heatmap.label, heatmap.grey, "module (input at top)",
+                    heatmap.limits, notes)
+
+
+def _heatmap(
+    run: Run,
+    layers: list[str],
+    steps: np.ndarray,
+    values: np.ndarray,
+    title: str,
+    label: str,
+    grey: str,
+    ylabel: str,
+    limits: tuple[float, float] | None = None,
+    notes: Sequence[str] = (),
+) -> Figure:
+    """``values`` (layer by step) as coloured cells, the first layer on top; ``limits`` fixes the colour range,
+    ``notes`` open the caption."""
     names = short_names(layers)
-    caption = names.caption()
+    caption = [*notes, *names.caption()]
     edges = _edges(steps)
     if len(steps) > MAX_HEATMAP_COLUMNS:
         edges, values, per_column = _bin_columns(edges, values, MAX_HEATMAP_COLUMNS)
         caption.append(f"Each column is the mean of up to {per_column} consecutive logged steps.")
     if np.isnan(values).any():
-        caption.append("Grey: not logged, or a zero or non-finite norm.")
+        caption.append(grey)
     flags, per_layer = flagged_steps(run), layer_flags(run)
-    caption += _flag_caption(flags, bool(per_layer), "cells are hatched")
+    rows = {layer: found for layer, found in per_layer.items() if layer in layers}
+    if per_layer and not rows and any(len(steps) for steps in flags.values()):
+        caption.append("Top strip: steps GradHealthMonitor flagged; the flagged layers are marked on the gradient "
+                       "heatmap.")
+    else:
+        caption += _flag_caption(flags, bool(per_layer), "cells are hatched")
+    per_layer = rows
     strip_height = _strip_height(flags)
     main = min(max(0.2 * len(layers), 1.0), _MAX_HEIGHT - 1.2 - strip_height - _caption_height(caption) - 0.3)
     shown = _thin(len(layers), main * 72)
@@ -397,18 +524,18 @@ def plot_heatmap(run: Run) -> Figure:
     cax = fig.add_subplot(grid[1, 1])
     cmap = colormaps["viridis"].with_extremes(bad="lightgrey")
     finite = values[np.isfinite(values)]
-    low, high = (float(finite.min()), float(finite.max())) if finite.size else (0.0, 1.0)
+    low, high = limits or ((float(finite.min()), float(finite.max())) if finite.size else (0.0, 1.0))
     if high - low < 1e-9:  # one value: a colour scale needs a range
         low, high = low - 0.5, high + 0.5
     mesh = ax.pcolormesh(
         edges, np.arange(len(layers) + 1), np.ma.masked_invalid(values), cmap=cmap, vmin=low, vmax=high
     )
-    fig.colorbar(mesh, cax=cax, label="log10 gradient norm")
+    fig.colorbar(mesh, cax=cax, label=label)
     ax.set_xlim(edges[0], edges[-1])
     ax.set_ylim(len(layers), 0)  # the input layer on top, as the network is usually drawn
     ax.yaxis.set_major_locator(FixedLocator([i + 0.5 for i in shown]))
     ax.set_yticklabels([names.labels[i] for i in shown], fontsize=_TICK_FONT)
-    ax.set(xlabel="step", ylabel="layer (input at top)")
+    ax.set(xlabel="step", ylabel=ylabel)
     _integer_steps(ax, steps)
     for condition, cells in _flagged_cells(per_layer, layers, edges).items():
         ax.add_collection(
@@ -420,7 +547,7 @@ def plot_heatmap(run: Run) -> Figure:
         )
     if strip_height:
         _flag_strip(fig.add_subplot(grid[0, 0], sharex=ax), flags)
-    _titles(fig, f"{run.name}: log10 gradient norm by layer", caption)
+    _titles(fig, f"{run.name}: {title}", caption)
     return fig
 
 
@@ -547,6 +674,8 @@ def summary_markdown(
         header = ["run", "last monitored step"]
         header += [metric_header] if metric_header else []
         header += ["vanishing", "exploding", "non-finite", "skipped steps", "gradcheck max rel error"]
+        diagnosed = any(run.modules or run.diagnosis() for run in monitored)
+        header += ["diagnosis"] if diagnosed else []
         rows = []
         for run, s in zip(monitored, summaries):
             cells = [f"`{run.name}`", _cell(s.last_step)]
@@ -555,6 +684,8 @@ def summary_markdown(
                 cells.append(f"{value} (`{s.metric}`)" if len(metrics_found) > 1 and s.metric else value)
             cells += [_flag_cell(s.flagged_steps[c], s.first_flagged[c], run, c) for c in CONDITIONS]
             cells += [_cell(s.skipped_steps), _cell(s.gradcheck_max_rel_error, "{:.3g}")]
+            if diagnosed:
+                cells.append(_diagnosis_cell(run))
             rows.append(cells)
         lines += [
             "Health columns: steps on which the monitor flagged at least one layer (first such step).",
@@ -564,6 +695,7 @@ def summary_markdown(
     others = [r.name for r in runs if r not in monitored]
     if others:
         lines += ["", "Runs without gradmon scalars: " + ", ".join(f"`{name}`" for name in others) + "."]
+    lines += diagnosis_markdown(monitored)
     notes = report_notes(runs, metric)
     if notes:
         lines += ["", "## Notes", "", *(f"- {note}" for note in notes)]
@@ -573,6 +705,52 @@ def summary_markdown(
             links = ", ".join(f"[{p.stem}]({p.relative_to(out).as_posix() if out else p.as_posix()})" for p in paths)
             lines.append(f"- `{name}`: {links}")
     return "\n".join(lines) + "\n"
+
+
+def diagnosis_markdown(runs: Sequence[Run]) -> list[str]:
+    """The Diagnosis section: per run ActivationMonitor watched, the latest finding of each condition as it wrote it
+    (``diagnosis/<condition>``), with the step it cleared at when it did; "no finding" for a run without any."""
+    watched = [run for run in runs if run.modules or run.diagnosis()]
+    if not watched:
+        return []
+    lines = ["", "## Diagnosis", "", "What ActivationMonitor's diagnosis found in each run (`diagnosis/<condition>` in "
+             "TensorBoard's text tab): the latest finding of each condition.", ""]
+    for run in watched:
+        lines.append(f"### `{run.name}`")
+        lines.append("")
+        found = _findings(run)
+        if not found:
+            lines += ["No finding.", ""]
+        for text, cleared in found:
+            item = text.replace("  \n", "  \n  ")
+            lines.append(f"- {item}" + (f"  \n  No longer found from step {cleared}." if cleared is not None else ""))
+        if found:
+            lines.append("")
+    return lines[:-1]
+
+
+def _findings(run: Run) -> list[tuple[str, int | None]]:
+    """Per condition, ``(latest finding's markdown, step it cleared at or None)``, by the step first found."""
+    found = []
+    for entries in run.diagnosis().values():
+        findings = [(step, text) for step, text in entries if not text.endswith(CLEARED)]
+        if not findings:
+            continue
+        last_step, text = findings[-1]
+        later = [step for step, t in entries if step > last_step and t.endswith(CLEARED)]
+        found.append((entries[0][0], text, later[0] if later else None))
+    return [(text, cleared) for _, text, cleared in sorted(found, key=lambda f: f[0])]
+
+
+def _diagnosis_cell(run: Run) -> str:
+    causes = []
+    for text, _ in _findings(run):
+        match = re.search(r"Likely cause: \*\*(.+?)\*\*", text)
+        if match and match.group(1) not in causes:
+            causes.append(match.group(1))
+    if causes:
+        return ", ".join(causes)
+    return "none" if run.modules else "-"
 
 
 def report_notes(runs: Sequence[Run], metric: str | None = None) -> list[str]:
@@ -591,8 +769,9 @@ def write_report(
     note: Callable[[str], object] | None = None,
 ) -> list[Path]:
     """Write into ``out``, for every run under ``logdir`` that logged gradient norms, ``<run>/grad_norm_heatmap.png``,
-    ``<run>/grad_norm_curves.png`` and ``<run>/gradient_flow.png``; ``<parent>/gradient_flow_comparison.png`` for
-    every parent directory of two or more such runs; and ``summary.md``. Returns the files written, ``summary.md``
+    ``<run>/grad_norm_curves.png`` and ``<run>/gradient_flow.png``; for every run ActivationMonitor watched, its
+    activation heatmaps (:data:`REPORT_ACTIVATION_HEATMAPS`); ``<parent>/gradient_flow_comparison.png`` for every parent
+    directory of two or more runs with gradient norms; and ``summary.md``. Returns the files written, ``summary.md``
     last.
 
     ``metric``: the scalar tag whose last value ``summary.md`` shows per run; by default (``None``) a tag like
@@ -615,6 +794,12 @@ def write_report(
                 _save(plot_norm_curves(run), out / run.name / "grad_norm_curves.png"),
                 _save(plot_gradient_flow(run), out / run.name / "gradient_flow.png"),
             ]
+        if run.modules:
+            figures.setdefault(run.name, []).extend(
+                _save(plot_activation_heatmap(run, figure), out / run.name / f"{figure}.png")
+                for figure in REPORT_ACTIVATION_HEATMAPS
+                if has_activation_heatmap(run, figure)
+            )
     by_parent: dict[str, list[Run]] = {}
     for run in runs:
         if run.has_grad_norms and "/" in run.name:

@@ -44,6 +44,22 @@ GRADCHECK_MAX_REL_ERROR = "gradcheck/max_rel_error"
 #: Text: ``weight_init/<position>_<scheme>``.
 WEIGHT_INIT = "weight_init"
 
+# --- ActivationMonitor: per observed module, at logging steps ------------------------------------------------------
+#: RMS of a module's output (the forward signal), and its log10.
+ACTIVATION_RMS = "activation_rms"
+ACTIVATION_RMS_LOG10 = "activation_rms_log10"
+#: RMS of the gradient of the loss with respect to a module's output (the backward signal), and its log10.
+ACTIVATION_GRAD_RMS = "activation_grad_rms"
+ACTIVATION_GRAD_RMS_LOG10 = "activation_grad_rms_log10"
+#: ReLU-like modules: the fraction of units zero for every example of the batch.
+DEAD_FRACTION = "dead_fraction"
+#: Bounded activations: the fraction of outputs where the slope is below 1% of its largest, and the mean slope.
+SATURATED_FRACTION = "saturated_fraction"
+ACTIVATION_SLOPE = "activation_slope"
+#: Text: ``diagnosis/<condition>`` (a key of :data:`gradmon.diagnosis.CONDITIONS`), at the steps a finding appears,
+#: changes or clears.
+DIAGNOSIS = "diagnosis"
+
 
 def tag(metric: str, name: str) -> str:
     """``tag("grad_norm", "net.0") == "grad_norm/net.0"``."""
@@ -83,7 +99,24 @@ LAYOUT_CHARTS: dict[str, list[tuple[str, str]]] = {
 }
 
 
-def prefixed_charts(prefix: str) -> dict[str, list[tuple[str, str]]]:
-    """:data:`LAYOUT_CHARTS` for tags written behind a logger's prefix (``"x-"``)."""
+#: ActivationMonitor's charts: one per statistic, every module as a line; log10 beside the RMS, which spans orders of
+#: magnitude through depth exactly when something is wrong.
+ACTIVATION_CHARTS: dict[str, list[tuple[str, str]]] = {
+    "gradmon activations": [
+        ("log10 activation RMS by module", rf"{ACTIVATION_RMS_LOG10}/.*"),
+        ("log10 activation gradient RMS by module", rf"{ACTIVATION_GRAD_RMS_LOG10}/.*"),
+        ("dead fraction by module", rf"{DEAD_FRACTION}/.*"),
+        ("saturated fraction by module", rf"{SATURATED_FRACTION}/.*"),
+        ("mean activation slope by module", rf"{ACTIVATION_SLOPE}/.*"),
+        ("activation RMS by module", rf"{ACTIVATION_RMS}/.*"),
+        ("activation gradient RMS by module", rf"{ACTIVATION_GRAD_RMS}/.*"),
+    ],
+}
+
+
+def prefixed_charts(
+    prefix: str, charts: dict[str, list[tuple[str, str]]] = LAYOUT_CHARTS
+) -> dict[str, list[tuple[str, str]]]:
+    """``charts`` (by default :data:`LAYOUT_CHARTS`) for tags written behind a logger's prefix (``"x-"``)."""
     start = re.escape(prefix)
-    return {category: [(title, start + regex) for title, regex in charts] for category, charts in LAYOUT_CHARTS.items()}
+    return {category: [(title, start + regex) for title, regex in group] for category, group in charts.items()}

@@ -47,7 +47,7 @@ def test_variant_configs_state_only_what_differs_from_the_base():
     cli = cli_main(["--config", str(CONFIG_DIR / "vanishing_tanh.yaml")], run=False)
     assert (cli.model.hparams.depth, cli.model.hparams.width, cli.model.hparams.activation) == (16, 64, "tanh")
     assert [type(c).__name__ for c in cli.trainer.callbacks if type(c).__module__.startswith("gradmon")] == [
-        "WeightInit", "GradNormMonitor", "GradHealthMonitor"
+        "WeightInit", "GradNormMonitor", "GradHealthMonitor", "ActivationMonitor"
     ]
 
 
@@ -179,6 +179,45 @@ def test_initialisations_order_the_first_layer_gradient_by_their_scale(runs):
     assert 1e-1 < kaiming_first / kaiming_last < 1e1  # the gain sqrt(2) keeps every layer's gradient alike
 
 
+#: The causes the diagnosis names for each demo run (its findings other than non-finite values), and for the healthy
+#: runs none: the issue's table. Each is found at the first step.
+EXPECTED_CAUSES = {
+    "vanishing_sigmoid": {"saturating_activation"},
+    "vanishing_relu": {"gain_mismatch"},  # silent for GradHealthMonitor: its gradients stay above the thresholds
+    "vanishing_tanh": set(),
+    "init_normal_0.01": {"init_too_small"},
+    "init_default": {"init_too_small"},
+    "init_xavier": {"gain_mismatch"},
+    "init_kaiming": set(),
+    "init_normal_1": {"init_too_large"},
+    "exploding_relu": {"init_too_large"},
+    "gradcheck_buggy": set(),
+    "gradcheck_fixed": set(),
+}
+
+
+def test_every_demo_run_gets_its_cause_and_the_healthy_ones_none(runs):
+    assert set(EXPECTED_CAUSES) == set(CONFIGS)
+    for config, expected in EXPECTED_CAUSES.items():
+        found = callback(runs[config][0], gradmon.ActivationMonitor).found
+        causes = {cause for cause, f in found.items() if f.condition != "nonfinite"}
+        assert causes == expected, (config, [str(f) for f in found.values()])
+        assert all(found[cause].step == 0 for cause in expected), config
+    # N(0, 1) turns non-finite after its first step: the forward pass overflows, then the weights are NaN.
+    found = callback(runs["init_normal_1"][0], gradmon.ActivationMonitor).found
+    assert {c for c, f in found.items() if f.condition == "nonfinite"} == {"activation_overflow", "gradient_spike"}
+    assert "the total gradient norm was" in found["activation_overflow"].explanation
+
+
+def test_the_silent_xavier_relu_run_gets_a_gain_mismatch_finding_in_tensorboard(runs):
+    cli, run_dir = runs["vanishing_relu"]
+    assert not callback(cli, gradmon.GradHealthMonitor).flagged_steps  # the thresholds stay quiet
+    (event,) = accumulator(run_dir).Tensors("diagnosis/forward_decay/text_summary")
+    text = event.tensor_proto.string_val[0].decode()
+    assert event.step == 0 and "init gain mismatch" in text and "kaiming_normal(nonlinearity='relu')" in text
+    assert "keeps 0.71 of the forward signal" in text
+
+
 def test_exploding_run_is_stopped_by_grad_health_monitor(runs):
     cli, run_dir = runs["exploding_relu"]
     assert cli.trainer.global_step < MAX_STEPS
@@ -223,6 +262,7 @@ def test_a_demo_run_prints_one_line_with_its_steps_accuracy_and_findings(tmp_pat
     assert not [r for r in caplog.records if r.levelno >= 20 and r.name.startswith(("lightning", "gradmon"))]
     assert line.split()[:4] == ["init/normal_1", "3", "steps", "val"]
     assert "exploding at 1 step from step 0" in line and "nonfinite at 2 steps from step 1" in line
+    assert "diagnosis: init scale too large (step 0)" in line
 
 
 def test_health_warnings_print_as_the_category_and_message():

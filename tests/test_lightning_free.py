@@ -19,6 +19,8 @@ CORE = [
     "gradmon.health",
     "gradmon.init",
     "gradmon.numerical",
+    "gradmon.activations",
+    "gradmon.diagnosis",
     "gradmon.tensorboard",
     "gradmon.tags",
     "gradmon.naming",

@@ -260,13 +260,71 @@ def trained_logdir(tmp_path_factory) -> Path:
 def test_report_command_writes_valid_pngs_and_summary_from_a_real_run(trained_logdir, tmp_path, capsys):
     out = tmp_path / "report"
     assert main(["report", str(trained_logdir), "--out", str(out)]) == 0
-    assert "wrote 3 figures" in capsys.readouterr().out
-    for name in ("grad_norm_heatmap", "grad_norm_curves", "gradient_flow"):
+    assert "wrote 5 figures" in capsys.readouterr().out
+    for name in ("grad_norm_heatmap", "grad_norm_curves", "gradient_flow", "activation_rms_heatmap",
+                 "dead_or_saturated_heatmap"):
         assert_valid_png(out / "vanishing" / "sigmoid" / f"{name}.png")
     summary = (out / "summary.md").read_text()
-    vanishing = table(summary)["vanishing/sigmoid"]["vanishing"]
-    assert vanishing.split()[0].isdigit() and vanishing != "0", summary  # 16 sigmoid layers: flagged within 12 steps
+    row = table(summary)["vanishing/sigmoid"]
+    assert row["vanishing"].split()[0].isdigit() and row["vanishing"] != "0", summary  # flagged within 12 steps
+    assert row["diagnosis"] == "saturating activation"
     assert "(vanishing/sigmoid/grad_norm_heatmap.png)" in summary
+    assert "(vanishing/sigmoid/dead_or_saturated_heatmap.png)" in summary
+    section = summary.split("## Diagnosis", 1)[1]
+    assert "### `vanishing/sigmoid`" in section
+    assert "- **gradient shrinks on its way back through depth** at step 0" in section
+    assert "Likely cause: **saturating activation**: Sigmoid's slope is at most 0.25" in section
+
+
+def diagnosis_text(condition: str, cause: str, step: int) -> str:
+    return (f"**{condition}** at step {step}, in net.0 to net.6 (4 layers).  \nLikely cause: **{cause}**: why.  \n"
+            "Try: this.")
+
+
+def test_the_summary_has_a_diagnosis_column_and_section_from_the_diagnosis_texts(tmp_path):
+    modules = {f"activation_rms/net.{i}": 1.0 for i in range(4)}
+    found = tmp_path / "runs" / "found"
+    with SummaryWriter(str(found)) as writer:  # one writer: a second event file would be a rerun
+        for step in range(6):
+            write_scalars(writer, {**grad_norms({"net.0": 1.0}), **modules}, step)
+        writer.add_text("diagnosis/forward_decay", diagnosis_text("forward signal shrinks", "init gain mismatch", 0), 0)
+        writer.add_text("diagnosis/forward_decay", "**forward signal shrinks**: no longer found.", 4)
+        writer.add_text("diagnosis/dead_units", diagnosis_text("dead units", "dead ReLUs", 2), 2)
+        writer.add_text("diagnosis/dead_units", diagnosis_text("dead units", "dead ReLUs", 3), 3)
+    write_run(tmp_path / "runs" / "healthy", {s: {**grad_norms({"net.0": 1.0}), **modules} for s in range(6)})
+    write_run(tmp_path / "runs" / "unwatched", {s: grad_norms({"net.0": 1.0}) for s in range(6)})
+
+    run = load_run(found)
+    assert [step for step, _ in run.diagnosis()["dead_units"]] == [2, 3]
+    assert run.modules == [f"net.{i}" for i in range(4)]
+    write_report(tmp_path / "runs", tmp_path / "out")
+    summary = (tmp_path / "out" / "summary.md").read_text()
+    rows = table(summary)
+    assert rows["found"]["diagnosis"] == "init gain mismatch, dead ReLUs"
+    assert (rows["healthy"]["diagnosis"], rows["unwatched"]["diagnosis"]) == ("none", "-")
+    section = summary.split("## Diagnosis", 1)[1].split("## Notes")[0].split("## Figures")[0]
+    found_part = section.split("### `found`", 1)[1].split("###")[0]
+    assert found_part.index("init gain mismatch") < found_part.index("dead ReLUs")  # by the step first found
+    assert "- **forward signal shrinks** at step 0" in found_part and "No longer found from step 4." in found_part
+    assert "dead units** at step 3" in found_part and "at step 2" not in found_part  # the latest of each condition
+    assert "  \n  Likely cause: **dead ReLUs**" in found_part  # the finding's lines stay inside its list item
+    assert "### `healthy`\n\nNo finding." in section and "`unwatched`" not in section
+
+
+def test_activation_heatmaps_are_drawn_for_the_statistics_a_run_logged(tmp_path):
+    values = {}
+    for i in range(4):
+        values.update({f"activation_rms/net.{i}": 10.0**-i, f"activation_rms_log10/net.{i}": -float(i),
+                       f"activation_grad_rms/net.{i}": 1e-3, f"activation_grad_rms_log10/net.{i}": -3.0})
+    values.update({"dead_fraction/net.1": 0.5, "dead_fraction/net.3": 1.0})
+    write_run(tmp_path / "runs" / "relu", {s: {**grad_norms({"net.0": 1.0}), **values} for s in range(0, 10, 2)})
+    written = write_report(tmp_path / "runs", tmp_path / "out")
+    assert sorted(p.name for p in written if "heatmap" in p.name) == [
+        "activation_rms_heatmap.png", "dead_or_saturated_heatmap.png", "grad_norm_heatmap.png",
+    ]
+    layers, steps, dead = layer_matrix(load_run(tmp_path / "runs" / "relu"), "dead_fraction/", "activation_rms/")
+    assert layers == ["net.1", "net.3"] and steps.tolist() == [0, 2, 4, 6, 8]
+    assert dead[:, 0].tolist() == [0.5, 1.0]
 
 
 def test_console_script_runs_report_with_its_default_out_dir(tmp_path):

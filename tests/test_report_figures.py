@@ -16,10 +16,12 @@ from matplotlib.figure import Figure
 from torch.utils.tensorboard import SummaryWriter
 
 from gradmon.report import (
+    ACTIVATION_HEATMAPS,
     MAX_HEATMAP_COLUMNS,
     MAX_LABEL_CHARS,
     Run,
     load_runs,
+    plot_activation_heatmap,
     plot_flow_comparison,
     plot_gradient_flow,
     plot_heatmap,
@@ -278,3 +280,54 @@ def test_short_names_drop_the_common_prefix_and_abbreviate_middle_pieces():
 def test_short_names_cases(names, labels, prefix):
     short = short_names(names)
     assert (short.labels, short.prefix) == (labels, prefix)
+
+
+def write_activations(path: Path, modules: list[str], steps) -> None:
+    """What ActivationMonitor logs: the forward signal falling 6 decades through depth, the backward signal rising,
+    dead fractions for every other module and saturated fractions and slopes for the others."""
+    rng = np.random.default_rng(0)
+    depth = np.linspace(0.0, -6.0, len(modules))
+    with SummaryWriter(str(path)) as writer:
+        for step in steps:
+            logs = depth + 0.1 * rng.standard_normal(len(modules))
+            values = {}
+            for i, (module, v) in enumerate(zip(modules, logs)):
+                values.update({f"activation_rms/{module}": 10.0**v, f"activation_rms_log10/{module}": v,
+                               f"activation_grad_rms/{module}": 10.0 ** (v - 3), f"activation_grad_rms_log10/{module}":
+                               v - 3})
+                fraction = float(rng.uniform())
+                metrics = ("dead_fraction",) if i % 2 else ("saturated_fraction", "activation_slope")
+                values.update({f"{metric}/{module}": fraction for metric in metrics})
+            write_scalars(writer, values, step)
+
+
+@pytest.fixture(scope="module")
+def activation_runs(tmp_path_factory) -> dict[str, Run]:
+    logdir = tmp_path_factory.mktemp("activation_runs")
+    write_activations(logdir / "wide", transformer_layers(14)[:200], range(0, 250, 5))
+    write_activations(logdir / "long", ["encoder.conv1", "encoder.act1", "decoder.fc1", "decoder.act2"],
+                      range(0, 100_001, 100))
+    write_activations(logdir / "one_step", ["net.0", "net.1", "net.2", "net.3"], [0])
+    return {run.name: run for run in load_runs(logdir)}
+
+
+@pytest.mark.parametrize("figure", list(ACTIVATION_HEATMAPS))
+@pytest.mark.parametrize("name", ["wide", "long", "one_step"])
+def test_activation_heatmaps_keep_the_heatmaps_readability(activation_runs, name, figure):
+    fig = draw(plot_activation_heatmap, activation_runs[name], figure)
+    assert_readable(fig)
+    ticks = assert_integer_steps(fig)
+    (ax,) = step_axes(fig)
+    mesh = ax.collections[0]
+    assert mesh.get_array().shape[1] <= MAX_HEATMAP_COLUMNS
+    rows = [t.get_text() for t in visible_tick_labels(ax.yaxis)]
+    if name == "one_step":
+        assert ticks == [0]
+    if name == "wide":
+        assert 20 <= len(rows) < 200 and all(len(r) <= MAX_LABEL_CHARS for r in rows)
+    if ACTIVATION_HEATMAPS[figure].limits is not None:  # fractions and slopes: one scale for every run
+        assert mesh.get_clim() == (0.0, 1.0)
+    if figure == "dead_or_saturated_heatmap":  # every module has one of the two, each named in the caption
+        assert mesh.get_array().shape[0] == len(activation_runs[name].modules)
+        caption = "\n".join(t.get_text() for t in fig.texts)
+        assert "dead fraction" in caption and "saturated fraction" in caption
