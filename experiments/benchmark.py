@@ -37,12 +37,14 @@ from torch import nn
 from experiments import benchmark_gradcheck
 from experiments.benchmark_gradcheck import IN_FEATURES, NUM_CLASSES
 from experiments.models import kaiming_mlp
-from gradmon import GradHealthMonitor, GradNormMonitor
+from gradmon import ActivationMonitor, GradHealthMonitor, GradNormMonitor
 
 WARMUP_STEPS = 20
 BATCH = 128
 #: The variants, in the order of the printed table's columns (a), (b), (c) and (f).
 VARIANTS = ("none", "gradmon", "recipe", "floor")
+#: Also timed, with its own in-hook column: (b) plus ActivationMonitor logging every 50 steps.
+ACTIVATIONS = "gradmon+activations"
 
 
 class BenchMLP(pl.LightningModule):
@@ -122,8 +124,10 @@ def run(variant: str, depth: int, width: int, steps: int, logdir: str, device: s
     model = (RecipeMLP if variant == "recipe" else BenchMLP)(depth, width)
     timer, clock = StepTimer(), HookClock()
     callbacks: list[pl.Callback] = [timer]
-    if variant == "gradmon":
+    if variant in ("gradmon", ACTIVATIONS):
         callbacks = [clock.wrap(GradNormMonitor(log_every_n_steps=50)), clock.wrap(GradHealthMonitor()), timer]
+        if variant == ACTIVATIONS:
+            callbacks.insert(0, clock.wrap(ActivationMonitor(log_every_n_steps=50)))
     elif variant == "floor":
         callbacks = [clock.wrap(NormFloor()), timer]
     g = torch.Generator().manual_seed(0)
@@ -159,22 +163,29 @@ def main(argv: list[str] | None = None) -> None:
     print(f"{'model':<8}{'(a) none':>12}{'(b) gradmon':>14}{'(c) recipe':>13}{'(f) floor':>12}"
           f"{'(b)/(a)':>10}{'(c)/(b)':>10}{'(f)/(a)':>10}{'(b)/(f)':>10}{'in-hook (b)':>14}{'% of (a)':>10}")
     results = {}
+    activations_rows: list[tuple[str, float, float, float, float]] = []
     with tempfile.TemporaryDirectory() as logdir:
         for name, (depth, width, steps) in models.items():
-            times: dict[str, list[float]] = {variant: [] for variant in VARIANTS}
-            hook_us: list[float] = []
+            times: dict[str, list[float]] = {variant: [] for variant in (*VARIANTS, ACTIVATIONS)}
+            hook_us: dict[str, list[float]] = {"gradmon": [], ACTIVATIONS: []}
             for _ in range(max(args.repeats, 5)):
-                for variant in times:  # interleaved, so drifts in machine load hit all four alike
+                for variant in times:  # interleaved, so drifts in machine load hit all variants alike
                     ms, us = run(variant, depth, width, steps, logdir, args.device)
                     times[variant].append(ms)
-                    if variant == "gradmon":
-                        hook_us.append(us)
+                    if variant in hook_us:
+                        hook_us[variant].append(us)
             none, gradmon, recipe, floor = (statistics.median(times[v]) for v in VARIANTS)
-            in_hook = statistics.median(hook_us)
+            in_hook = statistics.median(hook_us["gradmon"])
+            with_activations = statistics.median(times[ACTIVATIONS]), statistics.median(hook_us[ACTIVATIONS])
             results[name] = (none, gradmon, recipe, floor, in_hook)
+            activations_rows.append((name, none, *with_activations, in_hook))
             times_ms = f"{none:>10.3f}ms{gradmon:>12.3f}ms{recipe:>11.3f}ms{floor:>10.3f}ms"
             ratios = f"{gradmon / none:>10.3f}{recipe / gradmon:>10.2f}{floor / none:>10.3f}{gradmon / floor:>10.3f}"
             print(f"{name:<8}{times_ms}{ratios}{in_hook:>12.0f}us{100 * in_hook / (1e3 * none):>9.1f}%", flush=True)
+    print("\nwith ActivationMonitor (logging every 50) beside (b):")
+    for name, none, ms, us, gradmon_us in activations_rows:
+        print(f"{name:<8}{ms:>10.3f}ms  ratio to (a) {ms / none:.3f}  in-hook {us:.0f}us "
+              f"(+{us - gradmon_us:.0f}us over (b): its logging batches, spread over 50 steps)")
     print_targets(results)
     if not args.no_gradcheck and args.device == "cpu":
         print()

@@ -42,7 +42,7 @@ run() {  # name, command...
   tail -n 3 "$OUT/$name.log"
 }
 
-run cuda_tests "$PY" -m pytest -q -m cuda tests/test_cuda.py -p no:cacheprovider
+run cuda_tests "$PY" -m pytest -q -m cuda tests/test_cuda.py tests/test_activation_monitor.py -p no:cacheprovider
 run experiments "$PY" - <<'PYEOF'
 from pathlib import Path
 import tempfile

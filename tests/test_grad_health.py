@@ -211,3 +211,15 @@ def test_history_survives_a_resume_from_checkpoint(tmp_path: Path) -> None:
 def test_bad_arguments_raise_in_the_constructor(kwargs: dict, argument: str) -> None:
     with pytest.raises(ValueError, match=f"`{argument}="):
         GradHealthMonitor(**kwargs)
+
+
+def test_a_warning_and_the_summary_end_with_the_likely_cause(caplog) -> None:
+    import logging
+
+    with health_warnings() as messages, caplog.at_level(logging.INFO):
+        fit(deep("sigmoid", None), [GradHealthMonitor()], steps=12)
+    assert messages and "Likely cause: saturating activation" in messages[0] and "try:" in messages[0]
+    assert "vanishing: likely cause: saturating activation" in caplog.text
+    with health_warnings() as quiet:
+        fit(deep("sigmoid", None), [GradHealthMonitor(diagnose=False)], steps=12)
+    assert quiet and "Likely cause" not in quiet[0]

@@ -68,7 +68,7 @@ def health_warnings(record) -> list[str]:
 def test_a_nan_is_skipped_on_the_device_and_weights_and_adam_state_stay_exactly_as_before(monkeypatch) -> None:
     torch.manual_seed(0)
     snapshot, reads = Snapshot(), HostReads(monkeypatch)
-    monitor = GradHealthMonitor(on_nonfinite="skip", sync_free=True)
+    monitor = GradHealthMonitor(on_nonfinite="skip", sync_free=True, diagnose=False)
     with warnings.catch_warnings(record=True) as record:
         warnings.simplefilter("always")
         fit(FusedMLP(depth=2), [PlantNaN(3, element=(0, 0)), monitor, snapshot, reads], steps=6)
@@ -138,7 +138,7 @@ def test_exploding_patience_is_counted_on_the_device(monkeypatch) -> None:
 
     torch.manual_seed(0)
     snapshot, reads = Snapshot(), HostReads(monkeypatch)
-    monitor = GradHealthMonitor(on_exploding="skip", exploding_patience=2, spike_factor=None, sync_free=True)
+    monitor = GradHealthMonitor(on_exploding="skip", exploding_patience=2, spike_factor=None, sync_free=True, diagnose=False)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", GradientHealthWarning)
         fit(FusedMLP(depth=2), [Blow(), monitor, snapshot, reads], steps=7)
@@ -151,7 +151,7 @@ def test_exploding_patience_is_counted_on_the_device(monkeypatch) -> None:
 def test_an_optimizer_without_found_inf_falls_back_to_a_host_read_and_says_so(monkeypatch) -> None:
     torch.manual_seed(0)
     snapshot, reads = Snapshot(), HostReads(monkeypatch)
-    monitor = GradHealthMonitor(on_nonfinite="skip", sync_free=True)
+    monitor = GradHealthMonitor(on_nonfinite="skip", sync_free=True, diagnose=False)
     with pytest.warns(UserWarning, match=r"SGD cannot take a device-side skip flag.*fused=True"):
         fit(MLP(depth=2), [PlantNaN(2, element=(0, 0)), monitor, snapshot, reads], steps=4)
     assert all(torch.equal(snapshot.states[2][0][k], snapshot.states[3][0][k]) for k in snapshot.states[2][0])

@@ -17,6 +17,7 @@ from gradmon import tags
 from gradmon._validation import check_bool, check_choice, check_int, check_norm_type
 from gradmon.callbacks import _logging
 from gradmon.callbacks._grad_source import GradNormSource, OptimizerSteps, pending_loss_scale
+from gradmon.callbacks.activation_monitor import likely_cause
 from gradmon.callbacks.grad_norm import GradNormMonitor
 from gradmon.errors import GradientHealthError, warn_health
 from gradmon.health import (
@@ -85,6 +86,10 @@ class GradHealthMonitor(Callback):
     still skipped on every rank through the combined device flag, and the others report the skip as found on another
     rank. An infinite norm counts as non-finite (there is no gradient left to inspect).
 
+    With ``diagnose`` (the default) each warning and the end-of-fit summary end with one line from
+    :mod:`gradmon.diagnosis`, "likely cause: ...; try: ...", from an :class:`~gradmon.ActivationMonitor` on the same
+    Trainer when there is one, else from the weights and gradients (computed only when a warning is issued).
+
     Several optimizers (a GAN under manual optimization): each optimizer's step is judged on the layers it updates;
     a layer's patience streak changes only at steps where that layer has a gradient, and ``log_every_n_steps`` counts
     each optimizer's own steps.
@@ -136,6 +141,7 @@ class GradHealthMonitor(Callback):
         max_events: int = 100_000,
         summary: bool = True,
         sync_free: bool = False,
+        diagnose: bool = True,
     ) -> None:
         self.rules = HealthRules(
             vanishing_threshold=vanishing_threshold,
@@ -161,6 +167,7 @@ class GradHealthMonitor(Callback):
         self.max_events = check_int("max_events", max_events, 0)
         self.summary = check_bool("summary", summary)
         self.sync_free = check_bool("sync_free", sync_free)
+        self.diagnose = check_bool("diagnose", diagnose)
         # Conditions the device itself must skip in sync-free mode (before optimizer.step, without a host read).
         self._device_skips = {c for c in ("nonfinite", "exploding") if self.actions[c] == "skip"}
         self._own_source = GradNormSource(self.norm_type, self.group_by)
@@ -478,7 +485,7 @@ class GradHealthMonitor(Callback):
             self.skipped_steps += int(skipped)
         for c in by_severity:
             if self.actions[c] in ("warn", "skip", "stop"):
-                self._warn(c, step, events_of[c], skipped)
+                self._warn(trainer, c, step, events_of[c], skipped)
         if any(self.actions[c] == "stop" for c in by_severity):
             trainer.should_stop = True
 
@@ -491,7 +498,14 @@ class GradHealthMonitor(Callback):
                 callback.on_before_optimizer_step(trainer, pl_module, optimizer)
         optimizer.zero_grad(set_to_none=True)
 
-    def _warn(self, condition: str, step: int, events: list[HealthEvent], skipped: bool | None = None) -> None:
+    def _warn(
+        self,
+        trainer: pl.Trainer,
+        condition: str,
+        step: int,
+        events: list[HealthEvent],
+        skipped: bool | None = None,
+    ) -> None:
         last = self._last_report.get(condition)
         if last is not None and step - last < self.warn_every_n_steps:
             self._unreported[condition] += 1
@@ -509,11 +523,22 @@ class GradHealthMonitor(Callback):
         suppressed = self._unreported.pop(condition, 0)
         if suppressed:
             message += f" ({suppressed} more {condition} steps since the last report.)"
+        if self.diagnose and events:
+            cause = likely_cause(trainer, condition, [e.layer for e in events])
+            if cause is not None:
+                message += f" {cause[0].upper()}{cause[1:]}."
         warn_health(message)
 
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self.summary and (self.flagged_steps or self.skipped_steps or self._overflow_warned):
-            rank_zero_info(self.summary_table())
+            table = self.summary_table()
+            if self.diagnose:
+                for c in CONDITIONS:
+                    layers = [layer for layer, _ in self._layer_counts[c].most_common(3)]
+                    cause = likely_cause(trainer, c, layers) if layers else None
+                    if cause is not None:
+                        table += f"\n{c}: {cause}"
+            rank_zero_info(table)
 
     def summary_table(self) -> str:
         """Per condition: steps flagged, first step, the layers flagged most often; and skipped steps."""
