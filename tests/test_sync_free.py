@@ -138,7 +138,8 @@ def test_exploding_patience_is_counted_on_the_device(monkeypatch) -> None:
 
     torch.manual_seed(0)
     snapshot, reads = Snapshot(), HostReads(monkeypatch)
-    monitor = GradHealthMonitor(on_exploding="skip", exploding_patience=2, spike_factor=None, sync_free=True, diagnose=False)
+    monitor = GradHealthMonitor(on_exploding="skip", exploding_patience=2, spike_factor=None, sync_free=True,
+                                diagnose=False)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", GradientHealthWarning)
         fit(FusedMLP(depth=2), [Blow(), monitor, snapshot, reads], steps=7)
