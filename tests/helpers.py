@@ -207,3 +207,26 @@ def read_layouts(logdir: Path) -> list[layout_pb2.Layout]:
         layout_pb2.Layout.FromString(event.tensor_proto.string_val[0])
         for event in accumulator(logdir).Tensors("custom_scalars__config__")
     ]
+
+
+#: The training-step hooks a callback may define, for :func:`no_sync`.
+STEP_HOOKS = ("on_before_optimizer_step", "on_train_batch_end", "on_train_batch_start", "on_after_backward")
+
+
+def no_sync(callback: pl.Callback, hooks: Sequence[str] = STEP_HOOKS) -> pl.Callback:
+    """Run the callback's own ``hooks`` with CUDA's sync debug mode set to error: any implicit device sync raises
+    (Lightning's own code, outside them, may sync as it likes)."""
+    for name in hooks:
+        if getattr(type(callback), name) is getattr(pl.Callback, name):
+            continue
+        hook = getattr(callback, name)
+
+        def wrapped(*args, _hook=hook, **kwargs):
+            torch.cuda.set_sync_debug_mode("error")
+            try:
+                return _hook(*args, **kwargs)
+            finally:
+                torch.cuda.set_sync_debug_mode("default")
+
+        setattr(callback, name, wrapped)
+    return callback

@@ -15,7 +15,18 @@ from pathlib import Path
 import lightning.pytorch as pl
 import pytest
 import torch
-from helpers import MLP, PlantNaN, accumulator, fit, logdir, make_loader, rank_loader, read_layouts, read_scalars
+from helpers import (
+    MLP,
+    PlantNaN,
+    accumulator,
+    fit,
+    logdir,
+    make_loader,
+    no_sync,
+    rank_loader,
+    read_layouts,
+    read_scalars,
+)
 from torch import nn
 
 from gradmon import ActivationMonitor, GradHealthMonitor, GradNormMonitor, WeightInit, tags
@@ -292,18 +303,8 @@ class SyncCheckedMLP(MLP):
 @pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_on_cuda_no_hook_syncs_the_device_and_the_numbers_arrive_one_step_later() -> None:
-    monitor = ActivationMonitor(log_every_n_steps=2)
-    for name in ("on_train_batch_start", "on_before_optimizer_step"):  # the hooks that only launch work
-        hook = getattr(monitor, name)
-
-        def wrapped(*args, _hook=hook, **kwargs):
-            torch.cuda.set_sync_debug_mode("error")
-            try:
-                return _hook(*args, **kwargs)
-            finally:
-                torch.cuda.set_sync_debug_mode("default")
-
-        setattr(monitor, name, wrapped)
+    # The hooks that only launch work.
+    monitor = no_sync(ActivationMonitor(log_every_n_steps=2), ("on_train_batch_start", "on_before_optimizer_step"))
     torch.manual_seed(0)
     trainer = pl.Trainer(accelerator="gpu", devices=1, max_steps=5, logger=False, enable_progress_bar=False,
                          enable_model_summary=False, enable_checkpointing=False, callbacks=[monitor])

@@ -15,7 +15,7 @@ import copy
 import lightning.pytorch as pl
 import pytest
 import torch
-from helpers import MLP, PlantNaN, make_loader
+from helpers import MLP, PlantNaN, make_loader, no_sync
 
 from gradmon import GradCheck, GradHealthMonitor, GradNormMonitor, WeightInit
 
@@ -23,30 +23,11 @@ pytestmark = [
     pytest.mark.cuda,
     pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (scripts/gpu_check.sh)"),
 ]
-HOOKS = ("on_before_optimizer_step", "on_train_batch_end", "on_train_batch_start", "on_after_backward")
 
 
 class FusedMLP(MLP):
     def configure_optimizers(self):
         return torch.optim.Adam(self.parameters(), lr=1e-3, fused=True)
-
-
-def no_sync(callback: pl.Callback) -> pl.Callback:
-    """Run each of the callback's own hooks with CUDA's sync debug mode set to error: any implicit sync raises."""
-    for name in HOOKS:
-        if getattr(type(callback), name) is getattr(pl.Callback, name):
-            continue
-        hook = getattr(callback, name)
-
-        def wrapped(*args, _hook=hook, **kwargs):
-            torch.cuda.set_sync_debug_mode("error")
-            try:
-                return _hook(*args, **kwargs)
-            finally:
-                torch.cuda.set_sync_debug_mode("default")
-
-        setattr(callback, name, wrapped)
-    return callback
 
 
 def gpu_trainer(steps: int, callbacks: list, **kwargs) -> pl.Trainer:
