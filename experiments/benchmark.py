@@ -75,18 +75,31 @@ class NormFloor(pl.Callback):
 
 
 class StepTimer(pl.Callback):
+    """The time from the first step after the warm-up to the last, and each step's own duration."""
+
     def __init__(self) -> None:
-        self.start = self.end = 0.0
+        self.start = self.end = self.batch_start = 0.0
+        self.steps: dict[int, float] = {}
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
         if trainer.global_step == WARMUP_STEPS:
             self.start = time.perf_counter()
+        self.batch_start = time.perf_counter()
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         if trainer.strategy.root_device.type == "cuda":
             torch.cuda.synchronize()  # the timer's own sync, outside gradmon's hooks
         self.end = time.perf_counter()
+        self.steps[trainer.global_step - 1] = self.end - self.batch_start
 
+    def median_ms(self, logging: bool) -> float:
+        """Median duration of the steps after the warm-up that log (every 50th), or of the others (the step after a
+        logging step excluded too: it reads what the logging step sent)."""
+        chosen = [t for s, t in self.steps.items() if s >= WARMUP_STEPS and ((s % 50 == 0) if logging else s % 50 > 1)]
+        return 1e3 * statistics.median(chosen)
+
+
+LAST_TIMER: list[StepTimer] = [StepTimer()]
 
 #: gradmon's hooks that run during training steps (the ones timed from the inside).
 TIMED_HOOKS = ("on_before_optimizer_step", "on_train_batch_end", "on_train_batch_start")
@@ -119,7 +132,8 @@ class HookClock:
 
 
 def run(variant: str, depth: int, width: int, steps: int, logdir: str, device: str) -> tuple[float, float]:
-    """(ms per step, microseconds per step inside gradmon's hooks) of one training run."""
+    """(ms per step, microseconds per step inside gradmon's hooks) of one training run; the run's :class:`StepTimer`
+    is kept in :data:`LAST_TIMER` for per-step medians."""
     torch.manual_seed(0)
     model = (RecipeMLP if variant == "recipe" else BenchMLP)(depth, width)
     timer, clock = StepTimer(), HookClock()
@@ -140,6 +154,7 @@ def run(variant: str, depth: int, width: int, steps: int, logdir: str, device: s
         enable_model_summary=False, enable_checkpointing=False,
     )
     trainer.fit(model, loader)
+    LAST_TIMER[0] = timer
     measured = steps - WARMUP_STEPS
     return 1e3 * (timer.end - timer.start) / measured, 1e6 * clock.seconds / measured
 
@@ -164,21 +179,27 @@ def main(argv: list[str] | None = None) -> None:
           f"{'(b)/(a)':>10}{'(c)/(b)':>10}{'(f)/(a)':>10}{'(b)/(f)':>10}{'in-hook (b)':>14}{'% of (a)':>10}")
     results = {}
     activations_rows: list[tuple[str, float, float, float, float]] = []
+    split_rows: list[tuple[str, dict[bool, float], dict[bool, float]]] = []
     with tempfile.TemporaryDirectory() as logdir:
         for name, (depth, width, steps) in models.items():
             times: dict[str, list[float]] = {variant: [] for variant in (*VARIANTS, ACTIVATIONS)}
             hook_us: dict[str, list[float]] = {"gradmon": [], ACTIVATIONS: []}
+            step_ms: dict[str, dict[bool, list[float]]] = {v: {True: [], False: []} for v in hook_us}
             for _ in range(max(args.repeats, 5)):
                 for variant in times:  # interleaved, so drifts in machine load hit all variants alike
                     ms, us = run(variant, depth, width, steps, logdir, args.device)
                     times[variant].append(ms)
                     if variant in hook_us:
                         hook_us[variant].append(us)
+                        for logging_step in (True, False):
+                            step_ms[variant][logging_step].append(LAST_TIMER[0].median_ms(logging_step))
             none, gradmon, recipe, floor = (statistics.median(times[v]) for v in VARIANTS)
             in_hook = statistics.median(hook_us["gradmon"])
             with_activations = statistics.median(times[ACTIVATIONS]), statistics.median(hook_us[ACTIVATIONS])
             results[name] = (none, gradmon, recipe, floor, in_hook)
             activations_rows.append((name, none, *with_activations, in_hook))
+            medians = {v: {k: statistics.median(x) for k, x in d.items()} for v, d in step_ms.items()}
+            split_rows.append((name, medians["gradmon"], medians[ACTIVATIONS]))
             times_ms = f"{none:>10.3f}ms{gradmon:>12.3f}ms{recipe:>11.3f}ms{floor:>10.3f}ms"
             ratios = f"{gradmon / none:>10.3f}{recipe / gradmon:>10.2f}{floor / none:>10.3f}{gradmon / floor:>10.3f}"
             print(f"{name:<8}{times_ms}{ratios}{in_hook:>12.0f}us{100 * in_hook / (1e3 * none):>9.1f}%", flush=True)
@@ -186,7 +207,17 @@ def main(argv: list[str] | None = None) -> None:
     for name, none, ms, us, gradmon_us in activations_rows:
         print(f"{name:<8}{ms:>10.3f}ms  ratio to (a) {ms / none:.3f}  in-hook {us:.0f}us "
               f"(+{us - gradmon_us:.0f}us over (b): its logging batches, spread over 50 steps)")
+    print("median step, (b) -> with ActivationMonitor: steps that do not log | logging steps")
+    for name, gradmon_ms, activations_ms in split_rows:
+        print(f"{name:<8}{gradmon_ms[False]:>8.3f} -> {activations_ms[False]:.3f} ms | "
+              f"{gradmon_ms[True]:.3f} -> {activations_ms[True]:.3f} ms")
     print_targets(results)
+    if args.device == "cpu":
+        from experiments import profile_hooks  # imports this module: load it only here
+
+        parts = profile_hooks.profile()
+        print("\nwhere the 20x64 in-hook time goes (us per step): " + ", ".join(
+            f"{name} {parts.get(name, 0.0):.0f}" for name in ("kernel", "transfer", "rules", "bookkeeping", "total")))
     if not args.no_gradcheck and args.device == "cpu":
         print()
         benchmark_gradcheck.main(threads=torch.get_num_threads())
