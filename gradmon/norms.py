@@ -351,10 +351,20 @@ def transfer(norms: Sequence[Norms]) -> None:
     pending = [n for n in norms if n._host is None]
     if not pending:
         return
-    values = read_host(torch.cat([n.device_values.to(pending[0].device_values.device) for n in pending]))
+    hand_out(pending, read_host(concatenated(pending)))
+
+
+def concatenated(norms: Sequence[Norms]) -> Tensor:
+    """The device values of several :class:`Norms` as one vector, to cross to the host in one transfer."""
+    device = norms[0].device_values.device
+    return torch.cat([n.device_values.to(device) for n in norms])
+
+
+def hand_out(norms: Sequence[Norms], values: Sequence[float]) -> None:
+    """Give each :class:`Norms` its slice of ``values``, the host copy of :func:`concatenated` of them."""
     start = 0
-    for n in pending:
-        n.set_host(values[start : start + len(n.layout)])
+    for n in norms:
+        n.set_host(list(values[start : start + len(n.layout)]))
         start += len(n.layout)
 
 

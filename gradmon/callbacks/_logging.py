@@ -63,10 +63,11 @@ def log_text(trainer: Trainer, tag: str, text: str, step: int = 0) -> None:
             tb.write_text(logger.experiment, tag, text, step)
 
 
-def write_layout(trainer: Trainer) -> None:
+def write_layout(trainer: Trainer, charts: Mapping[str, list[tuple[str, str]]] = tags.LAYOUT_CHARTS) -> None:
+    """The custom-scalars layout of ``charts`` to every TensorBoard logger."""
     for logger in trainer.loggers:
         if isinstance(logger, TensorBoardLogger):
             prefix = getattr(logger, "_prefix", "")
             # The charts must pick the tags as written, prefix included.
-            charts = tags.prefixed_charts(prefix + logger.LOGGER_JOIN_CHAR) if prefix else tags.LAYOUT_CHARTS
-            tb.write_layout(logger.experiment, charts)
+            shown = tags.prefixed_charts(prefix + logger.LOGGER_JOIN_CHAR, dict(charts)) if prefix else charts
+            tb.write_layout(logger.experiment, shown)

@@ -12,11 +12,9 @@ from typing import Any
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import Callback
-from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 
 from gradmon import tags
-from gradmon import tensorboard as tb
 from gradmon._validation import check_bool, check_int
 from gradmon.activations import ActivationRecorder, ModuleStats, RecordedBatch
 from gradmon.callbacks import _logging
@@ -380,11 +378,7 @@ class ActivationMonitor(Callback):
         charts = dict(tags.ACTIVATION_CHARTS)
         if any(isinstance(c, GradNormMonitor) for c in trainer.callbacks):
             charts = {**tags.LAYOUT_CHARTS, **charts}
-        for logger in trainer.loggers:
-            if isinstance(logger, TensorBoardLogger):
-                prefix = getattr(logger, "_prefix", "")
-                shown = tags.prefixed_charts(prefix + logger.LOGGER_JOIN_CHAR, charts) if prefix else charts
-                tb.write_layout(logger.experiment, shown)
+        _logging.write_layout(trainer, charts)
 
     # --- now, for a health warning -------------------------------------------------------------------------------
 

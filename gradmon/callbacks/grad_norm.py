@@ -22,7 +22,9 @@ from gradmon.norms import (
     Norms,
     WeightSnapshot,
     compute_norms,
+    concatenated,
     full_grads_and_weights,
+    hand_out,
     update_ratios,
 )
 
@@ -211,15 +213,10 @@ class GradNormMonitor(Callback):
             record.weights, update = record.snapshot.finish(self.norm_type)
             updates.append(update)
         norms = [n for r, u in zip(pending, updates) for n in (r.grads, r.weights, u) if n is not None]
-        device = norms[0].device_values.device
-        return _Sent(pending, updates, norms, HostCopy(torch.cat([n.device_values.to(device) for n in norms])))
+        return _Sent(pending, updates, norms, HostCopy(concatenated(norms)))
 
     def _log(self, trainer: pl.Trainer, sent: _Sent) -> None:
-        values = sent.copy.values()
-        start = 0
-        for norms in sent.norms:
-            norms.set_host(values[start : start + len(norms.layout)])
-            start += len(norms.layout)
+        hand_out(sent.norms, sent.copy.values())
         if not trainer.is_global_zero:
             return
         if not self._layout_written:
