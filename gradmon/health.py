@@ -12,7 +12,8 @@ This module never imports Lightning.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Mapping
+import sys
+from collections.abc import Callable, Mapping, Set
 from dataclasses import dataclass, fields
 from typing import Any, Literal, get_args
 
@@ -35,6 +36,7 @@ COLLECTIVE_ACTIONS: tuple[Action, ...] = ("skip", "stop", "raise")
 _TINY = 1e-45
 _LOG_TINY = math.log(_TINY)
 _OTHER = {"vanishing": "exploding", "exploding": "vanishing"}
+_NONE: frozenset[str] = frozenset()
 
 
 def _log(value: float) -> float:
@@ -122,10 +124,21 @@ class HealthTracker:
     """Applies :class:`HealthRules` step by step, keeping each layer's running history and patience counts."""
 
     def __init__(self, rules: HealthRules | None = None) -> None:
-        self.rules = rules or HealthRules()
-        self._mean_log: dict[str, float] = {}  # running mean of log(norm) per layer
-        self._seen: dict[str, int] = {}  # finite observations per layer
+        self.rules = self._rules = rules or HealthRules()
+        self._set_constants()
+        self._history: dict[str, list[Any]] = {}  # per layer: [running mean of log(norm), finite observations]
         self._streak: dict[tuple[str, str], int] = {}  # consecutive steps in a condition, per (layer, condition)
+
+    def _set_constants(self) -> None:
+        """What the rules loop needs, computed once per set of rules rather than at every step."""
+        rules = self._rules
+        self._spike = math.log(rules.spike_factor) if rules.spike_factor is not None else math.inf
+        self._log_vanishing = math.log(rules.vanishing_threshold) if rules.vanishing_threshold > 0 else _LOG_TINY
+        self._patience = {"vanishing": rules.vanishing_patience, "exploding": rules.exploding_patience}
+        # A healthy norm lies in [vanishing_threshold, healthy_max]: finite and not above exploding_threshold.
+        self._healthy_max = min(rules.exploding_threshold, sys.float_info.max)
+        self._judged_from = max(rules.warmup_steps, 1)  # the spike rule needs a history of at least one step
+        self._log_depth_ratio = math.log(rules.depth_ratio) if rules.depth_ratio is not None else 0.0
 
     def update(
         self,
@@ -137,75 +150,106 @@ class HealthTracker:
 
         Non-finite layers come first, then the others in registration order. ``confirm_nonfinite(layer)`` is asked
         only for layers whose norm is inf, to tell a gradient holding inf from a finite one whose norm overflowed
-        (that one is exploding). Runs every step, so it is one pass of plain float arithmetic.
+        (that one is exploding). Runs every step inside the training loop, so a healthy layer takes one short pass
+        of float arithmetic; anything else takes :meth:`_classify`.
         """
-        rules = self.rules
+        if self.rules is not self._rules:  # rules replaced on a live tracker
+            self._rules = self.rules
+            self._set_constants()
         depth_starved = self._depth_starved(norms)
-        spike = math.log(rules.spike_factor) if rules.spike_factor is not None else None
-        patience = {"vanishing": rules.vanishing_patience, "exploding": rules.exploding_patience}
-        decay = rules.history_decay
-        keep = 1.0 - decay
-        log_vanishing = math.log(rules.vanishing_threshold) if rules.vanishing_threshold > 0 else _LOG_TINY
-        # Streaks belong to the layers: a layer absent from this step (another optimizer's, or frozen) keeps its own.
-        mean_log, seen, streak = self._mean_log, self._seen, self._streak
-        # Locals: this loop runs for every layer at every step.
-        exploding_threshold, vanishing_threshold, warmup = (
-            rules.exploding_threshold, rules.vanishing_threshold, rules.warmup_steps
+        history, streak = self._history, self._streak
+        lowest, highest, spike, judged_from = (
+            self.rules.vanishing_threshold, self._healthy_max, self._spike, self._judged_from
         )
-        inf, log, tiny = math.inf, math.log, _TINY
-        nonfinite: list[HealthEvent] = []
-        flagged: list[HealthEvent] = []
+        log_vanishing, decay = self._log_vanishing, self.rules.history_decay
+        keep, log, tiny = 1.0 - decay, math.log, _TINY
+        events: list[HealthEvent] = []
         for layer, value in norms.items():
-            if value != value or (value == inf and (confirm_nonfinite is None or confirm_nonfinite(layer))):
-                nonfinite.append(HealthEvent(step, layer, "nonfinite", value, "nonfinite"))
-                if streak:
-                    streak.pop((layer, "vanishing"), None)
-                    streak.pop((layer, "exploding"), None)
-                continue
-            log_value = log(value) if value > tiny else _LOG_TINY
-            n = seen.get(layer, 0)
-            if value > exploding_threshold:
-                condition, rule = "exploding", "threshold"
-            elif value < vanishing_threshold:
-                condition, rule = "vanishing", "threshold"
-            elif (
-                spike is not None
-                and n > 0
-                and n >= warmup
-                and mean_log[layer] > log_vanishing  # a layer climbing out of vanishing is not exploding
-                and log_value > mean_log[layer] + spike
-            ):
-                condition, rule = "exploding", "spike"
-            elif layer in depth_starved:
-                condition, rule = "vanishing", "depth"
-            else:
-                condition = None
-            if condition is not None:
-                key = (layer, condition)
-                count = streak[key] = streak.get(key, 0) + 1
-                streak.pop((layer, _OTHER[condition]), None)
-                if count >= patience[condition]:
-                    flagged.append(HealthEvent(step, layer, condition, value, rule))
-            elif streak:
-                streak.pop((layer, "vanishing"), None)
-                streak.pop((layer, "exploding"), None)
-            if value != inf:
-                mean_log[layer] = log_value if n == 0 else decay * mean_log[layer] + keep * log_value
-                seen[layer] = n + 1
-        return nonfinite + flagged
+            past = history.get(layer)
+            if past is not None and lowest <= value <= highest:  # False for NaN
+                mean, n = past
+                log_value = log(value) if value > tiny else _LOG_TINY
+                # Not a spike (before the warm-up, or climbing out of vanishing, or within spike_factor of the
+                # running mean), and not starved through depth: healthy.
+                if (n < judged_from or mean <= log_vanishing or log_value <= mean + spike) and (
+                    not depth_starved or layer not in depth_starved
+                ):
+                    past[0] = decay * mean + keep * log_value
+                    past[1] = n + 1
+                    if streak:
+                        streak.pop((layer, "vanishing"), None)
+                        streak.pop((layer, "exploding"), None)
+                    continue
+            event = self._classify(step, layer, value, depth_starved, confirm_nonfinite)
+            if event is not None:
+                events.append(event)
+        if len(events) > 1:  # non-finite layers first, the rest in registration order
+            events.sort(key=lambda e: e.condition != "nonfinite")
+        return events
 
-    def _depth_starved(self, norms: Mapping[str, float]) -> set[str]:
+    def _classify(
+        self,
+        step: int,
+        layer: str,
+        value: float,
+        depth_starved: Set[str],
+        confirm_nonfinite: Callable[[str], bool] | None,
+    ) -> HealthEvent | None:
+        """One layer's norm that is not plainly healthy: update its history and streaks, and the event if flagged."""
+        rules, streak = self.rules, self._streak
+        if value != value or (value == math.inf and (confirm_nonfinite is None or confirm_nonfinite(layer))):
+            streak.pop((layer, "vanishing"), None)
+            streak.pop((layer, "exploding"), None)
+            return HealthEvent(step, layer, "nonfinite", value, "nonfinite")
+        log_value = _log(value)
+        past = self._history.get(layer)
+        n = past[1] if past is not None else 0
+        condition: Condition | None = None
+        if value > rules.exploding_threshold:
+            condition, rule = "exploding", "threshold"
+        elif value < rules.vanishing_threshold:
+            condition, rule = "vanishing", "threshold"
+        elif (
+            past is not None
+            and n >= self._judged_from
+            and past[0] > self._log_vanishing  # a layer climbing out of vanishing is not exploding
+            and log_value > past[0] + self._spike
+        ):
+            condition, rule = "exploding", "spike"
+        elif layer in depth_starved:
+            condition, rule = "vanishing", "depth"
+        event = None
+        if condition is not None:
+            key = (layer, condition)
+            count = streak[key] = streak.get(key, 0) + 1
+            streak.pop((layer, _OTHER[condition]), None)
+            if count >= self._patience[condition]:
+                event = HealthEvent(step, layer, condition, value, rule)
+        else:
+            streak.pop((layer, "vanishing"), None)
+            streak.pop((layer, "exploding"), None)
+        if value != math.inf:
+            if past is None:
+                self._history[layer] = [log_value, 1]
+            else:
+                decay = rules.history_decay
+                past[0] = decay * past[0] + (1.0 - decay) * log_value
+                past[1] = n + 1
+        return event
+
+    def _depth_starved(self, norms: Mapping[str, float]) -> Set[str]:
         """Layers, other than the last ``depth_window``, far below the last ones when the first ones are."""
         rules = self.rules
         if rules.depth_ratio is None or len(norms) < rules.depth_min_layers:
-            return set()
+            return _NONE
         values = list(norms.values())
-        if not all(v < math.inf for v in values):  # NaN and inf compare False
-            return set()
+        # A NaN or an inf among them: no depth rule this step. sum() runs in C, the loop only when it is not finite.
+        if not sum(values) < math.inf and not all(v < math.inf for v in values):
+            return _NONE
         k = rules.depth_window
-        bound = sum(_log(v) for v in values[-k:]) / k + math.log(rules.depth_ratio)
-        if sum(_log(v) for v in values[:k]) / k >= bound:  # the usual case: only 2k logs per step
-            return set()
+        bound = sum(map(_log, values[-k:])) / k + self._log_depth_ratio
+        if sum(map(_log, values[:k])) / k >= bound:  # the usual case: only 2k logs per step
+            return _NONE
         names = list(norms)
         return {names[i] for i in range(len(names) - k) if _log(values[i]) < bound}
 
@@ -213,12 +257,12 @@ class HealthTracker:
         """The history (running means, counts, streaks): data, not settings, so a resume with other thresholds keeps
         it and applies the new thresholds. Its size grows with the number of layers, not with the steps."""
         return {
-            "mean_log": dict(self._mean_log),
-            "seen": dict(self._seen),
+            "mean_log": {layer: past[0] for layer, past in self._history.items()},
+            "seen": {layer: past[1] for layer, past in self._history.items()},
             "streak": [[layer, condition, n] for (layer, condition), n in self._streak.items()],
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        self._mean_log = dict(state["mean_log"])
-        self._seen = dict(state["seen"])
+        seen = state["seen"]
+        self._history = {layer: [float(mean), int(seen.get(layer, 0))] for layer, mean in state["mean_log"].items()}
         self._streak = {(layer, condition): n for layer, condition, n in state["streak"]}

@@ -17,7 +17,7 @@ from __future__ import annotations
 import math
 import weakref
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from math import hypot
 
 import torch
 from torch import Tensor, nn
@@ -80,6 +80,14 @@ class ParamLayout:
         #: Whether FSDP1 pieces are among ``params`` (see :func:`full_grads_and_weights`).
         self.fsdp1 = any(is_fsdp1_piece(p) for p in self.params)
         self._shard_weights = shard_weights(self.params, self.param_names, module, self.fsdp1)
+        # Decided once here rather than at every step (the per-step path runs inside a training loop, where every
+        # extra line of Python costs microseconds): whether per-tensor norms can be left as the kernels' scalars
+        # (:func:`norm_parts`: nothing sharded, and one group or all of them in host memory), and whether each
+        # layer's parameters sit side by side.
+        self.partwise = self._shard_weights is None and (
+            len(self.groups) == 1 or all(local_tensor(p).device.type == "cpu" for p in self.params)
+        )
+        self.layer_spans = _spans(self.layer_of_param)
 
     def __len__(self) -> int:
         return len(self.params)
@@ -178,8 +186,45 @@ def stacked_norms(layout: ParamLayout, tensors: Sequence[Tensor], norm_type: flo
 _DOT_MIN_NUMEL = 1 << 14
 
 
+def _spans(layer_of_param: Sequence[int]) -> list[tuple[int, int]] | None:
+    """``[(start, end)]`` per layer when each layer's parameters are consecutive (as registration order makes them),
+    else ``None``."""
+    spans: list[tuple[int, int]] = []
+    for i, layer in enumerate(layer_of_param):
+        if layer == len(spans):
+            spans.append((i, i + 1))
+        elif layer == len(spans) - 1 and spans[-1][1] == i:
+            spans[-1] = (spans[-1][0], i + 1)
+        else:
+            return None
+    return spans
+
+
 def _blas_friendly(t: Tensor) -> bool:
     return t.device.type == "cpu" and t.dtype in (torch.float32, torch.float64) and t.numel() >= _DOT_MIN_NUMEL
+
+
+def norm_parts(layout: ParamLayout, tensors: Sequence[Tensor], norm_type: float) -> Sequence[Tensor]:
+    """The p-norm of each tensor (laid out as ``layout.params``, which must be ``partwise``) as 0-d tensors, in
+    input order: the kernels' own results, neither stacked nor reordered. No host sync."""
+    groups = layout.groups
+    if len(groups) == 1:
+        return _group_parts(tensors, norm_type, layout.group_uses_dot[0])
+    out: list[Tensor] = list(tensors)
+    for group, dot in zip(groups, layout.group_uses_dot):
+        for i, norm in zip(group, _group_parts([tensors[i] for i in group], norm_type, dot)):
+            out[i] = norm
+    return out
+
+
+def _group_parts(tensors: Sequence[Tensor], norm_type: float, dot: bool) -> Sequence[Tensor]:
+    if dot and norm_type == 2.0:
+        squares = [torch.dot(f, f) for f in (t.reshape(-1) for t in tensors)]
+        torch._foreach_sqrt_(squares)
+        return squares
+    if tensors[0].dtype in (torch.float32, torch.float64):  # already accumulated in full precision: the fast path
+        return torch._foreach_norm(tensors, norm_type)
+    return torch._foreach_norm(tensors, norm_type, dtype=torch.promote_types(tensors[0].dtype, torch.float32))
 
 
 def _group_norms(tensors: list[Tensor], norm_type: float, dot: bool = False) -> Tensor:
@@ -243,23 +288,49 @@ def _root(v: float, p: float) -> float:
     return math.sqrt(v) if p == 2.0 else v ** (1.0 / p)
 
 
-@dataclass(eq=False)
 class Norms:
     """Norms of one set of tensors at one step. ``device_values`` stays on the device until :meth:`host` is called.
 
     ``device_values`` holds per-tensor norms, or (``power_sums=True``) world-wide p-th-power sums after a collective.
+    It may be given as ``parts``, the fused kernel's 0-d results, stacked only when a vector is asked for: on the CPU
+    reading the parts one by one is cheaper than stacking them first (every step, in the health check).
     """
 
-    layout: ParamLayout
-    device_values: Tensor
-    norm_type: float
-    power_sums: bool = False
-    _host: list[float] | None = None
+    __slots__ = ("layout", "norm_type", "power_sums", "_values", "_parts", "_host")
+
+    def __init__(
+        self,
+        layout: ParamLayout,
+        device_values: Tensor | None,
+        norm_type: float,
+        power_sums: bool = False,
+        *,
+        parts: Sequence[Tensor] | None = None,
+    ) -> None:
+        if device_values is None and parts is None:
+            raise TypeError("Norms needs device_values or parts")
+        self.layout = layout
+        self.norm_type = norm_type
+        self.power_sums = power_sums
+        self._values = device_values
+        self._parts = parts
+        self._host: list[float] | None = None
+
+    @property
+    def device_values(self) -> Tensor:
+        """Per-tensor values as one device vector."""
+        if self._values is None:
+            self._values = torch.stack(self._parts)  # type: ignore[arg-type]
+        return self._values
 
     def host(self) -> list[float]:
         """Per-tensor values as Python floats: the one host transfer, done at most once."""
         if self._host is None:
-            self._host = read_host(self.device_values)
+            parts = self._parts
+            if self._values is None and parts is not None and parts[0].device.type == "cpu":
+                self._host = read_host(parts)
+            else:
+                self._host = read_host(self.device_values)
         return self._host
 
     def set_host(self, values: list[float]) -> None:
@@ -269,9 +340,19 @@ class Norms:
     def per_layer(self) -> tuple[dict[str, float], float]:
         """``({layer: norm}, total)``, both of the full (unsharded) tensors."""
         layout = self.layout
-        layers, total = combine(
-            self.host(), layout.layer_of_param, len(layout.layer_names), self.norm_type, self.power_sums
-        )
+        values = self.host()
+        spans = layout.layer_spans
+        if spans is not None and self.norm_type == 2.0 and not self.power_sums:
+            # The usual case, every step: a C-level hypot per layer (exact to an ulp, and it cannot overflow).
+            layers = [hypot(*values[a:b]) for a, b in spans]
+            total = hypot(*layers)
+            if total == math.inf:  # hypot says inf for inf beside NaN, where the norm is NaN
+                layers = [math.nan if v == math.inf and any(x != x for x in values[a:b]) else v
+                          for v, (a, b) in zip(layers, spans)]
+                total = math.nan if any(v != v for v in layers) else total
+        else:
+            layers, total = combine(values, layout.layer_of_param, len(layout.layer_names), self.norm_type,
+                                    self.power_sums)
         return dict(zip(layout.layer_names, layers)), total
 
     def divided_by(self, scale: Tensor) -> Norms:
@@ -302,9 +383,12 @@ class Norms:
         return torch.cat([layers, total])
 
 
-def read_host(tensor: Tensor) -> list[float]:
+def read_host(tensor: Tensor | Sequence[Tensor]) -> list[float]:
     """A device vector as Python floats: a blocking transfer, which on a GPU waits for every queued kernel. Every such
-    read of gradmon goes through here, so a test can count them."""
+    read of gradmon goes through here, so a test can count them. A list of CPU scalars is read one by one (cheaper
+    than stacking them; never given device tensors, where each read would be a sync)."""
+    if not isinstance(tensor, Tensor):
+        return [t.item() for t in tensor]
     return tensor.tolist()
 
 
@@ -390,6 +474,10 @@ class GradientNorms:
     def compute(self) -> Norms | None:
         """This step's norms (``None`` when no parameter has a gradient). No host sync."""
         layout = self.layout
+        if layout.partwise:  # the usual case, every step: as little Python as possible around the kernels
+            grads = [p.grad for p in layout.params]
+            if not any(g is None for g in grads):  # not `None in grads`: that calls Tensor.__eq__ on every gradient
+                return Norms(layout, None, self.norm_type, parts=norm_parts(layout, grads, self.norm_type))
         if layout.sharded:
             keep: tuple[int, ...] | None = tuple(i for i, p in enumerate(layout.params) if p.requires_grad)
             grads = [local_grad_or_zeros(layout.params[i]) for i in keep]
@@ -404,7 +492,11 @@ class GradientNorms:
             if subset is None:
                 subset = self._subsets[keep] = layout.subset(keep)
             layout = subset
-        return compute_norms(layout, grads, self.norm_type) if grads else None
+        if not grads:
+            return None
+        if layout.partwise:
+            return Norms(layout, None, self.norm_type, parts=norm_parts(layout, grads, self.norm_type))
+        return compute_norms(layout, grads, self.norm_type)
 
 
 class WeightSnapshot:

@@ -20,13 +20,16 @@ def one_thread():
 
 @pytest.fixture
 def norm_computations(monkeypatch: pytest.MonkeyPatch) -> list[float]:
-    """The norm type of every gradient-norm computation (``gradmon.norms.compute_norms`` call) the test makes."""
+    """The norm type of every gradient-norm computation (``gradmon.norms.GradientNorms.compute`` call that found
+    gradients) the test makes."""
     computed: list[float] = []
-    compute_norms = gradmon.norms.compute_norms
+    compute = gradmon.norms.GradientNorms.compute
 
-    def counted(layout, tensors, norm_type):
-        computed.append(norm_type)
-        return compute_norms(layout, tensors, norm_type)
+    def counted(self):
+        norms = compute(self)
+        if norms is not None:
+            computed.append(self.norm_type)
+        return norms
 
-    monkeypatch.setattr(gradmon.norms, "compute_norms", counted)
+    monkeypatch.setattr(gradmon.norms.GradientNorms, "compute", counted)
     return computed

@@ -90,19 +90,21 @@ class GradNormSource:
         self.group_by = group_by
         self.reset()
 
-    def reset(self) -> None:
-        """Forget layouts and cached norms (a new fit may bring new optimizers and parameters)."""
+    def reset(self, trainer: pl.Trainer | None = None) -> None:
+        """Forget layouts and cached norms (a new fit may bring new optimizers and parameters), and note whether the
+        fit's precision plugin has a GradScaler (it does not change during a fit)."""
         self._per_optimizer: dict[int, tuple[tuple[int, ...], GradientNorms]] = {}
         self._key: tuple[int, int] | None = None
         self._norms: Norms | None = None
+        self._scaled = trainer is not None and getattr(trainer.precision_plugin, "scaler", None) is not None
 
     def layout(self, pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer) -> ParamLayout:
         """The layout of every parameter ``optimizer`` holds, rebuilt only when its parameter groups change."""
         return self._gradient_norms(pl_module, optimizer).layout
 
     def _gradient_norms(self, pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer) -> GradientNorms:
-        signature = optimizer_signature(optimizer)
         cached = self._per_optimizer.get(id(optimizer))
+        signature = optimizer_signature(optimizer)
         if cached is None or cached[0] != signature:
             layout = optimizer_layout(pl_module, optimizer, self.group_by)
             cached = self._per_optimizer[id(optimizer)] = (signature, GradientNorms(layout, self.norm_type))
@@ -116,7 +118,7 @@ class GradNormSource:
         key = (id(optimizer), step)
         if key != self._key:
             norms = self._gradient_norms(pl_module, optimizer).compute()
-            scale = pending_loss_scale(pl_module.trainer, optimizer)
+            scale = pending_loss_scale(pl_module.trainer, optimizer) if self._scaled else None
             self._norms = norms.divided_by(scale) if norms is not None and scale is not None else norms
             self._key = key
         return self._norms

@@ -206,11 +206,15 @@ class ActivationMonitor(Callback):
     def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
                                  optimizer: torch.optim.Optimizer) -> None:
         current = self._current
-        if current is not None and current.step == trainer.global_step and current.snapshot is None:
+        if current is None:  # most steps
+            return
+        if current.step == trainer.global_step and current.snapshot is None:
             self._measure(pl_module, current)
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any) -> None:
         current = self._current
+        if current is None and not self._pending:  # most batches: nothing observed, nothing on its way
+            return
         if current is not None and current.batch is None and self._recorder is not None:
             current.batch = self._recorder.stop()
         if current is not None and current.snapshot is not None and trainer.global_step > current.step:

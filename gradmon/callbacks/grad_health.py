@@ -196,6 +196,8 @@ class GradHealthMonitor(Callback):
         self._handed: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         self._hooked: dict[int, list[Any]] = {}
         self._warned_host_skip = False
+        self._scaled = False
+        self._collective = False
 
     @cached_property  # Lightning reads it around every hook call
     def state_key(self) -> str:
@@ -224,7 +226,9 @@ class GradHealthMonitor(Callback):
         )
         self._source = shared.source if shared is not None else self._own_source
         if shared is None:
-            self._own_source.reset()
+            self._own_source.reset(trainer)
+        self._scaled = _scaler(trainer) is not None  # the precision plugin does not change during a fit
+        self._collective = self._acts_on_all_ranks and trainer.world_size > 1
 
     def on_before_optimizer_step(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer
@@ -236,19 +240,22 @@ class GradHealthMonitor(Callback):
             self._judge_in_flight(trainer)  # the earlier steps' numbers, surely on the host by now
             self._measure_on_device(trainer, pl_module, optimizer, step, log_now)
             return
-        overflow = _amp_overflow(trainer, optimizer)
-        per_layer, confirm = None, None
+        overflow = _amp_overflow(trainer, optimizer) if self._scaled else None
+        per_layer, confirm, events = None, None, None
         if not overflow:
             norms = self._source.grad_norms(step, pl_module, optimizer)
             if norms is not None:
                 per_layer, _ = norms.per_layer()  # the step's one host transfer
                 confirm = self._confirm_nonfinite(norms)
+                events = self.tracker.update(step, per_layer, confirm)
+                if not events and not log_now and overflow is None and not self._collective:
+                    return  # most steps: nothing flagged, nothing to log, count or agree on with other ranks
 
         def skip() -> bool:
             self._skip(trainer, pl_module, optimizer)
             return True
 
-        self._judge(trainer, step, log_now, overflow, per_layer, confirm, skip, reduce=True)
+        self._judge(trainer, step, log_now, overflow, per_layer, confirm, skip, reduce=True, events=events)
 
     def _judge(
         self,
@@ -260,18 +267,19 @@ class GradHealthMonitor(Callback):
         confirm_nonfinite: Any,
         skip: Any,
         reduce: bool,
+        events: list[HealthEvent] | None = None,
     ) -> None:
-        """Apply the rules to one step's numbers on the host, record, act and log. ``skip()`` discards the step's
-        update if it still can and says whether the update was discarded."""
-        events: list[HealthEvent] = []
+        """Apply the rules to one step's numbers on the host (unless ``events`` says what they found), record, act
+        and log. ``skip()`` discards the step's update if it still can and says whether the update was discarded."""
         if overflow:
             # The scaler skips this step and lowers its scale: its gradients are not the model's.
             self._count_overflow(step, trainer)
         else:
             if overflow is not None:
                 self._overflow_run = 0
-            if per_layer is not None:
+            if events is None and per_layer is not None:
                 events = self.tracker.update(step, per_layer, confirm_nonfinite)
+        events = events or []
         flagged = {e.condition for e in events}
         if reduce and self._acts_on_all_ranks:
             flagged = self._reduce(trainer, flagged)

@@ -141,7 +141,7 @@ class GradNormMonitor(Callback):
         self._steps.load_state_dict(state_dict.get("optimizer_steps", {}))
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self.source.reset()
+        self.source.reset(trainer)
         self._done = None
         self._every = self.log_every_n_steps or trainer.log_every_n_steps
         self._pending = []
@@ -154,15 +154,14 @@ class GradNormMonitor(Callback):
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer
     ) -> None:
         step = trainer.global_step
-        if self._done == (id(optimizer), step):  # already taken, before a GradHealthMonitor discarded the gradients
+        done = (id(optimizer), step)
+        if done == self._done:  # already taken, before a GradHealthMonitor discarded the gradients
             return
-        self._done = (id(optimizer), step)
+        self._done = done
         index, count = self._steps.advance(trainer, optimizer, step)  # counted even unlogged: a resume may add a logger
-        if not trainer.loggers:
-            return
         log = count % self._every == 0
         hist = self.histogram_every_n_steps is not None and count % self.histogram_every_n_steps == 0
-        if not (log or hist):
+        if not (log or hist) or not trainer.loggers:
             return
         grads = self.grad_norms(trainer, pl_module, optimizer)
         if grads is None:
@@ -184,6 +183,8 @@ class GradNormMonitor(Callback):
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any) -> None:
         # Numbers sent at the end of the last logging batch are surely on the host by now: log them, then send
         # this batch's. Reading them at once would make the host wait for the device.
+        if not self._in_flight and not self._pending:  # most batches
+            return
         arrived, self._in_flight = self._in_flight, []
         if self._pending:
             self._in_flight.append(self._send())
