@@ -5,6 +5,8 @@ from __future__ import annotations
 import math
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from gradmon.health import HealthRules, HealthTracker
 
@@ -115,3 +117,94 @@ def test_a_layer_climbing_out_of_vanishing_or_zero_is_not_a_spike() -> None:
     # Jumps of 1e22x and 1e6x, but from below the vanishing threshold: neither is exploding.
     events = tracker.update(10, {"dead": 4e-23, "faint": 1e-6})
     assert [e for e in events if e.condition == "exploding"] == []
+
+
+# ------------------------------------------------- the one-pass path for healthy layers against the rules as written
+
+
+class ReferenceTracker:
+    """The health rules written plainly, one layer after another (as gradmon had them before the one-pass path for
+    healthy layers): what HealthTracker must agree with, event for event."""
+
+    def __init__(self, rules: HealthRules) -> None:
+        self.rules, self.mean_log, self.seen, self.streak = rules, {}, {}, {}
+
+    def log(self, v: float) -> float:
+        return math.log(v) if v > 1e-45 else math.log(1e-45)
+
+    def update(self, step, norms, confirm=None):
+        r = self.rules
+        starved = set()
+        values = list(norms.values())
+        if r.depth_ratio is not None and len(norms) >= r.depth_min_layers and all(v < math.inf for v in values):
+            k = r.depth_window
+            bound = sum(self.log(v) for v in values[-k:]) / k + math.log(r.depth_ratio)
+            if sum(self.log(v) for v in values[:k]) / k < bound:
+                starved = {n for n, v in list(norms.items())[:-k] if self.log(v) < bound}
+        log_vanishing = math.log(r.vanishing_threshold) if r.vanishing_threshold > 0 else math.log(1e-45)
+        patience = {"vanishing": r.vanishing_patience, "exploding": r.exploding_patience}
+        nonfinite, flagged = [], []
+        for layer, value in norms.items():
+            if value != value or (value == math.inf and (confirm is None or confirm(layer))):
+                nonfinite.append((layer, "nonfinite", "nonfinite"))
+                self.streak.pop((layer, "vanishing"), None)
+                self.streak.pop((layer, "exploding"), None)
+                continue
+            lv, n = (math.log(value) if value > 1e-45 else math.log(1e-45)), self.seen.get(layer, 0)
+            condition = None
+            if value > r.exploding_threshold:
+                condition, rule = "exploding", "threshold"
+            elif value < r.vanishing_threshold:
+                condition, rule = "vanishing", "threshold"
+            elif (r.spike_factor is not None and n > 0 and n >= r.warmup_steps
+                  and self.mean_log[layer] > log_vanishing and lv > self.mean_log[layer] + math.log(r.spike_factor)):
+                condition, rule = "exploding", "spike"
+            elif layer in starved:
+                condition, rule = "vanishing", "depth"
+            if condition is not None:
+                count = self.streak[(layer, condition)] = self.streak.get((layer, condition), 0) + 1
+                self.streak.pop((layer, {"vanishing": "exploding", "exploding": "vanishing"}[condition]), None)
+                if count >= patience[condition]:
+                    flagged.append((layer, condition, rule))
+            else:
+                self.streak.pop((layer, "vanishing"), None)
+                self.streak.pop((layer, "exploding"), None)
+            if value != math.inf:
+                d = r.history_decay
+                self.mean_log[layer] = lv if n == 0 else d * self.mean_log[layer] + (1 - d) * lv
+                self.seen[layer] = n + 1
+        return nonfinite + flagged
+
+
+_NORM = st.one_of(
+    st.floats(min_value=1e-3, max_value=10.0),  # healthy
+    st.sampled_from([0.0, 1e-50, 1e-9, 5e3, 2e4, 1e30, math.inf, math.nan, 3.0e38]),
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    steps=st.lists(st.lists(_NORM, min_size=5, max_size=5), min_size=1, max_size=40),
+    present=st.lists(st.lists(st.booleans(), min_size=5, max_size=5), min_size=40, max_size=40),
+    warmup=st.sampled_from([0, 1, 3]),
+    spike=st.sampled_from([None, 2.0, 100.0]),
+    depth_ratio=st.sampled_from([None, 1e-3, 0.5]),
+    patience=st.sampled_from([1, 2]),
+    vanishing_threshold=st.sampled_from([0.0, 1e-7, 1e-2]),
+    exploding_threshold=st.sampled_from([1e4, math.inf]),
+    overflowed=st.booleans(),
+)
+def test_tracker_flags_what_the_rules_as_written_flag_step_after_step(
+    steps, present, warmup, spike, depth_ratio, patience, vanishing_threshold, exploding_threshold, overflowed
+) -> None:
+    rules = HealthRules(vanishing_threshold=vanishing_threshold, exploding_threshold=exploding_threshold,
+                        spike_factor=spike, warmup_steps=warmup, depth_ratio=depth_ratio, depth_min_layers=4,
+                        vanishing_patience=patience, exploding_patience=patience)
+    tracker, reference = HealthTracker(rules), ReferenceTracker(rules)
+    confirm = (lambda layer: False) if overflowed else None  # an inf norm of finite gradients: exploding
+    for step, (values, here) in enumerate(zip(steps, present)):
+        norms = {f"l{i}": v for i, (v, p) in enumerate(zip(values, here)) if p or i == 0}  # some layers absent
+        got = [(e.layer, e.condition, e.rule) for e in tracker.update(step, norms, confirm)]
+        assert got == reference.update(step, norms, confirm), f"step {step}"
+    state = tracker.state_dict()
+    assert state["mean_log"] == pytest.approx(reference.mean_log) and state["seen"] == reference.seen

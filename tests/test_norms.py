@@ -10,6 +10,8 @@ import torch
 from torch import nn
 
 from gradmon.norms import (
+    GradientNorms,
+    Norms,
     ParamLayout,
     combine,
     compute_norms,
@@ -283,3 +285,63 @@ def test_update_ratios_of_sgd_are_lr_times_grad_over_weight() -> None:
     torch.optim.SGD(model.parameters(), lr=0.01).step()
     ratios = snapshot.update_ratios()
     assert ratios == {"weight": pytest.approx(0.01 * float(grad.norm()) / float(weight.norm()), rel=1e-5)}
+
+
+# ------------------------------------------------------------------------ the per-step path (partwise kernels)
+
+
+def _mixed_model() -> nn.Module:
+    """Large and small float32 tensors (a BLAS-dot group beside a fused-kernel group), a float64 layer between
+    them, and a layer registered out of order relative to the groups."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 160), nn.Linear(160, 128), nn.Linear(128, 4).double(), nn.Linear(4, 3))
+    for p in model.parameters():
+        p.grad = torch.randn_like(p)
+    return model
+
+
+@pytest.mark.parametrize("p", NORM_TYPES)
+def test_gradient_norms_from_the_kernels_scalars_equal_the_stacked_path_bit_for_bit(p: float) -> None:
+    model = _mixed_model()
+    layout = ParamLayout.from_named_parameters(model.named_parameters())
+    assert layout.partwise and len(layout.groups) == 3  # float32 large, float32 small, float64
+    norms = GradientNorms(layout, p).compute()
+    assert norms is not None and norms._values is None  # not stacked: read as scalars
+    stacked = stacked_norms(layout, [q.grad for q in layout.params], p)
+    assert norms.host() == stacked.tolist()
+    assert torch.equal(norms.device_values, stacked)
+    want = [hand_norm([q.grad for q in m.parameters()], p) for m in model]
+    layers, total = norms.per_layer()
+    assert list(layers.values()) == pytest.approx(want, rel=1e-5)
+    assert total == pytest.approx(hand_norm([q.grad for q in model.parameters()], p), rel=1e-5)
+
+
+def test_gradient_norms_leave_out_missing_gradients_on_the_partwise_path() -> None:
+    model = _mixed_model()
+    model[1].weight.grad = None
+    model[3].bias.grad = None
+    norms = GradientNorms(ParamLayout.from_named_parameters(model.named_parameters())).compute()
+    assert norms is not None and norms.layout.param_names == ["0.weight", "0.bias", "1.bias", "2.weight", "2.bias",
+                                                             "3.weight"]
+    layers, _ = norms.per_layer()
+    assert layers["1"] == pytest.approx(model[1].bias.grad.norm().item(), rel=1e-6)
+    assert layers["3"] == pytest.approx(model[3].weight.grad.norm().item(), rel=1e-6)
+
+
+def test_per_layer_2_norm_is_nan_for_a_layer_holding_nan_beside_inf_and_inf_for_inf_alone() -> None:
+    names = ["a.w", "a.b", "b.w", "b.b", "c.w", "c.b"]
+    layout = ParamLayout([torch.zeros(1)] * 6, names, [n[0] for n in names])
+    assert layout.layer_spans == [(0, 2), (2, 4), (4, 6)]
+    norms = Norms(layout, torch.tensor([math.inf, math.nan, math.inf, 1.0, 3.0, 4.0]), 2.0)
+    layers, total = norms.per_layer()
+    assert math.isnan(layers["a"]) and layers["b"] == math.inf and layers["c"] == 5.0
+    assert math.isnan(total)
+    layers, total = Norms(layout, torch.tensor([3.0, 4.0, math.inf, 1.0, 0.0, 0.0]), 2.0).per_layer()
+    assert (layers, total) == ({"a": 5.0, "b": math.inf, "c": 0.0}, math.inf)
+
+
+def test_per_layer_combines_layers_whose_parameters_are_not_side_by_side() -> None:
+    layout = ParamLayout([torch.zeros(1)] * 3, ["a.w", "b.w", "a.b"], ["a", "b", "a"])
+    assert layout.layer_spans is None
+    layers, total = Norms(layout, torch.tensor([3.0, 12.0, 4.0]), 2.0).per_layer()
+    assert layers == {"a": 5.0, "b": 12.0} and total == 13.0
