@@ -136,9 +136,9 @@ class HookClock:
                 try:
                     return _hook(trainer, *args, **kwargs)
                 finally:
+                    elapsed = time.perf_counter() - start  # before reading the step: that read is not ours
                     step = trainer.global_step
                     if step >= WARMUP_STEPS:
-                        elapsed = time.perf_counter() - start
                         self.seconds += elapsed
                         # on_train_batch_end runs after the step counter moved on: count it to its own step
                         owner = step - 1 if _name == "on_train_batch_end" else step
