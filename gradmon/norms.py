@@ -218,6 +218,9 @@ def norm_parts(layout: ParamLayout, tensors: Sequence[Tensor], norm_type: float)
 
 
 def _group_parts(tensors: Sequence[Tensor], norm_type: float, dot: bool) -> Sequence[Tensor]:
+    """Norms of tensors of one device and dtype, one 0-d tensor each: one fused ``_foreach_norm``, accumulated in at
+    least float32 (bf16 and fp16 norms would lose digits; float64 cannot be narrowed); or, for the 2-norm of large
+    CPU tensors, dots."""
     if dot and norm_type == 2.0:
         squares = [torch.dot(f, f) for f in (t.reshape(-1) for t in tensors)]
         torch._foreach_sqrt_(squares)
@@ -228,14 +231,8 @@ def _group_parts(tensors: Sequence[Tensor], norm_type: float, dot: bool) -> Sequ
 
 
 def _group_norms(tensors: list[Tensor], norm_type: float, dot: bool = False) -> Tensor:
-    """Norms of tensors of one device and dtype: one fused ``_foreach_norm``, accumulated in at least float32 (bf16
-    and fp16 norms would lose digits; float64 cannot be narrowed); or, for the 2-norm of large CPU tensors, dots."""
-    if dot and norm_type == 2.0:
-        return torch.stack([torch.dot(f, f) for f in (t.reshape(-1) for t in tensors)]).sqrt_()
-    if tensors[0].dtype in (torch.float32, torch.float64):  # already accumulated in full precision: the fast path
-        return torch.stack(torch._foreach_norm(tensors, norm_type))
-    dtype = torch.promote_types(tensors[0].dtype, torch.float32)
-    return torch.stack(torch._foreach_norm(tensors, norm_type, dtype=dtype))
+    """Norms of tensors of one device and dtype as one vector: :func:`_group_parts` stacked."""
+    return torch.stack(list(_group_parts(tensors, norm_type, dot)))
 
 
 def global_power_sums(local_norms: Tensor, shard_weights: Tensor, norm_type: float) -> Tensor:
@@ -474,10 +471,6 @@ class GradientNorms:
     def compute(self) -> Norms | None:
         """This step's norms (``None`` when no parameter has a gradient). No host sync."""
         layout = self.layout
-        if layout.partwise:  # the usual case, every step: as little Python as possible around the kernels
-            grads = [p.grad for p in layout.params]
-            if not any(g is None for g in grads):  # not `None in grads`: that calls Tensor.__eq__ on every gradient
-                return Norms(layout, None, self.norm_type, parts=norm_parts(layout, grads, self.norm_type))
         if layout.sharded:
             keep: tuple[int, ...] | None = tuple(i for i, p in enumerate(layout.params) if p.requires_grad)
             grads = [local_grad_or_zeros(layout.params[i]) for i in keep]
@@ -494,7 +487,7 @@ class GradientNorms:
             layout = subset
         if not grads:
             return None
-        if layout.partwise:
+        if layout.partwise:  # the usual case, every step: the kernels' scalars, read as they are
             return Norms(layout, None, self.norm_type, parts=norm_parts(layout, grads, self.norm_type))
         return compute_norms(layout, grads, self.norm_type)
 
