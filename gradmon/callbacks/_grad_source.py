@@ -96,7 +96,7 @@ class GradNormSource:
         self._per_optimizer: dict[int, tuple[tuple[int, ...], GradientNorms]] = {}
         self._key: tuple[int, int] | None = None
         self._norms: Norms | None = None
-        self._scaled = trainer is not None and getattr(trainer.precision_plugin, "scaler", None) is not None
+        self._scaled = trainer is not None and enabled_scaler(trainer) is not None
 
     def layout(self, pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer) -> ParamLayout:
         """The layout of every parameter ``optimizer`` holds, rebuilt only when its parameter groups change."""
@@ -131,11 +131,17 @@ def pending_loss_scale(trainer: pl.Trainer, optimizer: torch.optim.Optimizer) ->
     and SGD, which take the scale from the scaler): their gradients still carry the loss scale there, and norms of
     them would be the scale (65536 by default) times too large.
     """
-    scaler = getattr(trainer.precision_plugin, "scaler", None)
-    if scaler is None or not scaler.is_enabled() or not getattr(optimizer, "_step_supports_amp_scaling", False):
+    scaler = enabled_scaler(trainer)
+    if scaler is None or not getattr(optimizer, "_step_supports_amp_scaling", False):
         return None
     from torch.amp.grad_scaler import OptState
 
     if scaler._per_optimizer_states.get(id(optimizer), {}).get("stage") is OptState.UNSCALED:
         return None
     return scaler._scale
+
+
+def enabled_scaler(trainer: pl.Trainer) -> Any:
+    """The precision plugin's GradScaler when it has an enabled one (fp16 mixed precision), else ``None``."""
+    scaler = getattr(trainer.precision_plugin, "scaler", None)
+    return scaler if scaler is not None and scaler.is_enabled() else None

@@ -16,7 +16,7 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from gradmon import tags
 from gradmon._validation import check_bool, check_choice, check_int, check_norm_type
 from gradmon.callbacks import _logging
-from gradmon.callbacks._grad_source import GradNormSource, OptimizerSteps, pending_loss_scale
+from gradmon.callbacks._grad_source import GradNormSource, OptimizerSteps, enabled_scaler, pending_loss_scale
 from gradmon.callbacks.activation_monitor import likely_cause
 from gradmon.callbacks.grad_norm import GradNormMonitor
 from gradmon.errors import GradientHealthError, warn_health
@@ -227,7 +227,7 @@ class GradHealthMonitor(Callback):
         self._source = shared.source if shared is not None else self._own_source
         if shared is None:
             self._own_source.reset(trainer)
-        self._scaled = _scaler(trainer) is not None  # the precision plugin does not change during a fit
+        self._scaled = enabled_scaler(trainer) is not None  # the precision plugin does not change during a fit
         self._collective = self._acts_on_all_ranks and trainer.world_size > 1
 
     def on_before_optimizer_step(
@@ -610,16 +610,11 @@ class _Measured:
     has_overflow: bool
 
 
-def _scaler(trainer: pl.Trainer) -> Any:
-    scaler = getattr(trainer.precision_plugin, "scaler", None)
-    return scaler if scaler is not None and scaler.is_enabled() else None
-
-
 def _amp_overflow_on_device(trainer: pl.Trainer, optimizer: torch.optim.Optimizer) -> torch.Tensor | None:
     """Whether the precision plugin's GradScaler found inf/NaN when it unscaled this step's gradients (it then skips
     ``optimizer.step`` and lowers its scale), as a device scalar (nonzero: yes); ``None`` when no enabled scaler has
     unscaled this optimizer."""
-    scaler = _scaler(trainer)
+    scaler = enabled_scaler(trainer)
     if scaler is None:
         return None
     # Lightning unscales before on_before_optimizer_step; the scaler keeps what it found per optimizer until update().
@@ -642,5 +637,5 @@ def _amp_overflow(trainer: pl.Trainer, optimizer: torch.optim.Optimizer) -> bool
 
 
 def _amp_scale(trainer: pl.Trainer) -> float:
-    scaler = _scaler(trainer)
+    scaler = enabled_scaler(trainer)
     return float(scaler.get_scale()) if scaler is not None else float("nan")
