@@ -124,14 +124,18 @@ class HealthTracker:
     """Applies :class:`HealthRules` step by step, keeping each layer's running history and patience counts."""
 
     def __init__(self, rules: HealthRules | None = None) -> None:
-        self.rules = self._rules = rules or HealthRules()
-        self._set_constants()
+        self.rules = rules or HealthRules()
         self._history: dict[str, list[Any]] = {}  # per layer: [running mean of log(norm), finite observations]
         self._streak: dict[tuple[str, str], int] = {}  # consecutive steps in a condition, per (layer, condition)
 
-    def _set_constants(self) -> None:
-        """What the rules loop needs, computed once per set of rules rather than at every step."""
-        rules = self._rules
+    @property
+    def rules(self) -> HealthRules:
+        return self._rules
+
+    @rules.setter
+    def rules(self, rules: HealthRules) -> None:
+        """Also computes what the rules loop needs once per set of rules rather than at every step."""
+        self._rules = rules
         self._spike = math.log(rules.spike_factor) if rules.spike_factor is not None else math.inf
         self._log_vanishing = math.log(rules.vanishing_threshold) if rules.vanishing_threshold > 0 else _LOG_TINY
         self._patience = {"vanishing": rules.vanishing_patience, "exploding": rules.exploding_patience}
@@ -153,15 +157,12 @@ class HealthTracker:
         (that one is exploding). Runs every step inside the training loop, so a healthy layer takes one short pass
         of float arithmetic; anything else takes :meth:`_classify`.
         """
-        if self.rules is not self._rules:  # rules replaced on a live tracker
-            self._rules = self.rules
-            self._set_constants()
         depth_starved = self._depth_starved(norms)
         history, streak = self._history, self._streak
         lowest, highest, spike, judged_from = (
-            self.rules.vanishing_threshold, self._healthy_max, self._spike, self._judged_from
+            self._rules.vanishing_threshold, self._healthy_max, self._spike, self._judged_from
         )
-        log_vanishing, decay = self._log_vanishing, self.rules.history_decay
+        log_vanishing, decay = self._log_vanishing, self._rules.history_decay
         keep, log, tiny = 1.0 - decay, math.log, _TINY
         events: list[HealthEvent] = []
         for layer, value in norms.items():
@@ -196,7 +197,7 @@ class HealthTracker:
         confirm_nonfinite: Callable[[str], bool] | None,
     ) -> HealthEvent | None:
         """One layer's norm that is not plainly healthy: update its history and streaks, and the event if flagged."""
-        rules, streak = self.rules, self._streak
+        rules, streak = self._rules, self._streak
         if value != value or (value == math.inf and (confirm_nonfinite is None or confirm_nonfinite(layer))):
             streak.pop((layer, "vanishing"), None)
             streak.pop((layer, "exploding"), None)
@@ -239,7 +240,7 @@ class HealthTracker:
 
     def _depth_starved(self, norms: Mapping[str, float]) -> Set[str]:
         """Layers, other than the last ``depth_window``, far below the last ones when the first ones are."""
-        rules = self.rules
+        rules = self._rules
         if rules.depth_ratio is None or len(norms) < rules.depth_min_layers:
             return _NONE
         values = list(norms.values())
