@@ -100,9 +100,14 @@ class StepTimer(pl.Callback):
     def median_ms(self, logging: bool) -> float:
         """Median duration of the steps after the warm-up that log (every 50th), or of the others (the step after a
         logging step excluded too: it reads what the logging step sent)."""
-        chosen = [t for s, t in self.steps.items() if s >= WARMUP_STEPS and ((s % 50 == 0) if logging else s % 50 > 1)]
-        return 1e3 * statistics.median(chosen)
+        return 1e3 * step_median(self.steps, logging)
 
+
+def step_median(per_step: dict[int, float], logging: bool) -> float:
+    """Median of ``{step: seconds}`` over the steps after the warm-up that log (every 50th), or over the others (the
+    step after a logging step excluded too: it reads what the logging step sent); 0.0 when there are none."""
+    chosen = [t for s, t in per_step.items() if s >= WARMUP_STEPS and ((s % 50 == 0) if logging else s % 50 > 1)]
+    return statistics.median(chosen) if chosen else 0.0
 
 
 #: gradmon's hooks that run during training steps (the ones timed from the inside).
@@ -120,10 +125,8 @@ class HookClock:
         self.per_step: dict[int, float] = {}
 
     def median_us(self, logging: bool) -> float:
-        """Median time per step inside the hooks, over the steps that log (every 50th) or over the others (the
-        step after a logging step excluded too, as in :meth:`StepTimer.median_ms`)."""
-        chosen = [t for s, t in self.per_step.items() if ((s % 50 == 0) if logging else s % 50 > 1)]
-        return 1e6 * statistics.median(chosen) if chosen else 0.0
+        """Median time per step inside the hooks, over the steps that log or over the others (:func:`step_median`)."""
+        return 1e6 * step_median(self.per_step, logging)
 
     def wrap(self, callback: pl.Callback) -> pl.Callback:
         for name in TIMED_HOOKS:
