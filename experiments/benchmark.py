@@ -18,7 +18,9 @@ excluded. Prints ms/step, the ratios (b)/(a), (c)/(b), (f)/(a) and (b)/(f), and 
 own hooks per step for (b) and (f) (median over the runs; far steadier than a difference of two end-to-end times),
 ActivationMonitor's own hook time on the steps that do not log and on those that do, then the targets with what was
 measured, the in-hook breakdown (:mod:`experiments.profile_hooks`), and the cost of one GradCheck relative to one
-training step. On ``--device cuda`` a large MLP (8x4096) joins, where the GPU rather than Python is the bottleneck.
+training step. On ``--device cuda`` a large MLP (8x4096) joins, where the GPU rather than Python is the bottleneck,
+and (b) runs a second time with ``GradHealthMonitor(sync_free=True)``: on a GPU the default mode's in-hook time
+includes waiting for the device (its host read of the norms), the sync-free mode's is host work alone.
 """
 
 from __future__ import annotations
@@ -47,6 +49,9 @@ BATCH = 128
 VARIANTS = ("none", "gradmon", "recipe", "floor")
 #: Also timed, with its own in-hook column: (b) plus ActivationMonitor logging every 50 steps.
 ACTIVATIONS = "gradmon+activations"
+#: On ``--device cuda`` only: (b) with ``GradHealthMonitor(sync_free=True)``, whose hooks never wait for the device
+#: (the default mode reads each step's norms on the host, so its in-hook time includes waiting for the backward).
+SYNC_FREE = "gradmon-sync-free"
 
 
 class BenchMLP(pl.LightningModule):
@@ -163,8 +168,9 @@ def run(variant: str, depth: int, width: int, steps: int, logdir: str, device: s
     model = (RecipeMLP if variant == "recipe" else BenchMLP)(depth, width)
     timer, clock = StepTimer(), HookClock()
     callbacks: list[pl.Callback] = [timer]
-    if variant in ("gradmon", ACTIVATIONS):
-        callbacks = [clock.wrap(GradNormMonitor(log_every_n_steps=50)), clock.wrap(GradHealthMonitor()), timer]
+    if variant in ("gradmon", ACTIVATIONS, SYNC_FREE):
+        health = GradHealthMonitor(sync_free=variant == SYNC_FREE)
+        callbacks = [clock.wrap(GradNormMonitor(log_every_n_steps=50)), clock.wrap(health), timer]
         if variant == ACTIVATIONS:
             own = LAST_ACTIVATION_CLOCK[0] = HookClock()  # its own hooks, timed apart as well
             callbacks.insert(0, clock.wrap(own.wrap(ActivationMonitor(log_every_n_steps=50))))
@@ -207,10 +213,12 @@ def main(argv: list[str] | None = None) -> None:
     results = {}
     activations_rows: list[tuple[str, float, float, float, float, float, float]] = []
     split_rows: list[tuple[str, dict[bool, float], dict[bool, float]]] = []
+    sync_free_rows: list[tuple[str, float, float, float, float]] = []
+    extra = (ACTIVATIONS, SYNC_FREE) if args.device == "cuda" else (ACTIVATIONS,)
     with tempfile.TemporaryDirectory() as logdir:
         for name, (depth, width, steps) in models.items():
-            times: dict[str, list[float]] = {variant: [] for variant in (*VARIANTS, ACTIVATIONS)}
-            hook_us: dict[str, list[float]] = {"gradmon": [], ACTIVATIONS: [], "floor": []}
+            times: dict[str, list[float]] = {variant: [] for variant in (*VARIANTS, *extra)}
+            hook_us: dict[str, list[float]] = {"gradmon": [], "floor": [], **{v: [] for v in extra}}
             step_ms: dict[str, dict[bool, list[float]]] = {v: {True: [], False: []} for v in ("gradmon", ACTIVATIONS)}
             own_us: dict[bool, list[float]] = {True: [], False: []}  # ActivationMonitor's own hooks, per step
             for _ in range(max(args.repeats, 5)):
@@ -234,6 +242,9 @@ def main(argv: list[str] | None = None) -> None:
                                      statistics.median(own_us[True])))
             medians = {v: {k: statistics.median(x) for k, x in d.items()} for v, d in step_ms.items()}
             split_rows.append((name, medians["gradmon"], medians[ACTIVATIONS]))
+            if SYNC_FREE in times:
+                sync_free_rows.append((name, none, gradmon, statistics.median(times[SYNC_FREE]),
+                                       statistics.median(hook_us[SYNC_FREE])))
             times_ms = f"{none:>10.3f}ms{gradmon:>12.3f}ms{recipe:>11.3f}ms{floor:>10.3f}ms"
             ratios = f"{gradmon / none:>10.3f}{recipe / gradmon:>10.2f}{floor / none:>10.3f}{gradmon / floor:>10.3f}"
             print(f"{name:<8}{times_ms}{ratios}{in_hook:>12.0f}us{100 * in_hook / (1e3 * none):>9.1f}%"
@@ -247,6 +258,11 @@ def main(argv: list[str] | None = None) -> None:
     for name, gradmon_ms, activations_ms in split_rows:
         print(f"{name:<8}{gradmon_ms[False]:>8.3f} -> {activations_ms[False]:.3f} ms | "
               f"{gradmon_ms[True]:.3f} -> {activations_ms[True]:.3f} ms")
+    if sync_free_rows:
+        print("\n(b) with GradHealthMonitor(sync_free=True): no hook waits for the device")
+        for name, none, gradmon, ms, us in sync_free_rows:
+            print(f"{name:<8}{ms:>10.3f}ms  ratio to (a) {ms / none:.3f} (default mode {gradmon / none:.3f})  "
+                  f"in-hook {us:.0f}us ({100 * us / (1e3 * none):.1f}% of (a))")
     print_targets(results)
     if args.device == "cpu":
         from experiments import profile_hooks  # imports this module: load it only here

@@ -11,11 +11,12 @@
 from __future__ import annotations
 
 import copy
+import warnings
 
 import lightning.pytorch as pl
 import pytest
 import torch
-from helpers import MLP, PlantNaN, make_loader, no_sync
+from helpers import MLP, PlantNaN, make_loader, no_sync, read_scalars
 
 from gradmon import GradCheck, GradHealthMonitor, GradNormMonitor, WeightInit
 
@@ -37,17 +38,37 @@ def gpu_trainer(steps: int, callbacks: list, **kwargs) -> pl.Trainer:
     return pl.Trainer(callbacks=callbacks, **defaults)
 
 
-def test_sync_free_health_and_norm_monitor_hooks_never_sync_the_device(tmp_path) -> None:
+def test_sync_free_health_and_norm_monitor_hooks_never_sync_the_device(tmp_path, monkeypatch) -> None:
+    # A reported warning's diagnosis (diagnose=True) reads the weights: the one sync allowed, once per warning issued
+    # (and once at the end of fit, for the summary).
+    import gradmon.callbacks.grad_health as grad_health
+
+    diagnosed = []
+
+    def likely_cause(*args, _likely_cause=grad_health.likely_cause):
+        mode = torch.cuda.get_sync_debug_mode()
+        torch.cuda.set_sync_debug_mode("default")
+        try:
+            diagnosed.append(_likely_cause(*args))
+            return diagnosed[-1]
+        finally:
+            torch.cuda.set_sync_debug_mode(mode)
+
+    monkeypatch.setattr(grad_health, "likely_cause", likely_cause)
     torch.manual_seed(0)
     health = no_sync(GradHealthMonitor(on_nonfinite="skip", on_exploding="skip", sync_free=True))
     # Logging steps read their numbers one step later from pinned memory: no step may sync.
     norms = no_sync(GradNormMonitor(log_every_n_steps=5))
     logger = pl.loggers.TensorBoardLogger(tmp_path, name="tb", version=0)
     t = gpu_trainer(20, [PlantNaN(7, element=(0, 0)), health, norms], logger=logger)
-    t.fit(FusedMLP(depth=4, width=64), make_loader(batch_size=64, steps=20))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        t.fit(FusedMLP(depth=4, width=64), make_loader(batch_size=64, steps=20))
     assert t.global_step == 20
     assert [(e.step, e.condition) for e in health.events] == [(7, "nonfinite")]
     assert health.skipped_steps == 1
+    assert len(diagnosed) == 2  # the warning's and the end-of-fit summary's, and both ran (a failure warns):
+    assert not [w for w in caught if "diagnosis failed" in str(w.message)]
 
 
 def test_fused_adam_skip_on_cuda_leaves_weights_and_state_exactly_as_before() -> None:
@@ -103,12 +124,40 @@ def test_weight_init_draws_the_same_weights_on_cuda_as_on_cpu() -> None:
     assert len(init.records) == 3
 
 
-def test_fsdp_and_model_parallel_strategies_run_on_one_device() -> None:
+class ShardedMLP(MLP):
+    """ModelParallelStrategy needs the parallelisation applied in ``configure_model``: FSDP2 over the one device."""
+
+    def configure_model(self) -> None:
+        from torch.distributed.fsdp import fully_shard
+
+        mesh = self.device_mesh["data_parallel"]
+        for layer in self.net:
+            if isinstance(layer, torch.nn.Linear):
+                fully_shard(layer, mesh=mesh)
+        fully_shard(self, mesh=mesh)
+
+
+def test_fsdp_and_model_parallel_strategies_log_the_norms_of_a_plain_run(tmp_path) -> None:
     from lightning.pytorch.strategies import FSDPStrategy, ModelParallelStrategy
 
-    for strategy in (FSDPStrategy(), ModelParallelStrategy()):
+    logged = {}
+    for name, strategy, model in (("plain", "auto", MLP), ("fsdp", FSDPStrategy(), MLP),
+                                  ("model_parallel", ModelParallelStrategy(), ShardedMLP)):
         torch.manual_seed(0)
         norms, health = GradNormMonitor(log_every_n_steps=1), GradHealthMonitor()
-        t = gpu_trainer(3, [norms, health], strategy=strategy)
-        t.fit(MLP(depth=2), make_loader(steps=3))
-        assert t.global_step == 3 and health.events == []
+        logger = pl.loggers.TensorBoardLogger(tmp_path, name=name, version=0)
+        # One device: the same batches in the same order as the plain run (no distributed sampler's reordering).
+        t = gpu_trainer(3, [norms, health], strategy=strategy, logger=logger, use_distributed_sampler=False)
+        t.fit(model(depth=2), make_loader(steps=3))
+        assert t.global_step == 3 and health.events == [], name
+        logger.experiment.flush()
+        logged[name] = {tag: v for tag, v in read_scalars(tmp_path / name / "version_0").items()
+                        if tag.startswith("grad_norm/")}
+    plain = logged["plain"]
+    assert {"grad_norm/net.0", "grad_norm/net.2", "grad_norm/net.4"} <= set(plain)
+    assert all(sorted(steps) == [0, 1, 2] for steps in plain.values())
+    for name in ("fsdp", "model_parallel"):
+        assert set(logged[name]) == set(plain), name
+        for tag, steps in plain.items():
+            for step, value in steps.items():
+                assert logged[name][tag][step] == pytest.approx(value, rel=1e-4), (name, tag, step)
