@@ -201,3 +201,38 @@ def test_the_flag_is_or_ed_with_a_grad_scalers_own_and_never_replaces_it() -> No
     assert not torch.equal(snapshot.states[1][0]["net.0.weight"], weights_2["net.0.weight"])
     assert monitor.skipped_steps == 1 and monitor.amp_overflow_steps == 0
     assert scaler.get_scale() == 2.0**8  # the scaler's own state is untouched: no overflow was its to count
+
+
+def test_without_a_device_skip_only_the_norm_kernel_runs_each_step() -> None:
+    # With no "skip" action there is nothing to decide on the device: the per-tensor norms go to the host as they are
+    # and the layers' norms are made there a step later (on a GPU each extra kernel is a launch on the host's clock).
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Ops(TorchDispatchMode):
+        def __init__(self) -> None:
+            super().__init__()
+            self.per_step: dict[int, Counter[str]] = {}
+            self.step = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.per_step.setdefault(self.step, Counter())[str(func)] += 1
+            return func(*args, **(kwargs or {}))
+
+    ops = Ops()
+
+    class Counted(GradHealthMonitor):
+        def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
+            ops.step = trainer.global_step
+            with ops:
+                super().on_before_optimizer_step(trainer, pl_module, optimizer)
+
+    torch.manual_seed(0)
+    monitor = Counted(sync_free=True, log_every_n_steps=100)
+    fit(MLP(depth=3), [monitor], steps=6)
+    assert sorted(ops.per_step) == [0, 1, 2, 3, 4, 5]
+    for step, counts in ops.per_step.items():
+        # One fused norm kernel over the 8 gradients; from step 1, the previous step's 8 norms read on the host.
+        reads = 8 if step else 0
+        assert counts == Counter({"aten._foreach_norm.Scalar": 1, "aten._local_scalar_dense.default": reads}), step
+    assert monitor.tracker._history.keys() == {"net.0", "net.2", "net.4", "net.6"}
+    assert all(seen == 6 for _, seen in monitor.tracker._history.values())  # every step judged, the last at the end

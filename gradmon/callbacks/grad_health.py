@@ -310,25 +310,31 @@ class GradHealthMonitor(Callback):
         decision (one device collective across ranks) handed to the optimizer, and a non-blocking copy of the
         numbers for the host to judge one step later."""
         self._take_back_flag(optimizer)
-        overflow = _amp_overflow_on_device(trainer, optimizer)
+        overflow = _amp_overflow_on_device(trainer, optimizer) if self._scaled else None
         norms = self._source.grad_norms(step, pl_module, optimizer)
-        if norms is None:
-            layer_names: tuple[str, ...] = ()
-            parts = []
-        else:
+        layer_names: tuple[str, ...] = ()
+        parts: list[torch.Tensor] = []
+        skip_flag = None
+        later = None
+        if norms is not None and self._device_skips:
+            # The skip decision is taken on the device, from per-layer norms made there.
             layer_names = tuple(norms.layout.layer_names)
             parts = [norms.device_layer_norms()]
-        skip_flag = None
-        if self._device_skips and norms is not None:
             skip_flag = self._device_skip_flag(layer_names, parts[0][:-1])
             skip_flag = self._max_over_ranks(trainer, skip_flag)
             self._hand_over(trainer, pl_module, optimizer, skip_flag)
             parts.append(skip_flag.reshape(1).double())
+        elif norms is not None:
+            # Nothing to decide on the device: only the per-tensor norms travel, and the host makes the layers'
+            # norms a step later, as the default mode does (fewer kernels: on a GPU each one is a launch).
+            later = norms
+            if overflow is not None or norms.device.type != "cpu":
+                parts = [norms.device_values]  # float32 or float64; torch.cat widens it beside the overflow flag
         if overflow is not None:
             parts.append(overflow.reshape(1).double().to(parts[0].device if parts else overflow.device))
-        copy = HostCopy(torch.cat(parts)) if parts else None
+        copy = HostCopy(torch.cat(parts) if len(parts) > 1 else parts[0]) if parts else None
         self._in_flight.append(
-            _Measured(step, log_now, layer_names, copy, skip_flag is not None, overflow is not None)
+            _Measured(step, log_now, layer_names, copy, skip_flag is not None, overflow is not None, later)
         )
 
     def _device_skip_flag(self, layer_names: tuple[str, ...], layers: torch.Tensor) -> torch.Tensor:
@@ -410,14 +416,29 @@ class GradHealthMonitor(Callback):
         in_flight, self._in_flight = self._in_flight, []
         for measured in in_flight:
             values = measured.copy.values() if measured.copy is not None else []
-            n = len(measured.layer_names)
-            per_layer = dict(zip(measured.layer_names, values[:n])) if n else None
-            extra = values[n + 1 :] if n else values
+            norms = measured.norms
+            if norms is not None:  # per-tensor norms: the layers' norms are made here, on the host
+                if measured.copy is not None:
+                    norms.set_host(values[: len(norms.layout)])
+                    extra = values[len(norms.layout) :]
+                else:
+                    extra = values
+                per_layer: dict[str, float] | None = norms.per_layer()[0]
+            else:
+                n = len(measured.layer_names)
+                per_layer = dict(zip(measured.layer_names, values[:n])) if n else None
+                extra = values[n + 1 :] if n else values
             skipped = bool(measured.has_skip_flag and extra.pop(0) > 0)
             overflow = bool(extra.pop(0) > 0) if measured.has_overflow else None
+            events = None
+            if per_layer is not None and not overflow:
+                events = self.tracker.update(measured.step, per_layer, None)
+                if not events and not measured.log_now and not skipped and overflow is None:
+                    continue  # most steps: nothing flagged, skipped or logged
             counted = self.skipped_steps
             self._judge(
-                trainer, measured.step, measured.log_now, overflow, per_layer, None, lambda s=skipped: s, reduce=False
+                trainer, measured.step, measured.log_now, overflow, per_layer, None, lambda s=skipped: s, reduce=False,
+                events=events,
             )
             if skipped and self.skipped_steps == counted and not overflow:
                 # The device flag is combined across ranks: another rank's gradients made every rank skip.
@@ -600,7 +621,9 @@ def _describe(condition: str, step: int, events: list[HealthEvent]) -> str:
 @dataclass(eq=False)
 class _Measured:
     """One step's numbers on their way to the host, in sync-free mode: per-layer norms and their total, then the
-    device's skip flag and the GradScaler's overflow flag when there are any."""
+    device's skip flag, or (``norms``: no device skip) the per-tensor norms of ``norms``; then the GradScaler's
+    overflow flag when there is one. On the CPU, with no overflow flag, nothing is copied (``copy`` is ``None``) and
+    ``norms`` is read as it is."""
 
     step: int
     log_now: bool
@@ -608,6 +631,7 @@ class _Measured:
     copy: HostCopy | None
     has_skip_flag: bool
     has_overflow: bool
+    norms: Norms | None = None
 
 
 def _amp_overflow_on_device(trainer: pl.Trainer, optimizer: torch.optim.Optimizer) -> torch.Tensor | None:
