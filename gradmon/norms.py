@@ -88,6 +88,10 @@ class ParamLayout:
             len(self.groups) == 1 or all(local_tensor(p).device.type == "cpu" for p in self.params)
         )
         self.layer_spans = _spans(self.layer_of_param)
+        #: ``k`` when every layer holds ``k`` consecutive parameters (a weight and a bias: 2), else ``None``: the
+        #: layers' 2-norms are then one ``map(hypot, ...)`` over strided slices (see :meth:`Norms.per_layer`).
+        widths = {b - a for a, b in self.layer_spans} if self.layer_spans else set()
+        self.layer_width = widths.pop() if len(widths) == 1 else None
 
     def __len__(self) -> int:
         return len(self.params)
@@ -320,6 +324,11 @@ class Norms:
             self._values = torch.stack(self._parts)  # type: ignore[arg-type]
         return self._values
 
+    @property
+    def device(self) -> torch.device:
+        """Where the values are (without stacking the kernels' scalars to find out)."""
+        return (self._values if self._values is not None else self._parts[0]).device  # type: ignore[index]
+
     def host(self) -> list[float]:
         """Per-tensor values as Python floats: the one host transfer, done at most once."""
         if self._host is None:
@@ -340,8 +349,15 @@ class Norms:
         values = self.host()
         spans = layout.layer_spans
         if spans is not None and self.norm_type == 2.0 and not self.power_sums:
-            # The usual case, every step: a C-level hypot per layer (exact to an ulp, and it cannot overflow).
-            layers = [hypot(*values[a:b]) for a, b in spans]
+            # The usual case, every step: a C-level hypot per layer (exact to an ulp, and it cannot overflow); when
+            # every layer has k parameters, hypot is mapped over k strided slices, with no Python frame per layer.
+            k = layout.layer_width
+            if k is None:
+                layers = [hypot(*values[a:b]) for a, b in spans]
+            elif k == 2:
+                layers = list(map(hypot, values[0::2], values[1::2]))
+            else:
+                layers = list(map(hypot, *(values[i::k] for i in range(k))))
             total = hypot(*layers)
             if total == math.inf:  # hypot says inf for inf beside NaN, where the norm is NaN
                 layers = [math.nan if v == math.inf and any(x != x for x in values[a:b]) else v
@@ -385,7 +401,7 @@ def read_host(tensor: Tensor | Sequence[Tensor]) -> list[float]:
     read of gradmon goes through here, so a test can count them. A list of CPU scalars is read one by one (cheaper
     than stacking them; never given device tensors, where each read would be a sync)."""
     if not isinstance(tensor, Tensor):
-        return [t.item() for t in tensor]
+        return list(map(Tensor.item, tensor))  # C-level iteration: no Python frame per value
     return tensor.tolist()
 
 

@@ -345,3 +345,16 @@ def test_per_layer_combines_layers_whose_parameters_are_not_side_by_side() -> No
     assert layout.layer_spans is None
     layers, total = Norms(layout, torch.tensor([3.0, 12.0, 4.0]), 2.0).per_layer()
     assert layers == {"a": 5.0, "b": 12.0} and total == 13.0
+
+
+@pytest.mark.parametrize("sizes", [(1, 1, 1), (2, 2, 2), (3, 3), (2, 1, 3)])
+def test_per_layer_2_norm_is_the_same_whatever_the_number_of_parameters_per_layer(sizes: tuple[int, ...]) -> None:
+    # Equal widths take one map(hypot) over strided slices; unequal ones a hypot per span: both are exact to an ulp.
+    layers = [name for name, k in zip("abc", sizes) for _ in range(k)]
+    values = [0.5 * (i + 1) for i in range(len(layers))]
+    layout = ParamLayout([torch.zeros(1)] * len(layers), [f"{n}.{i}" for i, n in enumerate(layers)], layers)
+    assert layout.layer_width == (sizes[0] if len(set(sizes)) == 1 else None)
+    got, total = Norms(layout, torch.tensor(values, dtype=torch.float64), 2.0).per_layer()
+    want = {n: math.sqrt(sum(v * v for v, m in zip(values, layers) if m == n)) for n in dict.fromkeys(layers)}
+    assert got == pytest.approx(want, rel=1e-15) and list(got) == list(want)
+    assert total == pytest.approx(math.sqrt(sum(v * v for v in values)), rel=1e-15)
