@@ -354,8 +354,6 @@ class Norms:
             k = layout.layer_width
             if k is None:
                 layers = [hypot(*values[a:b]) for a, b in spans]
-            elif k == 2:
-                layers = list(map(hypot, values[0::2], values[1::2]))
             else:
                 layers = list(map(hypot, *(values[i::k] for i in range(k))))
             total = hypot(*layers)

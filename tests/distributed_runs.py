@@ -14,28 +14,14 @@ from pathlib import Path
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.strategies import DDPStrategy, ModelParallelStrategy
-from torch import nn
 
 sys.path.insert(0, str(Path(__file__).parent))
-from helpers import MLP, PlantNaN, fit, rank_loader  # noqa: E402
+from helpers import MLP, PlantNaN, ShardedMLP, fit, rank_loader  # noqa: E402
 
 from gradmon import GradHealthMonitor, GradNormMonitor, WeightInit  # noqa: E402
 
 PER_DEVICE_BATCH = 16
 STEPS = 4
-
-
-class ShardedMLP(MLP):
-    """The same MLP, sharded with FSDP2 (``fully_shard``) over the data-parallel mesh in ``configure_model``."""
-
-    def configure_model(self) -> None:
-        from torch.distributed.fsdp import fully_shard
-
-        mesh = self.device_mesh["data_parallel"]
-        for layer in self.net:
-            if isinstance(layer, nn.Linear):
-                fully_shard(layer, mesh=mesh)
-        fully_shard(self, mesh=mesh)
 
 
 class FusedMLP(MLP):

@@ -58,6 +58,21 @@ class MLP(pl.LightningModule):
         return torch.optim.SGD(self.parameters(), lr=self.lr)
 
 
+
+class ShardedMLP(MLP):
+    """The same MLP, sharded with FSDP2 (``fully_shard``) over the data-parallel mesh in ``configure_model`` (as
+    ModelParallelStrategy requires)."""
+
+    def configure_model(self) -> None:
+        from torch.distributed.fsdp import fully_shard
+
+        mesh = self.device_mesh["data_parallel"]
+        for layer in self.net:
+            if isinstance(layer, nn.Linear):
+                fully_shard(layer, mesh=mesh)
+        fully_shard(self, mesh=mesh)
+
+
 def mlp_layers(depth: int = 3) -> list[str]:
     """The layers of ``MLP(depth)``, as gradmon names them: ``net.0``, ``net.2``, ... and the head."""
     return [f"net.{2 * i}" for i in range(depth + 1)]

@@ -16,7 +16,7 @@ import warnings
 import lightning.pytorch as pl
 import pytest
 import torch
-from helpers import MLP, PlantNaN, make_loader, no_sync, read_scalars
+from helpers import MLP, PlantNaN, ShardedMLP, make_loader, no_sync, read_scalars
 
 from gradmon import GradCheck, GradHealthMonitor, GradNormMonitor, WeightInit
 
@@ -122,19 +122,6 @@ def test_weight_init_draws_the_same_weights_on_cuda_as_on_cpu() -> None:
     init = WeightInit("orthogonal", seed=5)
     gpu_trainer(1, [init]).fit(MLP(depth=2), make_loader(steps=1))
     assert len(init.records) == 3
-
-
-class ShardedMLP(MLP):
-    """ModelParallelStrategy needs the parallelisation applied in ``configure_model``: FSDP2 over the one device."""
-
-    def configure_model(self) -> None:
-        from torch.distributed.fsdp import fully_shard
-
-        mesh = self.device_mesh["data_parallel"]
-        for layer in self.net:
-            if isinstance(layer, torch.nn.Linear):
-                fully_shard(layer, mesh=mesh)
-        fully_shard(self, mesh=mesh)
 
 
 def test_fsdp_and_model_parallel_strategies_log_the_norms_of_a_plain_run(tmp_path) -> None:
