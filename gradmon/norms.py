@@ -84,9 +84,9 @@ class ParamLayout:
         # extra line of Python costs microseconds): whether per-tensor norms can be left as the kernels' scalars
         # (:func:`norm_parts`: nothing sharded, and one group or all of them in host memory), and whether each
         # layer's parameters sit side by side.
-        self.partwise = self._shard_weights is None and (
-            len(self.groups) == 1 or all(local_tensor(p).device.type == "cpu" for p in self.params)
-        )
+        #: Whether every tensor is in host memory (its norms can then be read one by one, without a device sync).
+        self.on_cpu = all(local_tensor(p).device.type == "cpu" for p in self.params)
+        self.partwise = self._shard_weights is None and (len(self.groups) == 1 or self.on_cpu)
         self.layer_spans = _spans(self.layer_of_param)
         #: ``k`` when every layer holds ``k`` consecutive parameters (a weight and a bias: 2), else ``None``: the
         #: layers' 2-norms are then one ``map(hypot, ...)`` over strided slices (see :meth:`Norms.per_layer`).
@@ -333,7 +333,7 @@ class Norms:
         """Per-tensor values as Python floats: the one host transfer, done at most once."""
         if self._host is None:
             parts = self._parts
-            if self._values is None and parts is not None and parts[0].device.type == "cpu":
+            if self._values is None and parts is not None and self.layout.on_cpu:
                 self._host = read_host(parts)
             else:
                 self._host = read_host(self.device_values)

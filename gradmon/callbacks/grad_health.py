@@ -16,7 +16,14 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from gradmon import tags
 from gradmon._validation import check_bool, check_choice, check_int, check_norm_type
 from gradmon.callbacks import _logging
-from gradmon.callbacks._grad_source import GradNormSource, OptimizerSteps, enabled_scaler, pending_loss_scale
+from gradmon.callbacks._grad_source import (
+    GradNormSource,
+    OptimizerSteps,
+    enabled_scaler,
+    global_step,
+    pending_loss_scale,
+    step_reader,
+)
 from gradmon.callbacks.activation_monitor import likely_cause
 from gradmon.callbacks.grad_norm import GradNormMonitor
 from gradmon.errors import GradientHealthError, warn_health
@@ -189,6 +196,7 @@ class GradHealthMonitor(Callback):
         self._layer_counts: dict[str, Counter[str]] = {c: Counter() for c in CONDITIONS}
         self._first_step: dict[str, int] = {}
         self._steps = OptimizerSteps()
+        self._global_step = global_step
         self._overflow_run = 0
         self._overflow_warned = False
         self._in_flight: list[_Measured] = []
@@ -228,12 +236,13 @@ class GradHealthMonitor(Callback):
         if shared is None:
             self._own_source.reset(trainer)
         self._scaled = enabled_scaler(trainer) is not None  # the precision plugin does not change during a fit
+        self._global_step = step_reader(trainer)
         self._collective = self._acts_on_all_ranks and trainer.world_size > 1
 
     def on_before_optimizer_step(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer
     ) -> None:
-        step = trainer.global_step
+        step = self._global_step(trainer)
         _, count = self._steps.advance(trainer, optimizer, step)
         log_now = count % self._every == 0
         if self.sync_free:

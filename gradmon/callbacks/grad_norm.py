@@ -15,7 +15,7 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from gradmon import tags
 from gradmon._validation import check_bool, check_choice, check_int, check_norm_type
 from gradmon.callbacks import _logging
-from gradmon.callbacks._grad_source import GradNormSource, OptimizerSteps, optimizer_names
+from gradmon.callbacks._grad_source import GradNormSource, OptimizerSteps, global_step, optimizer_names, step_reader
 from gradmon.norms import (
     GroupBy,
     HostCopy,
@@ -114,6 +114,7 @@ class GradNormMonitor(Callback):
         self.source = GradNormSource(self.norm_type, self.group_by)
         self._every = self.log_every_n_steps or 50
         self._steps = OptimizerSteps()
+        self._global_step = global_step
         self._done: tuple[int, int] | None = None
         self._pending: list[_Pending] = []
         self._in_flight: list[_Sent] = []
@@ -127,7 +128,7 @@ class GradNormMonitor(Callback):
     def grad_norms(self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer
                    ) -> Norms | None:
         """This step's gradient norms for ``optimizer``'s parameters, computed once and shared (no host sync)."""
-        return self.source.grad_norms(trainer.global_step, pl_module, optimizer)
+        return self.source.grad_norms(self._global_step(trainer), pl_module, optimizer)
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         # Before Lightning restores callback state: a fresh fit counts from zero, a resumed one gets its counts back.
@@ -142,6 +143,7 @@ class GradNormMonitor(Callback):
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self.source.reset(trainer)
+        self._global_step = step_reader(trainer)
         self._done = None
         self._every = self.log_every_n_steps or trainer.log_every_n_steps
         self._pending = []
@@ -153,7 +155,7 @@ class GradNormMonitor(Callback):
     def on_before_optimizer_step(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer
     ) -> None:
-        step = trainer.global_step
+        step = self._global_step(trainer)
         done = (id(optimizer), step)
         if done == self._done:  # already taken, before a GradHealthMonitor discarded the gradients
             return
