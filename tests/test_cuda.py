@@ -148,3 +148,20 @@ def test_fsdp_and_model_parallel_strategies_log_the_norms_of_a_plain_run(tmp_pat
         for tag, steps in plain.items():
             for step, value in steps.items():
                 assert logged[name][tag][step] == pytest.approx(value, rel=1e-4), (name, tag, step)
+
+
+def test_host_copies_reuse_pinned_buffers_and_keep_what_they_read() -> None:
+    from gradmon.norms import _PINNED, HostCopy
+
+    vector = torch.arange(5.0, device="cuda")
+    first = HostCopy(vector)
+    assert first.values() == [0.0, 1.0, 2.0, 3.0, 4.0]
+    buffer, event = _PINNED[(vector.device, vector.dtype, (5,))][-1]
+    assert buffer.is_pinned()
+    second = HostCopy(vector * 2)
+    assert second._buffer is buffer and second._event is event  # reused, not allocated again
+    assert second.values() == [0.0, 2.0, 4.0, 6.0, 8.0]
+    assert first.values() == [0.0, 1.0, 2.0, 3.0, 4.0]  # what it read, not the reused buffer's new content
+    in_flight = [HostCopy(vector + i) for i in range(3)]  # several at once: each its own buffer
+    assert len({id(c._buffer) for c in in_flight}) == 3
+    assert [c.values()[0] for c in in_flight] == [0.0, 1.0, 2.0]
