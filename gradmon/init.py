@@ -39,6 +39,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.nn.utils import parametrize
 
 from gradmon._random import forked_rng, reseed
 from gradmon._validation import FLOAT32_MAX, check_float, invalid
@@ -323,7 +324,7 @@ def layer_weights(layer: nn.Module) -> list[tuple[str, torch.Tensor]]:
     return [(name, tensor) for name, tensor in attributes if isinstance(tensor, torch.Tensor)]
 
 
-def _layer_biases(layer: nn.Module, weight_names: Iterable[str]) -> list[torch.Tensor]:
+def _layer_biases(layer: nn.Module, weight_names: Iterable[str]) -> list[tuple[str, torch.Tensor]]:
     # Each bias goes with its weight (bias_ih_l0 with weight_ih_l0), so a callback restricted to some weights by
     # `weights` leaves the biases of the others to the callback that initialises them; attention's one in_proj_bias
     # serves q, k and v alike.
@@ -332,8 +333,28 @@ def _layer_biases(layer: nn.Module, weight_names: Iterable[str]) -> list[torch.T
         names = ["in_proj_bias"] if weight_names else []
     else:
         names = [name.replace("weight", "bias", 1) for name in weight_names]
-    attributes = [getattr(layer, name, None) for name in dict.fromkeys(names)]
-    return [tensor for tensor in attributes if isinstance(tensor, torch.Tensor)]
+    attributes = [(name, getattr(layer, name, None)) for name in dict.fromkeys(names)]
+    return [(name, tensor) for name, tensor in attributes if isinstance(tensor, torch.Tensor)]
+
+
+def _write(layer: nn.Module, name: str, tensor: torch.Tensor, fill: Any) -> None:
+    """``fill(t)`` writes into ``t`` in place. A tensor computed by a parametrization (``torch.nn.utils.parametrize``:
+    ``weight_norm``, ``orthogonal``, ``spectral_norm`` and the like) is a fresh result at each access, so writing into
+    it changes nothing: the value is drawn into a new tensor and assigned, which the parametrization turns into its
+    underlying parameters through its ``right_inverse``."""
+    if not parametrize.is_parametrized(layer, name):
+        fill(tensor)
+        return
+    value = torch.empty_like(tensor)
+    fill(value)
+    try:
+        setattr(layer, name, value)
+    except (NotImplementedError, RuntimeError) as error:
+        kinds = ", ".join(type(p).__name__ for p in layer.parametrizations[name])
+        raise ValueError(
+            f"its {name!r} is computed by a parametrization ({kinds}) that cannot take a value back "
+            f"(no right_inverse: {error})"
+        ) from None
 
 
 def initialize(
@@ -406,31 +427,39 @@ def _initialize_layer(
     target = name  # what the error names if initialising fails: the layer, or the weight being drawn
     try:
         if scheme == DEFAULT:
+            parametrized = [w for w, _ in tensors if parametrize.is_parametrized(layer, w)]
+            if parametrized:
+                # reset_parameters writes into the computed tensor, a fresh result that is then thrown away.
+                raise ValueError(
+                    f"its {parametrized[0]!r} is computed by a parametrization, which its reset_parameters cannot "
+                    "reach; pick a scheme (xavier_uniform, kaiming_normal, orthogonal, ...), which gradmon writes "
+                    "through the parametrization"
+                )
             _reset_parameters(layer, generator)
         elif not tensors:
             raise ValueError("it has no `weight` tensor")
         else:
             for weight, tensor in selected:
                 target = _weight_name(name, weight)
-                _draw(scheme, tensor, arguments, generator)
+                _write(layer, weight, tensor, lambda t: _draw(scheme, t, arguments, generator))
             target = name
         # A default reset of a layer without weights still resets its bias.
         bias_owners = [weight for weight, _ in selected] or (["weight"] if scheme == DEFAULT else [])
         if bias != "keep":
             bias_value = 0.0 if bias == "zeros" else bias
-            for layer_bias in _layer_biases(layer, bias_owners):
+            for bias_name, layer_bias in _layer_biases(layer, bias_owners):
                 if abs(bias_value) > largest_value(layer_bias):
                     raise invalid("bias", bias, f"a number within {layer_bias.dtype}")
-                layer_bias.fill_(bias_value)
+                _write(layer, bias_name, layer_bias, lambda t: t.fill_(bias_value))
     except ValueError as error:
         layer_type = type(layer).__name__
         message = str(error).rstrip(".")
         raise ValueError(f"Scheme {scheme!r} cannot initialise {target!r} ({layer_type}): {message}.") from None
     if scheme == DEFAULT and not selected:
         return [InitRecord(name, scheme, dict(arguments), math.nan, math.nan, weight="")]
-    return [
-        InitRecord(name, scheme, dict(arguments), std_before, _std(tensor), weight=weight)
-        for (weight, tensor), std_before in zip(selected, stds_before)
+    return [  # read again: a parametrized weight is a new tensor, computed from what was written
+        InitRecord(name, scheme, dict(arguments), std_before, _std(getattr(layer, weight)), weight=weight)
+        for (weight, _), std_before in zip(selected, stds_before)
     ]
 
 

@@ -489,3 +489,50 @@ def test_user_layer_type_is_initialised():
     model = nn.Sequential(UserBlock(), nn.Linear(3, 3))
     assert [r.name for r in initialize(model, "ones", types=UserBlock)] == ["0"]
     assert torch.all(model[0].weight == 1)
+
+
+# -------------------------------------------------- parametrized layers (torch.nn.utils.parametrize)
+
+
+def test_a_weight_norm_layer_gets_the_drawn_weight_and_its_record_says_what_the_layer_holds():
+    from torch.nn.utils import parametrizations
+
+    plain, wrapped = nn.Linear(FAN_IN, FAN_OUT), parametrizations.weight_norm(nn.Linear(FAN_IN, FAN_OUT))
+    initialize(plain, "xavier_normal", generator=seeded())
+    before = wrapped.weight.detach().clone()
+    [record] = initialize(wrapped, "xavier_normal", generator=seeded(), bias=0.25)
+    # The draw went through weight_norm's right_inverse into its g and v: the layer now computes that draw.
+    assert not torch.equal(wrapped.weight, before)
+    torch.testing.assert_close(wrapped.weight.detach(), plain.weight.detach(), rtol=1e-5, atol=1e-7)
+    assert record.std_after == pytest.approx(wrapped.weight.detach().std(correction=0).item(), rel=1e-6)
+    assert record.std_after == pytest.approx(math.sqrt(2 / (FAN_IN + FAN_OUT)), rel=0.01)
+    assert torch.all(wrapped.bias == 0.25)
+
+
+def test_an_orthogonal_parametrization_gets_an_orthogonal_weight_made_from_the_draw():
+    from torch.nn.utils import parametrizations
+
+    layer = parametrizations.orthogonal(nn.Linear(64, 64))
+    before = layer.weight.detach().clone()
+    [record] = initialize(layer, "normal", std=0.5, generator=seeded())
+    weight = layer.weight.detach()
+    assert not torch.equal(weight, before)
+    torch.testing.assert_close(weight @ weight.T, torch.eye(64), rtol=0, atol=1e-5)
+    # The record tells what the layer computes now (an orthogonal 64x64 matrix: std 1/8), not the 0.5 drawn.
+    assert record.std_after == pytest.approx(1 / 8, rel=1e-3)
+
+
+class Doubled(nn.Module):
+    def forward(self, x):
+        return 2 * x
+
+
+def test_a_parametrization_without_right_inverse_is_an_error_naming_the_layer_not_a_silent_no_op():
+    from torch.nn.utils import parametrize
+
+    model = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 4))
+    parametrize.register_parametrization(model[1], "weight", Doubled())
+    with pytest.raises(ValueError, match=r"'1'.*\(ParametrizedLinear\).*parametrization \(Doubled\).*right_inverse"):
+        initialize(model, "xavier_uniform")
+    with pytest.raises(ValueError, match=r"'1'.*'weight' is computed by a parametrization.*reset_parameters"):
+        initialize(model, "default")

@@ -332,3 +332,19 @@ def test_user_layer_without_weight_is_accepted_then_named_at_fit_start(tmp_path)
     callback = WeightInit("normal", types=NoWeight)
     with pytest.raises(ValueError, match=r"'normal' cannot initialise 'extra' \(NoWeight\): it has no `weight`"):
         fit(tmp_path, model, [callback], max_steps=1)
+
+
+def test_a_weight_norm_layer_trains_from_the_initialised_weights_and_the_records_say_so(tmp_path):
+    from torch.nn.utils import parametrizations
+
+    model = TinyMLP()
+    parametrizations.weight_norm(model.net[0])  # its weight is now computed from g and v at each access
+    callback = WeightInit("constant(val=0.25)", bias=0.5)
+    fit(tmp_path, model, [callback])
+    # What the first training step computed the layer's weight from: g and v as WeightInit left them.
+    g = model.first_step_weights["0.parametrizations.weight.original0"]
+    v = model.first_step_weights["0.parametrizations.weight.original1"]
+    weight = torch._weight_norm(v, g, 0)
+    torch.testing.assert_close(weight, torch.full((16, 4), 0.25))
+    assert torch.all(model.first_step_weights["0.bias"] == 0.5)
+    assert [(r.layer, r.std_after) for r in callback.records] == [("net.0", 0.0), ("net.2", 0.0)]
