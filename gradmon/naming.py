@@ -30,9 +30,16 @@ def layer_name(param_name: str, group_by: GroupBy = "layer") -> str:
     name.
 
     A parameter registered directly on the root module is its own layer; ``group_by="parameter"`` keeps every
-    parameter separate.
+    parameter separate. The tensors behind a parametrized weight (``torch.nn.utils.parametrize``: weight norm's
+    ``net.0.parametrizations.weight.original0`` and ``original1``, spectral norm's ``original``) belong to the
+    parametrized layer, ``net.0``, with its bias.
     """
     param_name = clean_name(param_name)
     if group_by == "parameter" or "." not in param_name:
         return param_name
-    return param_name.rsplit(".", 1)[0]
+    owner = param_name.rsplit(".", 1)[0]
+    if "parametrizations" in owner:
+        parts = owner.split(".")
+        if len(parts) >= 2 and parts[-2] == "parametrizations":  # <layer>.parametrizations.<tensor>
+            return ".".join(parts[:-2]) or parts[-1]  # a parametrized tensor of the root module: its own layer
+    return owner

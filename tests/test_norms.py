@@ -49,7 +49,9 @@ def named_with_duplicates(module: nn.Module) -> list[tuple[str, torch.Tensor]]:
 @pytest.mark.parametrize(
     ("param_name", "layer"),
     [("net.0.weight", "net.0"), ("net.0.bias", "net.0"), ("encoder.block.3.attn.bias", "encoder.block.3.attn"),
-     ("scale", "scale")],
+     ("scale", "scale"), ("net.0.parametrizations.weight.original0", "net.0"),
+     ("net.0.parametrizations.weight.original", "net.0"), ("parametrizations.weight.original", "weight"),
+     ("parametrizations.scale", "parametrizations")],
 )
 def test_layer_name_is_the_owning_module_and_a_root_parameter_is_its_own_layer(param_name: str, layer: str) -> None:
     assert layer_name(param_name) == layer
