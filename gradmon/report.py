@@ -218,7 +218,22 @@ def load_run(path: str | Path, logdir: str | Path | None = None) -> Run:
                 for e in accumulator.Tensors(tag)
             ]
     name = run_dir.relative_to(logdir).as_posix() if logdir is not None else run_dir.name
+    scalars = _without_logger_prefix(scalars)
     return Run(name if name != "." else run_dir.resolve().name, run_dir, scalars, files[-1], files[:-1], texts)
+
+
+def _without_logger_prefix(scalars: dict[str, Series]) -> dict[str, Series]:
+    """A run logged through ``TensorBoardLogger(prefix="x")`` holds ``x-grad_norm/net.0`` and the like (Lightning
+    joins a logger's prefix with ``-``): read it as ``grad_norm/net.0``, so the report finds gradmon's tags. Only
+    when the run has no unprefixed gradmon tag; tags without that prefix (none of gradmon's) are kept as they are."""
+    groups = tuple(f"{group}/" for group in _GRADMON_GROUPS)
+    if any(tag.startswith(groups) for tag in scalars):
+        return scalars
+    found = [tag.split("-" + group, 1)[0] for tag in scalars for group in groups if "-" + group in tag]
+    if not found:
+        return scalars
+    start = max(set(found), key=found.count) + "-"  # the logger's prefix, with the join character
+    return {tag[len(start) :] if tag.startswith(start) else tag: series for tag, series in scalars.items()}
 
 
 def load_runs(logdir: str | Path) -> list[Run]:

@@ -335,3 +335,25 @@ def test_console_script_runs_report_with_its_default_out_dir(tmp_path):
     done = subprocess.run([str(script), "report", str(tmp_path)], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     assert table((tmp_path / "report" / "summary.md").read_text())["exp/v0"]["val/acc (last)"] == "0.500"
+
+
+def test_a_run_logged_through_a_logger_prefix_is_read_as_gradmons_tags(tmp_path):
+    import lightning.pytorch as pl
+    from helpers import MLP, make_loader
+
+    from gradmon import GradHealthMonitor, GradNormMonitor
+
+    logger = pl.loggers.TensorBoardLogger(tmp_path / "runs", name="prefixed", version=0, prefix="x")
+    pl.Trainer(accelerator="cpu", max_steps=6, log_every_n_steps=2, logger=logger, enable_progress_bar=False,
+               enable_model_summary=False, enable_checkpointing=False,
+               callbacks=[GradNormMonitor(), GradHealthMonitor(vanishing_threshold=100.0, vanishing_patience=1,
+                                                               on_vanishing="ignore")],
+               ).fit(MLP(depth=2), make_loader(16, 6))
+    run = load_run(tmp_path / "runs" / "prefixed" / "version_0")
+    assert "x-grad_norm/net.0" not in run.scalars
+    assert run.layers() == ["net.0", "net.2", "net.4"]
+    assert sorted(run.scalars["grad_norm/net.0"].steps.tolist()) == [0, 2, 4]
+    summary = health_summary(run)
+    assert summary.flagged_steps["vanishing"] == 6 and summary.first_flagged["vanishing"] == 0  # below 100 always
+    paths = write_report(tmp_path / "runs", tmp_path / "report")
+    assert {p.name for p in paths} >= {"grad_norm_heatmap.png", "grad_norm_curves.png", "gradient_flow.png"}
