@@ -352,13 +352,22 @@ def _check_direction(
     loss_scale: float,
     fail_above: float,
 ) -> _Attempt:
-    """The best of up to ``1 + retries`` attempts, each along a new direction with a ten times smaller step."""
+    """The first passing one of up to ``1 + retries`` attempts, each along a new direction, else the best failure.
+
+    A kink (ReLU, max, abs) within the step makes one direction look wrong, so each retry after a failure takes a ten
+    times smaller step. But the smaller the step, the larger the part of the loss's rounding in the central
+    difference, and the error's floor (what that rounding can explain) grows with it: after enough retries any two
+    numbers agree. So a pass counts as measured only when the derivatives are above that floor. A pass that is not
+    measured settles the layer only when nothing has failed (a derivative that is zero, or rounding noise, along the
+    direction tried); after a failure it is no verdict, and the next retry goes back to the first step, with a new
+    direction. A layer that failed where it could be measured, and passed only where it could not, fails."""
     weights = [param.detach().clone() for param in layer]
     best = _Attempt(math.inf, math.nan, math.nan, eps)
-    step = eps
+    step, measured = eps, True
     for retry in range(retries + 1):
         if retry:
-            step /= 10.0  # one retry at a time: `eps / 10**retry` overflows converting 10**retry past 308
+            # One division at a time: `eps / 10**retry` overflows converting 10**retry past 308.
+            step = step / 10.0 if measured else eps
         direction = _unit_direction(layer, generator)
         analytic = sum((g * v).sum() for g, v in zip(gradients, direction)).item()
 
@@ -374,11 +383,15 @@ def _check_direction(
                 param.copy_(weight)
         # With this floor a difference the rounding of the loss can explain never exceeds `fail_above`.
         rounding = _LOSS_ROUNDING_UNITS * torch.finfo(torch.float64).eps * loss_scale / step
-        error = relative_error(analytic, numerical, floor=rounding / fail_above)
+        floor = rounding / fail_above
+        error = relative_error(analytic, numerical, floor=floor)
+        measured = max(abs(analytic), abs(numerical)) >= floor
+        if error <= fail_above:
+            if measured or best.rel_error == math.inf:
+                return _Attempt(error, analytic, numerical, step)
+            continue
         if error < best.rel_error:
             best = _Attempt(error, analytic, numerical, step)
-        if error <= fail_above:
-            break
     return best
 
 

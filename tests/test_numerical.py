@@ -298,3 +298,34 @@ def test_a_compiled_model_is_checked_uncompiled_in_float64_under_the_users_layer
     assert [layer for layer, r in records.items() if not r.passed] == ["net.3"]
     assert records["net.3"].rel_error > 0.5
     assert records["net.0"].rel_error < 1e-3 and records["net.5"].rel_error < 1e-3
+
+
+class DoubledGrad(nn.Module):
+    """A tanh layer whose backward doubles the gradient flowing into the layer before it: a planted bug."""
+
+    def forward(self, x):
+        return ScaleGrad.apply(torch.tanh(x), 2.0)
+
+
+@pytest.mark.parametrize("retries", [10, 30, max_retries(1e-6)])
+def test_many_retries_do_not_pass_a_wrong_gradient_at_steps_too_small_to_measure_it(retries):
+    # Each retry divides the step by ten; by 1e-12 the loss's rounding explains any difference, and such a step used
+    # to pass the doubled gradient of layer "0" as acceptable.
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 4), DoubledGrad(), nn.Linear(4, 1))
+    x = torch.randn(8, 4)
+    records = {r.layer: r for r in check_gradients(model, lambda m, inputs: m(inputs).pow(2).mean(), x,
+                                                   retries=retries)}
+    assert not records["0"].passed and records["0"].status == "wrong"
+    assert records["2"].passed
+
+
+def test_a_layer_with_no_gradient_along_any_direction_still_passes_however_many_retries():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 1))
+    with torch.no_grad():
+        model[0].bias.fill_(-100.0)  # every unit dead: layer 0's gradient is exactly zero
+    records = {r.layer: r for r in check_gradients(model, lambda m, inputs: m(inputs).pow(2).mean(),
+                                                   torch.randn(8, 4), retries=10)}
+    assert records["0"].passed and records["0"].analytic == 0.0
+    assert records["2"].passed
