@@ -410,9 +410,9 @@ class HostCopy:
     already in host memory and is kept as it is.
 
     The pinned buffer and the CUDA event that marks the copy's end are taken from a small pool and given back once
-    read: allocating pinned memory, freeing it (the caching host allocator records an event per stream then) and
-    creating an event are CUDA API calls that cost tens of microseconds each while the device is busy with the
-    backward pass (measured on an H100 inside a training step: 36, 35 and 60 us), where reusing them costs none.
+    read. CUDA API calls cost tens of microseconds each while the device is busy with the backward pass (on an H100
+    inside a training step: allocating the pinned buffer 36 us, launching the copy 35, creating and recording the
+    event 60); reusing the buffer and the event leaves the launch and the record (measured there: 142 -> 88 us).
     """
 
     def __init__(self, tensor: Tensor) -> None:
