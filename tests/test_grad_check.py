@@ -430,3 +430,17 @@ def test_batchnorm_put_in_training_mode_after_setup_is_refused_at_the_first_chec
         with pytest.raises(ValueError, match=r"`num_samples=1` is not valid.*'net\.1'"):
             fit(model, [GradCheck(every_n_steps=2, burn_in_steps=1, num_samples=1)])
     assert model.training_steps == 1  # step 0 trained, the check due at step 1 refused
+
+
+@pytest.mark.parametrize("retries", [0, 12])
+def test_retries_are_the_callbacks_to_set_and_many_of_them_still_catch_a_doubled_gradient(retries, monkeypatch):
+    seen = []
+    real = grad_check_module.check_gradients
+    monkeypatch.setattr(grad_check_module, "check_gradients",
+                        lambda *a, **k: seen.append(k["retries"]) or real(*a, **k))
+    seed_everything(0)
+    check = GradCheck(every_n_steps=100, check_at_start=True, burn_in_steps=0, retries=retries)
+    with pytest.warns(GradientHealthWarning, match=r"step 0: wrong gradient in layer 'net\.3'"):
+        fit(Classifier(wrong_scale=2.0), [check], max_steps=1)
+    assert seen == [retries]
+    assert {r.layer: r.status for r in check.results}["net.3"] == "wrong"

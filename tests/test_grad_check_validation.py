@@ -66,6 +66,7 @@ GRAD_CHECK_INVALID = {
     "fail_above": invalid_positive_floats(above=2.0),
     "good_below": invalid_positive_floats(above=1e-2),  # the default fail_above
     "seed": invalid_seeds,
+    "retries": st.one_of(invalid_counts(0), st.integers(min_value=max_retries(1e-6) + 1)),
     "on_failure": st.one_of(not_a_number, st.text(max_size=8).filter(lambda s: s not in ("warn", "stop", "raise"))),
 }
 
@@ -100,16 +101,20 @@ def test_check_at_start_refuses_everything_but_a_bool_with_a_type_error(value):
     burn_in_steps=st.integers(0, MAX_INT),
     on_failure=st.sampled_from(["warn", "stop", "raise"]),
     seed=st.integers(0, MAX_SEED),
+    retries_fraction=st.floats(0.0, 1.0),
 )
 def test_grad_check_callback_accepts_every_valid_value(
-    every_n_steps, num_samples, num_directions, eps, thresholds, check_at_start, burn_in_steps, on_failure, seed
+    every_n_steps, num_samples, num_directions, eps, thresholds, check_at_start, burn_in_steps, on_failure, seed,
+    retries_fraction,
 ):
     fail_above, good_below = thresholds
+    retries = int(retries_fraction * max_retries(float(eps)))
     check = GradCheck(
         every_n_steps=every_n_steps, num_samples=num_samples, num_directions=num_directions, eps=eps,
         fail_above=fail_above, good_below=good_below, check_at_start=check_at_start, burn_in_steps=burn_in_steps,
-        on_failure=on_failure, seed=seed,
+        on_failure=on_failure, seed=seed, retries=retries,
     )
+    assert check.retries == retries
     assert (check.every_n_steps, check.num_samples, check.num_directions) == (every_n_steps, num_samples,
                                                                               num_directions)
     assert (check.eps, check.fail_above, check.good_below) == (float(eps), fail_above, good_below)

@@ -22,6 +22,7 @@ from gradmon.numerical import (
     batch_statistics_layers,
     check_gradients,
     check_thresholds,
+    max_retries,
 )
 
 OnFailure = Literal["warn", "stop", "raise"]
@@ -86,6 +87,10 @@ class GradCheck(Callback):
         on_failure: ``"warn"``, ``"stop"`` or ``"raise"``.
         seed: seeds the directions, in ``[0, 2**64)``; the check at step ``s`` uses ``(seed + s) % 2**64``, so each
             check draws new ones.
+        retries: how many times a failing direction is tried again, each with a new direction and a ten times
+            smaller step (a kink such as ReLU's makes one direction look wrong), in ``[0, max_retries(eps)]``; a
+            step too small to measure the layer's derivative settles nothing after a failure (see
+            :func:`~gradmon.numerical.check_gradients`).
 
     Every argument is checked here, raising ``ValueError`` (``TypeError`` for a non-bool ``check_at_start``) that
     names it; counts are integers up to ``2**53``.
@@ -103,6 +108,7 @@ class GradCheck(Callback):
         burn_in_steps: int = 1,
         on_failure: OnFailure = "warn",
         seed: int = 0,
+        retries: int = 2,
     ) -> None:
         self.every_n_steps = check_int("every_n_steps", every_n_steps, 1)
         self.num_samples = check_int("num_samples", num_samples, 1)
@@ -113,6 +119,7 @@ class GradCheck(Callback):
         self.burn_in_steps = check_int("burn_in_steps", burn_in_steps, 0)
         self.on_failure = check_choice("on_failure", on_failure, ("warn", "stop", "raise"))
         self.seed = check_seed("seed", seed)
+        self.retries = check_int("retries", retries, 0, maximum=max_retries(self.eps))
         self.results: list[LayerCheck] = []
         self._last_step: int | None = None
 
@@ -149,6 +156,7 @@ class GradCheck(Callback):
             eps=self.eps,
             fail_above=self.fail_above,
             good_below=self.good_below,
+            retries=self.retries,
             seed=(self.seed + step) % (MAX_SEED + 1),
         )
         self.results += [replace(check, step=step) for check in checks]
