@@ -332,6 +332,9 @@ class HealthSummary:
     gradcheck_max_rel_error: float | None
     metric: str | None = None
     metric_value: float | None = None
+    #: Steps a GradScaler skipped for overflowing fp16 gradients (``grad_health/amp_overflow_steps``, its last value),
+    #: ``None`` when the run had no GradScaler.
+    amp_overflow_steps: int | None = None
 
 
 def health_summary(run: Run, metric: str | None = None) -> HealthSummary:
@@ -346,6 +349,7 @@ def health_summary(run: Run, metric: str | None = None) -> HealthSummary:
     steps = [int(s.steps.max()) for tag, s in run.scalars.items() if tag.split("/", 1)[0] in _GRADMON_GROUPS]
     skipped = run.scalars.get(tags.tag(tags.GRAD_HEALTH, tags.SKIPPED_STEPS))
     gradcheck = run.scalars.get(tags.GRADCHECK_MAX_REL_ERROR)
+    overflows = run.scalars.get(tags.tag(tags.GRAD_HEALTH, tags.AMP_OVERFLOW_STEPS))
     tag = find_metric(run, metric)
     return HealthSummary(
         last_step=max(steps) if steps else None,
@@ -355,6 +359,7 @@ def health_summary(run: Run, metric: str | None = None) -> HealthSummary:
         gradcheck_max_rel_error=float(np.nanmax(gradcheck.values)) if gradcheck is not None else None,
         metric=tag,
         metric_value=run.scalars[tag].last if tag is not None else None,
+        amp_overflow_steps=int(overflows.last) if overflows is not None else None,
     )
 
 
@@ -689,6 +694,8 @@ def summary_markdown(
         header = ["run", "last monitored step"]
         header += [metric_header] if metric_header else []
         header += ["vanishing", "exploding", "non-finite", "skipped steps", "gradcheck max rel error"]
+        scaled = any(s.amp_overflow_steps is not None for s in summaries)
+        header += ["fp16 overflow steps (not flagged)"] if scaled else []
         diagnosed = any(run.modules or run.diagnosis() for run in monitored)
         header += ["diagnosis"] if diagnosed else []
         rows = []
@@ -699,6 +706,8 @@ def summary_markdown(
                 cells.append(f"{value} (`{s.metric}`)" if len(metrics_found) > 1 and s.metric else value)
             cells += [_flag_cell(s.flagged_steps[c], s.first_flagged[c], run, c) for c in CONDITIONS]
             cells += [_cell(s.skipped_steps), _cell(s.gradcheck_max_rel_error, "{:.3g}")]
+            if scaled:
+                cells.append(_cell(s.amp_overflow_steps))
             if diagnosed:
                 cells.append(_diagnosis_cell(run))
             rows.append(cells)

@@ -357,3 +357,17 @@ def test_a_run_logged_through_a_logger_prefix_is_read_as_gradmons_tags(tmp_path)
     assert summary.flagged_steps["vanishing"] == 6 and summary.first_flagged["vanishing"] == 0  # below 100 always
     paths = write_report(tmp_path / "runs", tmp_path / "report")
     assert {p.name for p in paths} >= {"grad_norm_heatmap.png", "grad_norm_curves.png", "gradient_flow.png"}
+
+
+def test_the_summary_shows_fp16_overflow_steps_only_when_a_run_had_a_grad_scaler(tmp_path):
+    health = {"grad_health/vanishing": 0.0, "grad_health/exploding": 0.0, "grad_health/nonfinite": 0.0,
+              "grad_health/skipped_steps": 0.0, "grad_norm/net.0": 1.0}
+    write_run(tmp_path / "runs" / "fp16", {0: {**health, "grad_health/amp_overflow_steps": 1.0},
+                                           5: {**health, "grad_health/amp_overflow_steps": 4.0}})
+    write_run(tmp_path / "runs" / "fp32", {0: health, 5: health})
+    rows = table(summary_markdown(load_runs(tmp_path / "runs")))
+    assert rows["fp16"]["fp16 overflow steps (not flagged)"] == "4"  # the cumulative count's last value
+    assert rows["fp32"]["fp16 overflow steps (not flagged)"] == "-"
+    assert health_summary(load_run(tmp_path / "runs" / "fp16")).amp_overflow_steps == 4
+    write_run(tmp_path / "plain" / "fp32", {0: health})
+    assert "overflow" not in summary_markdown(load_runs(tmp_path / "plain"))
