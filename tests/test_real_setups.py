@@ -39,12 +39,18 @@ class Grads(pl.Callback):
     def __init__(self) -> None:
         self.total: dict[int, float] = {}
         self.layers: dict[int, set[str]] = {}
+        #: Copies of the gradients by parameter name.
+        self.named: dict[int, dict[str, torch.Tensor]] = {}
 
     def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
         params = [p for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
         self.total[trainer.global_step] = float(torch.nn.utils.get_total_norm([p.grad for p in params]))
         names = {id(p): n.rsplit(".", 1)[0] for n, p in pl_module.named_parameters()}
         self.layers[trainer.global_step] = {names[id(p)] for p in params}
+        with_grad = {id(p) for p in params}
+        self.named[trainer.global_step] = {
+            n: p.grad.detach().clone() for n, p in pl_module.named_parameters() if id(p) in with_grad
+        }
 
 
 # --- parameters unfrozen during training -----------------------------------------------------------------------
@@ -480,29 +486,17 @@ def test_a_new_sole_optimizer_mid_fit_is_counted_from_the_trainer() -> None:
 # ------------------------------------------------------------------ parametrized layers (weight norm, spectral norm)
 
 
-class GradsAt(pl.Callback):
-    """Each step's gradients by parameter name, as the optimizer is about to see them."""
-
-    def __init__(self) -> None:
-        self.grads: dict[int, dict[str, torch.Tensor]] = {}
-
-    def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
-        self.grads[trainer.global_step] = {
-            n: p.grad.detach().clone() for n, p in pl_module.named_parameters() if p.grad is not None
-        }
-
-
 def test_a_parametrized_layer_is_one_layer_with_its_bias_under_its_own_name(tmp_path: Path) -> None:
     model = MLP(depth=2)
     nn.utils.parametrizations.weight_norm(model.net[0])  # g and v: net.0.parametrizations.weight.original0/1
     nn.utils.parametrizations.spectral_norm(model.net[2])  # net.2.parametrizations.weight.original
-    grads, health = GradsAt(), GradHealthMonitor()
+    grads, health = Grads(), GradHealthMonitor()
     fit(model, [GradNormMonitor(log_every_n_steps=2), health, grads], steps=4, tmp_path=tmp_path)
     scalars = read_scalars(logdir(tmp_path))
     layers = sorted(t.split("/", 1)[1] for t in scalars if t.startswith("grad_norm/") and t != "grad_norm/total")
     assert layers == ["net.0", "net.2", "net.4"]  # no "net.0.parametrizations.weight"
     for step, value in scalars["grad_norm/net.0"].items():
-        g = grads.grads[step]
+        g = grads.named[step]
         expected = torch.linalg.vector_norm(torch.cat([g[n].double().reshape(-1) for n in (
             "net.0.bias", "net.0.parametrizations.weight.original0", "net.0.parametrizations.weight.original1")]))
         assert value == pytest.approx(expected.item(), rel=1e-5)
