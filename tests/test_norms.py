@@ -154,6 +154,7 @@ def test_compute_norms_by_parameter_gives_each_parameter_its_norm(p: float) -> N
     assert total == pytest.approx(hand_norm(list(net.parameters()), p), rel=1e-5)
 
 
+@pytest.mark.usefixtures("device_path")
 def test_compute_norms_does_not_transfer_to_the_host_until_asked(monkeypatch: pytest.MonkeyPatch) -> None:
     calls = []
     original = torch.Tensor.tolist
@@ -197,6 +198,7 @@ def test_combine_overflows_to_inf_rather_than_raising() -> None:
     assert per_group == [math.inf, 1.0] and total == math.inf
 
 
+@pytest.mark.usefixtures("device_path")
 def test_transfer_brings_several_norms_to_the_host_in_one_transfer(monkeypatch: pytest.MonkeyPatch) -> None:
     torch.manual_seed(0)
     net = nn.Sequential(nn.Linear(3, 4), nn.Linear(4, 2))
@@ -302,6 +304,7 @@ def _mixed_model() -> nn.Module:
     return model
 
 
+@pytest.mark.usefixtures("device_path")
 @pytest.mark.parametrize("p", NORM_TYPES)
 def test_gradient_norms_from_the_kernels_scalars_equal_the_stacked_path_bit_for_bit(p: float) -> None:
     model = _mixed_model()
@@ -316,6 +319,61 @@ def test_gradient_norms_from_the_kernels_scalars_equal_the_stacked_path_bit_for_
     layers, total = norms.per_layer()
     assert list(layers.values()) == pytest.approx(want, rel=1e-5)
     assert total == pytest.approx(hand_norm([q.grad for q in model.parameters()], p), rel=1e-5)
+
+
+def _stacking_model() -> nn.Module:
+    """Four same-shape small float32 layers (biases stacked, weights stacked), a large float32 layer (BLAS dots), a
+    bfloat16 and a float64 layer, a layer of its own shape, and an out-of-order mix of all of them."""
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Linear(8, 8), nn.Linear(8, 8), nn.Linear(160, 128), nn.Linear(8, 8).to(torch.bfloat16),
+        nn.Linear(8, 8), nn.Linear(8, 8).double(), nn.Linear(5, 3), nn.Linear(8, 8),
+    )
+    for q in model.parameters():
+        q.grad = torch.randn_like(q) * 10.0 ** torch.randint(-3, 3, ()).item()
+    return model
+
+
+@pytest.mark.parametrize("p", NORM_TYPES)
+def test_host_plan_norms_equal_the_device_path_bit_for_bit_in_parameter_order(p: float) -> None:
+    model = _stacking_model()
+    layout = ParamLayout.from_named_parameters(model.named_parameters())
+    plan = layout.host_plan
+    assert plan is not None
+    # The four float32 8x8 weights and their biases are stacked, each shape apart; the bf16 and float64 layers,
+    # the 5x3 layer and the large one are not.
+    assert sorted(len(indices) for indices in plan.stacks) == [4, 4]
+    grads = [q.grad for q in layout.params]
+    norms = GradientNorms(layout, p).compute()
+    assert norms is not None and norms.on_host and norms._values is None and norms._parts is None
+    assert norms.host() == stacked_norms(layout, grads, p).tolist()
+    assert norms.host() == pytest.approx([hand_norm([g], p) for g in grads], rel=1e-2)  # order: bf16 is coarse
+    assert torch.equal(norms.device_values, stacked_norms(layout, grads, p))  # the vector, made when asked for
+
+
+def test_host_plan_keeps_nan_and_inf_to_their_own_tensor_and_splits_long_stacks(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr("gradmon.norms._BATCH_MAX_NUMEL", 16)  # stacks of three (the least), the fourth apart
+    model = _stacking_model()
+    model[1].bias.grad[3] = math.nan
+    model[4].bias.grad[0] = math.inf
+    layout = ParamLayout.from_named_parameters(model.named_parameters())
+    names = [[layout.param_names[i] for i in indices] for indices in layout.host_plan.stacks]
+    assert names == [["0.weight", "1.weight", "4.weight"], ["0.bias", "1.bias", "4.bias"]]
+    values = dict(zip(layout.param_names, GradientNorms(layout).compute().host()))
+    assert math.isnan(values["1.bias"]) and values["4.bias"] == math.inf
+    for name in ("0.bias", "7.bias", "0.weight", "2.weight"):
+        assert values[name] == pytest.approx(float(model.get_parameter(name).grad.norm()), rel=1e-6)
+
+
+def test_host_plan_of_an_empty_tensor_is_zero() -> None:
+    params = [torch.zeros(0), torch.ones(4), torch.ones(4), torch.ones(4)]
+    layout = ParamLayout(params, ["e", "a", "b", "c"], ["e", "a", "b", "c"])
+    assert GradientNorms(layout).compute() is None  # no gradients yet
+    for q in params:
+        q.grad = q.clone()
+    assert GradientNorms(layout).compute().host() == [0.0, 2.0, 2.0, 2.0]
 
 
 def test_gradient_norms_leave_out_missing_gradients_on_the_partwise_path() -> None:

@@ -19,6 +19,12 @@ import gradmon.norms as gradmon_norms
 from gradmon import GradHealthMonitor, GradientHealthError, GradientHealthWarning, GradNormMonitor
 
 
+@pytest.fixture(autouse=True)
+def on_the_gpus_path(device_path) -> None:
+    """Sync-free mode is about a GPU's norms: here they are taken as a GPU takes them (see ``device_path``), so that
+    a blocking read among them is seen."""
+
+
 class FusedMLP(MLP):
     def configure_optimizers(self):
         return torch.optim.Adam(self.parameters(), lr=0.01, fused=True)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections import Counter
 from dataclasses import asdict, dataclass
 from functools import cached_property
@@ -254,8 +255,9 @@ class GradHealthMonitor(Callback):
         if not overflow:
             norms = self._source.grad_norms(step, pl_module, optimizer)
             if norms is not None:
-                per_layer, _ = norms.per_layer()  # the step's one host transfer
-                confirm = self._confirm_nonfinite(norms)
+                per_layer, total = norms.per_layer()  # the step's one host transfer
+                # Asked only about a layer whose norm is inf, and then the total is inf or NaN.
+                confirm = self._confirm_nonfinite(norms) if not total < math.inf else None
                 events = self.tracker.update(step, per_layer, confirm)
                 if not events and not log_now and overflow is None and not self._collective:
                     return  # most steps: nothing flagged, nothing to log, count or agree on with other ranks

@@ -47,7 +47,7 @@ class _Sent:
     records: list[_Pending]
     updates: list[Norms | None]
     norms: list[Norms]
-    copy: HostCopy
+    copy: HostCopy | None  # None when every number was already on the host
 
 
 class GradNormMonitor(Callback):
@@ -216,10 +216,13 @@ class GradNormMonitor(Callback):
             record.weights, update = record.snapshot.finish(self.norm_type)
             updates.append(update)
         norms = [n for r, u in zip(pending, updates) for n in (r.grads, r.weights, u) if n is not None]
+        if all(n.on_host for n in norms):  # taken in host memory: nothing to copy
+            return _Sent(pending, updates, norms, None)
         return _Sent(pending, updates, norms, HostCopy(concatenated(norms)))
 
     def _log(self, trainer: pl.Trainer, sent: _Sent) -> None:
-        hand_out(sent.norms, sent.copy.values())
+        if sent.copy is not None:
+            hand_out(sent.norms, sent.copy.values())
         if not trainer.is_global_zero:
             return
         if not self._layout_written:
