@@ -17,8 +17,9 @@ from __future__ import annotations
 import math
 import weakref
 from collections.abc import Callable, Iterable, Sequence
+from functools import partial
 from math import hypot
-from operator import itemgetter
+from operator import is_, itemgetter
 from typing import Any
 
 import torch
@@ -383,6 +384,7 @@ def _root(v: float, p: float) -> float:
 
 
 _CPU = torch.device("cpu")
+_is_none = partial(is_, None)
 
 
 class Norms:
@@ -393,7 +395,7 @@ class Norms:
     reading the parts one by one is cheaper than stacking them first (every step, in the health check).
     """
 
-    __slots__ = ("layout", "norm_type", "power_sums", "_values", "_parts", "_host")
+    __slots__ = ("layout", "norm_type", "power_sums", "_values", "_parts", "_host", "_layers")
 
     def __init__(
         self,
@@ -413,6 +415,7 @@ class Norms:
         self._values = device_values
         self._parts = parts
         self._host = host
+        self._layers: tuple[dict[str, float], float] | None = None
 
     @property
     def device_values(self) -> Tensor:
@@ -449,9 +452,16 @@ class Norms:
     def set_host(self, values: list[float]) -> None:
         """Hand over values that were transferred together with other numbers."""
         self._host = values
+        self._layers = None
 
     def per_layer(self) -> tuple[dict[str, float], float]:
-        """``({layer: norm}, total)``, both of the full (unsharded) tensors."""
+        """``({layer: norm}, total)``, both of the full (unsharded) tensors; made once (the health rules and the
+        logging step share it), so the dict must not be changed."""
+        if self._layers is None:
+            self._layers = self._per_layer()
+        return self._layers
+
+    def _per_layer(self) -> tuple[dict[str, float], float]:
         layout = self.layout
         values = self.host()
         spans = layout.layer_spans
@@ -626,7 +636,7 @@ class GradientNorms:
         else:
             grads = [p.grad for p in layout.params]
             keep = None
-            if any(g is None for g in grads):  # not `None in grads`: that calls Tensor.__eq__ on every gradient
+            if any(map(_is_none, grads)):  # not `None in grads`: that calls Tensor.__eq__ on every gradient
                 keep = tuple(i for i, g in enumerate(grads) if g is not None)
                 grads = [grads[i] for i in keep]
         if keep is not None and len(keep) < len(layout):

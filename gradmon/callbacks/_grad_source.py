@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from collections import defaultdict
 from collections.abc import Callable, Sequence
-from operator import attrgetter
+from operator import attrgetter, itemgetter
 from typing import Any
 
 import lightning.pytorch as pl
@@ -32,8 +32,12 @@ def optimizer_layout(pl_module: pl.LightningModule, optimizer: torch.optim.Optim
 
 def optimizer_signature(optimizer: torch.optim.Optimizer) -> tuple[int, ...]:
     """Changes when parameters are added to or removed from ``optimizer`` (``add_param_group``, as Lightning's
-    ``BackboneFinetuning`` does): the size of each parameter group. A few integers, so it is checked every step."""
-    return tuple(len(group["params"]) for group in optimizer.param_groups)
+    ``BackboneFinetuning`` does): the size of each parameter group. A few integers, so it is checked every step (in
+    C-level maps: no Python frame per group)."""
+    return tuple(map(len, map(_PARAMS, optimizer.param_groups)))
+
+
+_PARAMS = itemgetter("params")
 
 
 def optimizer_names(optimizers: Sequence[Any]) -> list[str]:
