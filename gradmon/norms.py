@@ -83,6 +83,8 @@ class ParamLayout:
         #: Whether FSDP1 pieces are among ``params`` (see :func:`full_grads_and_weights`).
         self.fsdp1 = any(is_fsdp1_piece(p) for p in self.params)
         self._shard_weights = shard_weights(self.params, self.param_names, module, self.fsdp1)
+        #: Whether any tensor is a shard (its norms then need a collective to be whole).
+        self.sharded = self._shard_weights is not None
         # Decided once here rather than at every step (the per-step path runs inside a training loop, where every
         # extra line of Python costs microseconds): whether per-tensor norms can be left as the kernels' scalars
         # (:func:`norm_parts`: nothing sharded, and one group or all of them in host memory), and whether each
@@ -118,10 +120,6 @@ class ParamLayout:
                 index = index.pin_memory().to(device, non_blocking=True)
             index = cache[device] = index.to(device)
         return index
-
-    @property
-    def sharded(self) -> bool:
-        return self._shard_weights is not None
 
     @classmethod
     def from_named_parameters(
@@ -463,13 +461,15 @@ class Norms:
 
     def _per_layer(self) -> tuple[dict[str, float], float]:
         layout = self.layout
-        values = self.host()
+        values = self._host if self._host is not None else self.host()
         spans = layout.layer_spans
         if spans is not None and self.norm_type == 2.0 and not self.power_sums:
             # The usual case, every step: a C-level hypot per layer (exact to an ulp, and it cannot overflow); when
             # every layer has k parameters, hypot is mapped over k strided slices, with no Python frame per layer.
             k = layout.layer_width
-            if k is None:
+            if k == 2:  # a weight and a bias per layer: the most common layout, without a generator
+                layers = list(map(hypot, values[0::2], values[1::2]))
+            elif k is None:
                 layers = [hypot(*values[a:b]) for a, b in spans]
             else:
                 layers = list(map(hypot, *(values[i::k] for i in range(k))))
