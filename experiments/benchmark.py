@@ -279,9 +279,10 @@ def print_targets(results: dict[str, tuple[float, float, float, float, float, fl
     """The targets, each with the measured value and whether it is met."""
     checks = []
     if "20x64" in results:
-        none, gradmon, recipe, _, in_hook, _ = results["20x64"]
+        none, gradmon, recipe, _, in_hook, floor_hook = results["20x64"]
         checks += [
-            ("20x64 in-hook cost <= 5% of a step without monitoring", 100 * in_hook / (1e3 * none), 5.0, "%"),
+            (f"20x64 in-hook cost <= 5% of a step without monitoring (the floor's own: "
+             f"{100 * floor_hook / (1e3 * none):.1f}%)", 100 * in_hook / (1e3 * none), 5.0, "%"),
             ("20x64 (b)/(a) <= 1.08", gradmon / none, 1.08, ""),
             ("20x64 (c)/(b) >= 3 (the recipe costs 3x more)", -recipe / gradmon, -3.0, ""),
         ]

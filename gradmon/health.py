@@ -15,6 +15,7 @@ import math
 import sys
 from collections.abc import Callable, Mapping, Set
 from dataclasses import dataclass, fields
+from itertools import repeat
 from typing import Any, Literal, get_args
 
 from gradmon._validation import check_float, check_int, invalid
@@ -248,8 +249,9 @@ class HealthTracker:
         if not sum(values) < math.inf and not all(v < math.inf for v in values):
             return _NONE
         k = rules.depth_window
-        bound = sum(map(_log, values[-k:])) / k + self._log_depth_ratio
-        if sum(map(_log, values[:k])) / k >= bound:  # the usual case: only 2k logs per step
+        # log(max(v, _TINY)) is _log(v) (a dead layer compares as tiny), taken in C-level maps.
+        bound = sum(map(math.log, map(max, values[-k:], repeat(_TINY)))) / k + self._log_depth_ratio
+        if sum(map(math.log, map(max, values[:k], repeat(_TINY)))) / k >= bound:  # the usual case: 2k logs a step
             return _NONE
         names = list(norms)
         return {names[i] for i in range(len(names) - k) if _log(values[i]) < bound}

@@ -219,53 +219,38 @@ def _blas_friendly(t: Tensor) -> bool:
 
 
 class HostPlan:
-    """How to take the norms of a fixed list of CPU tensors with as few kernels as possible, decided once.
+    """How to take the norms of a fixed list of tensors in host memory as Python floats, decided once: one fused
+    ``_foreach_norm`` per dtype (BLAS dots for the 2-norm of large float tensors, see :func:`_group_parts`), each
+    result read with ``.item()`` (no device to wait for), the values put back in input order.
 
-    On the CPU ``torch._foreach_norm`` runs one reduction per tensor, and for a small tensor each one costs its setup
-    (output allocation, iterator), not its arithmetic: a few microseconds, more inside a training step. Small tensors
-    (biases, norm layers' scales) of one shape and dtype are therefore stacked and reduced as the rows of one matrix
-    (``vector_norm(dim=1)``: bit for bit ``_foreach_norm``'s numbers, the same kernel over the same elements in the
-    same order), at most :data:`_BATCH_MAX_NUMEL` elements to a stack; the large float tensors take BLAS dots for the
-    2-norm; the rest one fused ``_foreach_norm`` per dtype. The results arrive as one list of Python floats in input
-    order, with no 0-d tensor per value to read and free.
+    Stacking small same-shape tensors (biases) into one matrix and reducing its rows was tried: bit for bit the same
+    numbers and faster in a tight loop, but 25 to 37 us a step slower inside the 20x64 benchmark's training step, where
+    gradmon's hook runs first after the backward and every kind of op it adds (the stack, a row reduction) starts
+    cold, while the fused kernel repeats one op.
     """
 
     def __init__(self, tensors: Sequence[Tensor]) -> None:
-        by_shape: dict[tuple[torch.dtype, tuple[int, ...]], list[int]] = {}
-        for i, t in enumerate(tensors):
-            if not _blas_friendly(t) and 0 < t.numel() <= _STACK_MAX_NUMEL:
-                by_shape.setdefault((t.dtype, tuple(t.shape)), []).append(i)
-        #: Indices of tensors stacked together, each list at least :data:`_BATCH_MIN` long.
-        self.stacks: list[list[int]] = []
-        for indices in by_shape.values():
-            if len(indices) >= _BATCH_MIN:
-                per = max(_BATCH_MIN, _BATCH_MAX_NUMEL // max(1, tensors[indices[0]].numel()))
-                chunks = [indices[k : k + per] for k in range(0, len(indices), per)]
-                self.stacks += [chunk for chunk in chunks if len(chunk) >= _BATCH_MIN]  # a short last one: apart
-        stacked = {i for indices in self.stacks for i in indices}
         by_key: dict[tuple[torch.dtype, bool], list[int]] = {}
         for i, t in enumerate(tensors):
-            if i not in stacked:
-                by_key.setdefault((t.dtype, _blas_friendly(t)), []).append(i)
-        #: The other tensors, per (dtype, whether large enough for BLAS dots): one ``_foreach_norm`` (or dots) each.
-        self.rest = [(indices, key[1]) for key, indices in by_key.items()]
-        self._stack_dtypes = [_accumulation_dtype(tensors[indices[0]].dtype) for indices in self.stacks]
-        order = [i for indices in self.stacks for i in indices] + [i for indices, _ in self.rest for i in indices]
-        # Puts the results, made stack by stack and group by group, back into input order.
+            by_key.setdefault((t.dtype, _blas_friendly(t)), []).append(i)
+        #: Indices of the tensors per (dtype, whether large enough for BLAS dots): one ``_foreach_norm`` (or dots)
+        #: each.
+        self.groups = [(indices, key[1]) for key, indices in by_key.items()]
+        order = [i for indices, _ in self.groups for i in indices]
         position = {i: k for k, i in enumerate(order)}
+        # Puts the results, made group by group, back into input order.
         self._unpermute = None if order == sorted(order) else itemgetter(*[position[i] for i in range(len(order))])
-        self._pick = [_picker(indices) for indices in self.stacks] + [_picker(indices) for indices, _ in self.rest]
+        self._pick = [_picker(indices) for indices, _ in self.groups]
 
     def norms(self, tensors: Sequence[Tensor], norm_type: float) -> list[float]:
         """The p-norm of each tensor (laid out as the plan's) as Python floats, in input order. For gradients, weights
         and updates (tensors that do not require grad, or under ``torch.no_grad``)."""
+        groups = self.groups
+        if len(groups) == 1:  # the usual case: one kernel over the tensors as given
+            return list(map(Tensor.item, _group_parts(tensors, norm_type, groups[0][1])))
         values: list[float] = []
-        picks = iter(self._pick)
-        for indices, dtype in zip(self.stacks, self._stack_dtypes):
-            rows = torch.stack(next(picks)(tensors)).reshape(len(indices), -1)
-            values += torch.linalg.vector_norm(rows, norm_type, dim=1, dtype=dtype).tolist()
-        for _, dot in self.rest:
-            values += map(Tensor.item, _group_parts(next(picks)(tensors), norm_type, dot))
+        for (_, dot), pick in zip(groups, self._pick):
+            values += map(Tensor.item, _group_parts(pick(tensors), norm_type, dot))
         return values if self._unpermute is None else list(self._unpermute(values))
 
 
@@ -276,22 +261,9 @@ def _picker(indices: Sequence[int]) -> Callable[[Sequence[Any]], tuple[Any, ...]
     return itemgetter(*indices)
 
 
-def _accumulation_dtype(dtype: torch.dtype) -> torch.dtype | None:
-    """The dtype norms of ``dtype`` are accumulated in when it is not ``dtype`` itself (bf16 and fp16 in float32)."""
-    return None if dtype in (torch.float32, torch.float64) else torch.promote_types(dtype, torch.float32)
-
-
-# Only tensors this small are stacked: for them the per-tensor setup is nearly all the cost. Measured inside a
-# training step (20-layer MLP of width 64): stacking the 64-element biases saves about 30 us a step, stacking the
-# 64x64 weights as well saves nothing (the copy costs what the setups did).
-_STACK_MAX_NUMEL = 1024
 #: Whether layouts in host memory take their norms with a :class:`HostPlan` (off, the CPU takes the path a GPU
 #: takes: tests turn it off to run that path where there is no GPU).
 _HOST_PLAN_ON_CPU = True
-# A stack needs this many tensors to pay for itself (the copy and the stacking op) against one kernel each.
-_BATCH_MIN = 3
-# At most this many elements go into one stack (a 4 MB float32 copy): the stacked copy is memory on top of the model's.
-_BATCH_MAX_NUMEL = 1 << 20
 
 
 def host_norms(layout: ParamLayout, tensors: Sequence[Tensor], norm_type: float) -> list[float]:

@@ -321,9 +321,9 @@ def test_gradient_norms_from_the_kernels_scalars_equal_the_stacked_path_bit_for_
     assert total == pytest.approx(hand_norm([q.grad for q in model.parameters()], p), rel=1e-5)
 
 
-def _stacking_model() -> nn.Module:
-    """Four same-shape small float32 layers (biases stacked, weights stacked), a large float32 layer (BLAS dots), a
-    bfloat16 and a float64 layer, a layer of its own shape, and an out-of-order mix of all of them."""
+def _host_plan_model() -> nn.Module:
+    """Small and large float32 layers (fused kernel and BLAS dots), a bfloat16 and a float64 layer between them, so
+    that the plan's groups are out of parameter order."""
     torch.manual_seed(0)
     model = nn.Sequential(
         nn.Linear(8, 8), nn.Linear(8, 8), nn.Linear(160, 128), nn.Linear(8, 8).to(torch.bfloat16),
@@ -336,13 +336,12 @@ def _stacking_model() -> nn.Module:
 
 @pytest.mark.parametrize("p", NORM_TYPES)
 def test_host_plan_norms_equal_the_device_path_bit_for_bit_in_parameter_order(p: float) -> None:
-    model = _stacking_model()
+    model = _host_plan_model()
     layout = ParamLayout.from_named_parameters(model.named_parameters())
     plan = layout.host_plan
     assert plan is not None
-    # The four float32 8x8 weights and their biases are stacked, each shape apart; the bf16 and float64 layers,
-    # the 5x3 layer and the large one are not.
-    assert sorted(len(indices) for indices in plan.stacks) == [4, 4]
+    # float32 small, float32 large (dots for the 2-norm), bfloat16, float64: one kernel each.
+    assert [(len(indices), dot) for indices, dot in plan.groups] == [(11, False), (1, True), (2, False), (2, False)]
     grads = [q.grad for q in layout.params]
     norms = GradientNorms(layout, p).compute()
     assert norms is not None and norms.on_host and norms._values is None and norms._parts is None
@@ -351,16 +350,11 @@ def test_host_plan_norms_equal_the_device_path_bit_for_bit_in_parameter_order(p:
     assert torch.equal(norms.device_values, stacked_norms(layout, grads, p))  # the vector, made when asked for
 
 
-def test_host_plan_keeps_nan_and_inf_to_their_own_tensor_and_splits_long_stacks(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    monkeypatch.setattr("gradmon.norms._BATCH_MAX_NUMEL", 16)  # stacks of three (the least), the fourth apart
-    model = _stacking_model()
+def test_host_plan_keeps_nan_and_inf_to_their_own_tensor() -> None:
+    model = _host_plan_model()
     model[1].bias.grad[3] = math.nan
     model[4].bias.grad[0] = math.inf
     layout = ParamLayout.from_named_parameters(model.named_parameters())
-    names = [[layout.param_names[i] for i in indices] for indices in layout.host_plan.stacks]
-    assert names == [["0.weight", "1.weight", "4.weight"], ["0.bias", "1.bias", "4.bias"]]
     values = dict(zip(layout.param_names, GradientNorms(layout).compute().host()))
     assert math.isnan(values["1.bias"]) and values["4.bias"] == math.inf
     for name in ("0.bias", "7.bias", "0.weight", "2.weight"):
