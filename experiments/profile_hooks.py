@@ -5,7 +5,9 @@ layers, dispatch)::
 
     python -m experiments.profile_hooks [--steps 400]
 
-Each part is timed with perf_counter around the calls that make it up, so the parts add up to the in-hook total.
+Each part is timed with perf_counter around the calls that make it up, so the parts add up to the in-hook total. On
+the CPU the kernel part is :meth:`gradmon.norms.HostPlan.norms`, which also reads each norm as a Python float (there
+is no device to wait for), so the transfer part is zero there; a call timed inside another timed call counts once.
 """
 
 from __future__ import annotations

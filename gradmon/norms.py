@@ -92,7 +92,7 @@ class ParamLayout:
         #: Whether every tensor is in host memory (its norms can then be read one by one, without a device sync).
         self.on_cpu = all(local_tensor(p).device.type == "cpu" for p in self.params)
         self.partwise = self._shard_weights is None and (len(self.groups) == 1 or self.on_cpu)
-        #: How the norms of tensors laid out as ``params`` are taken on the host (:func:`host_norms`): only for whole
+        #: How the norms of tensors laid out as ``params`` are taken on the host (:class:`HostPlan`): only for whole
         #: (unsharded) tensors in host memory.
         self.host_plan = (
             HostPlan(self.params) if self.on_cpu and self._shard_weights is None and _HOST_PLAN_ON_CPU else None
@@ -266,12 +266,6 @@ def _picker(indices: Sequence[int]) -> Callable[[Sequence[Any]], tuple[Any, ...]
 _HOST_PLAN_ON_CPU = True
 
 
-def host_norms(layout: ParamLayout, tensors: Sequence[Tensor], norm_type: float) -> list[float]:
-    """The p-norm of each tensor (laid out as ``layout.params``, whose :attr:`ParamLayout.host_plan` must be set) as
-    Python floats, in input order: see :class:`HostPlan`."""
-    return layout.host_plan.norms(tensors, norm_type)  # type: ignore[union-attr]
-
-
 def norm_parts(layout: ParamLayout, tensors: Sequence[Tensor], norm_type: float) -> Sequence[Tensor]:
     """The p-norm of each tensor (laid out as ``layout.params``, which must be ``partwise``) as 0-d tensors, in
     input order: the kernels' own results, neither stacked nor reordered. No host sync."""
@@ -361,8 +355,9 @@ class Norms:
     """Norms of one set of tensors at one step. ``device_values`` stays on the device until :meth:`host` is called.
 
     ``device_values`` holds per-tensor norms, or (``power_sums=True``) world-wide p-th-power sums after a collective.
-    It may be given as ``parts``, the fused kernel's 0-d results, stacked only when a vector is asked for: on the CPU
-    reading the parts one by one is cheaper than stacking them first (every step, in the health check).
+    It may be given as ``parts``, the fused kernel's 0-d results on one device, stacked only when a vector is asked
+    for; or as ``host``, the values already read as Python floats (a :class:`HostPlan`'s, in host memory), made into a
+    vector only if one is asked for.
     """
 
     __slots__ = ("layout", "norm_type", "power_sums", "_values", "_parts", "_host", "_layers")

@@ -55,9 +55,10 @@ class GradNormMonitor(Callback):
 
     Computed in ``on_before_optimizer_step``: after AMP unscaling and gradient accumulation, before gradient
     clipping, once per optimizer step. Gradients are grouped by (device, dtype) and reduced with one fused
-    ``torch._foreach_norm`` per group; steps that do not log cost nothing, and a logging step sends all its values
-    to the host in one non-blocking copy, read (and written to the loggers) at the end of the next batch, so no step
-    waits for the device.
+    ``torch._foreach_norm`` per group; steps that do not log cost nothing, and on a GPU a logging step sends all its
+    values to the host in one non-blocking copy, read (and written to the loggers) at the end of the next batch, so
+    no step waits for the device (on the CPU the norms are Python floats from the start: nothing to copy, written at
+    the same point).
 
     A *layer* is the module that owns the parameters (``net.0`` for ``net.0.weight`` and ``net.0.bias``); a parameter
     registered on the root module is its own layer; ``group_by="parameter"`` logs every parameter separately.
@@ -206,7 +207,7 @@ class GradNormMonitor(Callback):
 
     def _send(self) -> _Sent:
         """Finish the captured steps on the device (weight and update norms) and start one non-blocking copy of all
-        their numbers to the host."""
+        their numbers to the host (none when they are all Python floats already, as on the CPU)."""
         pending, self._pending = self._pending, []
         updates: list[Norms | None] = []
         for record in pending:
