@@ -5,9 +5,7 @@ layers, dispatch)::
 
     python -m experiments.profile_hooks [--steps 400]
 
-Each part is timed with perf_counter around the calls that make it up, so the parts add up to the in-hook total. On
-the CPU the kernel part is :meth:`gradmon.norms.HostPlan.norms`, which also reads each norm as a Python float (there
-is no device to wait for), so the transfer part is zero there; a call timed inside another timed call counts once.
+Each part is timed with perf_counter around the calls that make it up, so the parts add up to the in-hook total.
 """
 
 from __future__ import annotations
@@ -33,24 +31,19 @@ def profile(steps: int = 400, depth: int = 20, width: int = 64) -> dict[str, flo
     parts: dict[str, float] = defaultdict(float)
     counting = [False]
 
-    inside = [0]  # timed calls in progress: a call made inside another (a kernel inside a HostPlan) counts once
-
     def timed(name: str, function):
         def wrapper(*args, **kwargs):
             start = time.perf_counter()
-            inside[0] += 1
             try:
                 return function(*args, **kwargs)
             finally:
-                inside[0] -= 1
-                if counting[0] and not inside[0]:
+                if counting[0]:
                     parts[name] += time.perf_counter() - start
 
         return wrapper
 
     originals = {
         (torch, "_foreach_norm"): "kernel",
-        (gradmon.norms.HostPlan, "norms"): "kernel",
         (gradmon.norms, "read_host"): "transfer",
         (gradmon.health.HealthTracker, "update"): "rules",
     }

@@ -16,10 +16,10 @@ from __future__ import annotations
 
 import math
 import weakref
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Iterable, Sequence
 from functools import partial
 from math import hypot
-from operator import is_, itemgetter
+from operator import is_
 from typing import Any
 
 import torch
@@ -92,11 +92,9 @@ class ParamLayout:
         #: Whether every tensor is in host memory (its norms can then be read one by one, without a device sync).
         self.on_cpu = all(local_tensor(p).device.type == "cpu" for p in self.params)
         self.partwise = self._shard_weights is None and (len(self.groups) == 1 or self.on_cpu)
-        #: How the norms of tensors laid out as ``params`` are taken on the host (:class:`HostPlan`): only for whole
-        #: (unsharded) tensors in host memory.
-        self.host_plan = (
-            HostPlan(self.params) if self.on_cpu and self._shard_weights is None and _HOST_PLAN_ON_CPU else None
-        )
+        #: Whether norms of tensors laid out as ``params`` are read as Python floats as soon as they are taken
+        #: (:func:`host_norms`): whole (unsharded) tensors in host memory, where reading waits for no device.
+        self.floats_at_once = self.on_cpu and self._shard_weights is None and _FLOATS_AT_ONCE_ON_CPU
         #: The dtype of :func:`stacked_norms`' vector: float64 when any tensor is, else float32.
         self.vector_dtype = (
             torch.float64 if any(local_tensor(p).dtype == torch.float64 for p in self.params) else torch.float32
@@ -218,52 +216,9 @@ def _blas_friendly(t: Tensor) -> bool:
     return t.device.type == "cpu" and t.dtype in (torch.float32, torch.float64) and t.numel() >= _DOT_MIN_NUMEL
 
 
-class HostPlan:
-    """How to take the norms of a fixed list of tensors in host memory as Python floats, decided once: one fused
-    ``_foreach_norm`` per dtype (BLAS dots for the 2-norm of large float tensors, see :func:`_group_parts`), each
-    result read with ``.item()`` (no device to wait for), the values put back in input order.
-
-    Stacking small same-shape tensors (biases) into one matrix and reducing its rows was tried: bit for bit the same
-    numbers and faster in a tight loop, but 25 to 37 us a step slower inside the 20x64 benchmark's training step, where
-    gradmon's hook runs first after the backward and every kind of op it adds (the stack, a row reduction) starts
-    cold, while the fused kernel repeats one op.
-    """
-
-    def __init__(self, tensors: Sequence[Tensor]) -> None:
-        by_key: dict[tuple[torch.dtype, bool], list[int]] = {}
-        for i, t in enumerate(tensors):
-            by_key.setdefault((t.dtype, _blas_friendly(t)), []).append(i)
-        #: Indices of the tensors per (dtype, whether large enough for BLAS dots): one ``_foreach_norm`` (or dots)
-        #: each.
-        self.groups = [(indices, key[1]) for key, indices in by_key.items()]
-        order = [i for indices, _ in self.groups for i in indices]
-        position = {i: k for k, i in enumerate(order)}
-        # Puts the results, made group by group, back into input order.
-        self._unpermute = None if order == sorted(order) else itemgetter(*[position[i] for i in range(len(order))])
-        self._pick = [_picker(indices) for indices, _ in self.groups]
-
-    def norms(self, tensors: Sequence[Tensor], norm_type: float) -> list[float]:
-        """The p-norm of each tensor (laid out as the plan's) as Python floats, in input order. For gradients, weights
-        and updates (tensors that do not require grad, or under ``torch.no_grad``)."""
-        groups = self.groups
-        if len(groups) == 1:  # the usual case: one kernel over the tensors as given
-            return list(map(Tensor.item, _group_parts(tensors, norm_type, groups[0][1])))
-        values: list[float] = []
-        for (_, dot), pick in zip(groups, self._pick):
-            values += map(Tensor.item, _group_parts(pick(tensors), norm_type, dot))
-        return values if self._unpermute is None else list(self._unpermute(values))
-
-
-def _picker(indices: Sequence[int]) -> Callable[[Sequence[Any]], tuple[Any, ...]]:
-    """The items at ``indices`` of a sequence, always as a tuple (``itemgetter`` of one index gives the item)."""
-    if len(indices) == 1:
-        return lambda seq, i=indices[0]: (seq[i],)
-    return itemgetter(*indices)
-
-
-#: Whether layouts in host memory take their norms with a :class:`HostPlan` (off, the CPU takes the path a GPU
-#: takes: tests turn it off to run that path where there is no GPU).
-_HOST_PLAN_ON_CPU = True
+#: Whether layouts in host memory read their norms as Python floats at once (:attr:`ParamLayout.floats_at_once`); off,
+#: the CPU takes the path a GPU takes: tests turn it off to run that path where there is no GPU.
+_FLOATS_AT_ONCE_ON_CPU = True
 
 
 def norm_parts(layout: ParamLayout, tensors: Sequence[Tensor], norm_type: float) -> Sequence[Tensor]:
@@ -356,7 +311,7 @@ class Norms:
 
     ``device_values`` holds per-tensor norms, or (``power_sums=True``) world-wide p-th-power sums after a collective.
     It may be given as ``parts``, the fused kernel's 0-d results on one device, stacked only when a vector is asked
-    for; or as ``host``, the values already read as Python floats (a :class:`HostPlan`'s, in host memory), made into a
+    for; or as ``host``, the values already read as Python floats (:func:`host_norms`, in host memory), made into a
     vector only if one is asked for.
     """
 
@@ -536,10 +491,23 @@ _PINNED: dict[tuple[torch.device, torch.dtype, tuple[int, ...]], list[tuple[Tens
 _PINNED_PER_SHAPE = 4
 
 
+def host_norms(layout: ParamLayout, tensors: Sequence[Tensor], norm_type: float) -> Norms:
+    """The norms of ``tensors`` (laid out as ``layout.params``, which must be ``floats_at_once``) read as Python floats
+    at once: the fused kernels' scalars (:func:`norm_parts`) read one by one, no 0-d tensor kept and nothing to stack
+    or copy later.
+
+    Stacking small same-shape tensors (biases) into one matrix and reducing its rows was tried: bit for bit the same
+    numbers and faster in a tight loop, but 25 to 37 us a step slower inside the 20x64 benchmark's training step, where
+    gradmon's hook runs first after the backward and every kind of op it adds (the stack, a row reduction) starts
+    cold, while the fused kernel repeats one op.
+    """
+    return Norms(layout, None, norm_type, host=read_host(norm_parts(layout, tensors, norm_type)))
+
+
 def compute_norms(layout: ParamLayout, tensors: Sequence[Tensor], norm_type: float) -> Norms:
     """Fused norms of ``tensors`` (laid out as ``layout.params``), with one collective when sharded."""
-    if layout.host_plan is not None:
-        return Norms(layout, None, norm_type, host=layout.host_plan.norms(tensors, norm_type))
+    if layout.floats_at_once:
+        return host_norms(layout, tensors, norm_type)
     return reduce_norms(layout, [stacked_norms(layout, tensors, norm_type)], norm_type)[0]
 
 
@@ -613,9 +581,8 @@ class GradientNorms:
             layout = subset
         if not grads:
             return None
-        plan = layout.host_plan
-        if plan is not None:  # in host memory: the norms as Python floats, with as few kernels as can be
-            return Norms(layout, None, self.norm_type, host=plan.norms(grads, self.norm_type))
+        if layout.floats_at_once:  # in host memory: the norms as Python floats at once
+            return host_norms(layout, grads, self.norm_type)
         if layout.partwise:  # on one device: the kernels' scalars, stacked only if a vector is asked for
             return Norms(layout, None, self.norm_type, parts=norm_parts(layout, grads, self.norm_type))
         return compute_norms(layout, grads, self.norm_type)
@@ -643,14 +610,13 @@ class WeightSnapshot:
     def finish(self, norm_type: float = 2.0) -> tuple[Norms, Norms]:
         """``(weights before, update)`` norms, after ``optimizer.step()``: one collective when sharded."""
         layout = self.layout
-        plan = layout.host_plan
-        if plan is not None:  # whole tensors in host memory: the norms as Python floats, no collective
-            before_values = plan.norms(self._copy, norm_type)
+        if layout.floats_at_once:  # whole tensors in host memory: the norms as Python floats, no collective
+            before = host_norms(layout, self._copy, norm_type)
             with torch.no_grad():
                 torch._foreach_sub_(self._copy, layout.params)
-            delta_values = plan.norms(self._copy, norm_type)
+            delta = host_norms(layout, self._copy, norm_type)
             self._copy = []
-            return Norms(layout, None, norm_type, host=before_values), Norms(layout, None, norm_type, host=delta_values)
+            return before, delta
         before = stacked_norms(layout, self._copy, norm_type)
         torch._foreach_sub_(self._copy, [local_tensor(p).detach() for p in layout.params])
         delta = stacked_norms(layout, self._copy, norm_type)

@@ -41,4 +41,4 @@ def device_path(monkeypatch: pytest.MonkeyPatch) -> None:
     device, stacked and read in one transfer when asked) instead of as Python floats in host memory: the CPU then
     runs the path a GPU runs, so that tests of that path (no transfer before it is asked for, no blocking read in
     sync-free mode) can fail here."""
-    monkeypatch.setattr(gradmon.norms, "_HOST_PLAN_ON_CPU", False)
+    monkeypatch.setattr(gradmon.norms, "_FLOATS_AT_ONCE_ON_CPU", False)

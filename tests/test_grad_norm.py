@@ -147,7 +147,7 @@ def test_no_host_sync_and_no_work_on_steps_that_do_not_log(
     train end, to the last step). ``device``: norms taken as on a GPU (see the ``device_path`` fixture); ``host``:
     taken in host memory as Python floats (the CPU's own path), read in the logging step itself."""
     if path == "device":
-        monkeypatch.setattr("gradmon.norms._HOST_PLAN_ON_CPU", False)
+        monkeypatch.setattr("gradmon.norms._FLOATS_AT_ONCE_ON_CPU", False)
     syncs: Counter[int | None] = Counter()
     computed: list[int] = []
     step: list[int | None] = [None]

@@ -321,9 +321,9 @@ def test_gradient_norms_from_the_kernels_scalars_equal_the_stacked_path_bit_for_
     assert total == pytest.approx(hand_norm([q.grad for q in model.parameters()], p), rel=1e-5)
 
 
-def _host_plan_model() -> nn.Module:
+def _floats_model() -> nn.Module:
     """Small and large float32 layers (fused kernel and BLAS dots), a bfloat16 and a float64 layer between them, so
-    that the plan's groups are out of parameter order."""
+    that the layout's groups are out of parameter order."""
     torch.manual_seed(0)
     model = nn.Sequential(
         nn.Linear(8, 8), nn.Linear(8, 8), nn.Linear(160, 128), nn.Linear(8, 8).to(torch.bfloat16),
@@ -335,13 +335,13 @@ def _host_plan_model() -> nn.Module:
 
 
 @pytest.mark.parametrize("p", NORM_TYPES)
-def test_host_plan_norms_equal_the_device_path_bit_for_bit_in_parameter_order(p: float) -> None:
-    model = _host_plan_model()
+def test_norms_read_as_floats_at_once_equal_the_device_path_bit_for_bit_in_parameter_order(p: float) -> None:
+    model = _floats_model()
     layout = ParamLayout.from_named_parameters(model.named_parameters())
-    plan = layout.host_plan
-    assert plan is not None
+    assert layout.floats_at_once
     # float32 small, float32 large (dots for the 2-norm), bfloat16, float64: one kernel each.
-    assert [(len(indices), dot) for indices, dot in plan.groups] == [(11, False), (1, True), (2, False), (2, False)]
+    groups = [(len(indices), dot) for indices, dot in zip(layout.groups, layout.group_uses_dot)]
+    assert groups == [(11, False), (1, True), (2, False), (2, False)]
     grads = [q.grad for q in layout.params]
     norms = GradientNorms(layout, p).compute()
     assert norms is not None and norms.on_host and norms._values is None and norms._parts is None
@@ -350,8 +350,8 @@ def test_host_plan_norms_equal_the_device_path_bit_for_bit_in_parameter_order(p:
     assert torch.equal(norms.device_values, stacked_norms(layout, grads, p))  # the vector, made when asked for
 
 
-def test_host_plan_keeps_nan_and_inf_to_their_own_tensor() -> None:
-    model = _host_plan_model()
+def test_norms_read_as_floats_keep_nan_and_inf_to_their_own_tensor() -> None:
+    model = _floats_model()
     model[1].bias.grad[3] = math.nan
     model[4].bias.grad[0] = math.inf
     layout = ParamLayout.from_named_parameters(model.named_parameters())
@@ -361,7 +361,7 @@ def test_host_plan_keeps_nan_and_inf_to_their_own_tensor() -> None:
         assert values[name] == pytest.approx(float(model.get_parameter(name).grad.norm()), rel=1e-6)
 
 
-def test_host_plan_of_an_empty_tensor_is_zero() -> None:
+def test_norms_read_as_floats_of_an_empty_tensor_are_zero() -> None:
     params = [torch.zeros(0), torch.ones(4), torch.ones(4), torch.ones(4)]
     layout = ParamLayout(params, ["e", "a", "b", "c"], ["e", "a", "b", "c"])
     assert GradientNorms(layout).compute() is None  # no gradients yet

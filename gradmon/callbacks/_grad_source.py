@@ -154,11 +154,7 @@ class GradNormSource:
         optimizer that has a gradient now (``None`` when none has). No host sync."""
         key = (id(optimizer), step)
         if key != self._key:
-            cached = self._per_optimizer.get(key[0])
-            if cached is not None and cached[0] == optimizer_signature(optimizer):  # the usual case, inlined
-                norms = cached[1].compute()
-            else:
-                norms = self._gradient_norms(pl_module, optimizer).compute()
+            norms = self._gradient_norms(pl_module, optimizer).compute()
             scale = pending_loss_scale(pl_module.trainer, optimizer) if self._scaled else None
             self._norms = norms.divided_by(scale) if norms is not None and scale is not None else norms
             self._key = key
