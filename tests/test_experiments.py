@@ -9,6 +9,7 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
+import lightning.pytorch as pl
 import pytest
 import torch
 from helpers import accumulator
@@ -18,6 +19,7 @@ from experiments import matrix_product, sigmoid
 from experiments.cli import CONFIG_DIR, cli_main, fit_config, run_name
 from experiments.demo import CONFIGS, EXPERIMENTS, quiet, train
 from experiments.gradcheck_bug import PLANTED_LAYER, LinearWrongWeightGrad
+from gradmon import GradHealthMonitor
 from gradmon.report import layer_norms, load_run
 
 EPOCHS, BATCHES = 2, 3
@@ -287,3 +289,34 @@ def test_the_benchmark_times_steps_and_gradmons_hooks(tmp_path):
     parts = profile_hooks.profile(steps=benchmark.WARMUP_STEPS + 5, depth=2, width=8)
     assert parts["kernel"] > 0 and parts["rules"] > 0
     assert parts["total"] == pytest.approx(sum(parts[k] for k in ("kernel", "transfer", "rules", "bookkeeping")))
+
+
+def test_the_benchmarks_minimal_health_check_does_the_rules_arithmetic(tmp_path):
+    """(m) is a bound only if it does what the health rules do on a healthy step: its running means of log norms are
+    HealthTracker's bit for bit after a run past the warm-up (spike and depth tests active), every step judged."""
+    from experiments import benchmark
+    from experiments.models import kaiming_mlp
+
+    class Net(pl.LightningModule):
+        def __init__(self) -> None:
+            super().__init__()
+            self.net = kaiming_mlp(benchmark.IN_FEATURES, benchmark.NUM_CLASSES, 4, 16)
+
+        def training_step(self, batch, batch_idx):
+            return torch.nn.functional.cross_entropy(self.net(batch[0]), batch[1])
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=1e-2)
+
+    torch.manual_seed(0)
+    minimal, health = benchmark.MinimalHealthCheck(), GradHealthMonitor()
+    steps = 30
+    x, y = torch.randn(8 * steps, benchmark.IN_FEATURES), torch.randint(0, benchmark.NUM_CLASSES, (8 * steps,))
+    pl.Trainer(max_steps=steps, callbacks=[minimal, health], logger=False, enable_progress_bar=False,
+               enable_model_summary=False, enable_checkpointing=False, default_root_dir=tmp_path).fit(
+        Net(), torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=8))
+    assert health.events == [] and minimal.unhealthy == 0 and minimal.seen == steps
+    history = health.tracker._history
+    assert list(history) == ["net.0", "net.2", "net.4", "net.6", "net.8"]
+    assert minimal.means == [history[layer][0] for layer in history]
+    assert all(history[layer][1] == steps for layer in history)
