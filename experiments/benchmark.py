@@ -188,6 +188,15 @@ class HookClock:
         """Median time per step inside the hooks, over the steps that log or over the others (:func:`step_median`)."""
         return 1e6 * step_median(self.per_step, logging)
 
+    def split_us(self) -> tuple[float, float]:
+        """``(median, logging)``: the median in-hook time of a step that does not log, and what the logging steps
+        (every 50th, and the step after each, which reads what it sent) add beyond that median, per step of the run.
+        The in-hook mean per step is these two plus the spread of the other steps about their median."""
+        median = self.median_us(False)
+        measured = [s for s in self.per_step if s >= WARMUP_STEPS]
+        logging = sum(1e6 * self.per_step[s] - median for s in measured if s % 50 <= 1)
+        return median, logging / len(measured) if measured else 0.0
+
     def wrap(self, callback: pl.Callback) -> pl.Callback:
         for name in TIMED_HOOKS:
             if getattr(type(callback), name) is getattr(pl.Callback, name):
@@ -276,7 +285,7 @@ def main(argv: list[str] | None = None) -> None:
     sync_free_rows: list[tuple[str, float, float, float, float]] = []
     # The minimal health check reads each norm with .item(): on a GPU that is a sync per norm, no bound of anything.
     extra = (ACTIVATIONS, SYNC_FREE) if args.device == "cuda" else (ACTIVATIONS, MINIMAL)
-    bound_rows: list[tuple[str, float, float, float, float]] = []
+    bound_rows: list[tuple[str, float, float, float, float, float]] = []
     with tempfile.TemporaryDirectory() as logdir:
         for name, (depth, width, steps) in models.items():
             times: dict[str, list[float]] = {variant: [] for variant in (*VARIANTS, *extra)}
@@ -284,6 +293,7 @@ def main(argv: list[str] | None = None) -> None:
             step_ms: dict[str, dict[bool, list[float]]] = {v: {True: [], False: []} for v in ("gradmon", ACTIVATIONS)}
             own_us: dict[bool, list[float]] = {True: [], False: []}  # ActivationMonitor's own hooks, per step
             quiet_us: list[float] = []  # (b)'s in-hook median over the steps that do not log
+            logging_us: list[float] = []  # (b)'s logging steps (and the step after each) beyond that median, per step
             for _ in range(max(args.repeats, 5)):
                 for variant in times:  # interleaved, so drifts in machine load hit all variants alike
                     ms, us = run(variant, depth, width, steps, logdir, args.device)
@@ -291,7 +301,9 @@ def main(argv: list[str] | None = None) -> None:
                     if variant in hook_us:
                         hook_us[variant].append(us)
                     if variant == "gradmon":
-                        quiet_us.append(LAST_CLOCK[0].median_us(False))
+                        quiet, extra_us = LAST_CLOCK[0].split_us()
+                        quiet_us.append(quiet)
+                        logging_us.append(extra_us)
                     if variant in step_ms:
                         for logging_step in (True, False):
                             step_ms[variant][logging_step].append(LAST_TIMER[0].median_ms(logging_step))
@@ -304,7 +316,8 @@ def main(argv: list[str] | None = None) -> None:
             with_activations = statistics.median(times[ACTIVATIONS]), statistics.median(hook_us[ACTIVATIONS])
             minimal_hook = statistics.median(hook_us[MINIMAL]) if MINIMAL in hook_us else math.nan
             results[name] = (none, gradmon, recipe, floor, in_hook, floor_hook, minimal_hook)
-            bound_rows.append((name, none, minimal_hook, in_hook, statistics.median(quiet_us)))
+            bound_rows.append((name, none, minimal_hook, in_hook, statistics.median(quiet_us),
+                               statistics.median(logging_us)))
             activations_rows.append((name, none, *with_activations, in_hook, statistics.median(own_us[False]),
                                      statistics.median(own_us[True])))
             medians = {v: {k: statistics.median(x) for k, x in d.items()} for v, d in step_ms.items()}
@@ -317,12 +330,15 @@ def main(argv: list[str] | None = None) -> None:
             print(f"{name:<8}{times_ms}{ratios}{in_hook:>12.0f}us{100 * in_hook / (1e3 * none):>9.1f}%"
                   f"{floor_hook:>12.0f}us", flush=True)
     if MINIMAL in extra:
-        print("\n(m) the least a health check in Python does per step (MinimalHealthCheck: a bound, not a monitor),"
-              " and (b) split into the steps that do not log and its logging (every 50), amortised:")
-        for name, none, minimal_us, gradmon_us, quiet in bound_rows:
-            print(f"{name:<8}(m) in-hook {minimal_us:.0f}us ({100 * minimal_us / (1e3 * none):.1f}% of (a)); "
-                  f"(b) {quiet:.0f}us on a step that does not log ({100 * quiet / (1e3 * none):.1f}%), "
-                  f"the mean over all steps {gradmon_us - quiet:.0f}us more (logging every 50, amortised)")
+        print("\n(m) the least a health check in Python does per step (MinimalHealthCheck: a bound, not a monitor); "
+              "(b)'s in-hook mean split into its median step that does not log, its logging steps (amortised) and "
+              "the spread of the other steps about their median:")
+        for name, none, minimal_us, gradmon_us, quiet, logged in bound_rows:
+            def share(us: float, none: float = none) -> str:
+                return f"{us:.0f}us ({100 * us / (1e3 * none):.1f}%)"
+
+            print(f"{name:<8}(m) {share(minimal_us)}; (b) {share(gradmon_us)} = median step {share(quiet)} + "
+                  f"logging {share(logged)} + spread {share(gradmon_us - quiet - logged)}")
     print("\nwith ActivationMonitor (logging every 50) beside (b):")
     for name, none, ms, us, gradmon_us, quiet_us, logging_us in activations_rows:
         print(f"{name:<8}{ms:>10.3f}ms  ratio to (a) {ms / none:.3f}  in-hook {us:.0f}us "

@@ -286,6 +286,10 @@ def test_the_benchmark_times_steps_and_gradmons_hooks(tmp_path):
                                      logdir=str(tmp_path), device="cpu")
     assert step_ms > 0 and 0 < hook_us < 1e3 * step_ms
     assert benchmark.run("none", 2, 8, benchmark.WARMUP_STEPS + 5, str(tmp_path), "cpu")[1] == 0.0
+    # The split of (b)'s in-hook time: the median step that does not log, and the logging steps' excess per step.
+    clock = benchmark.HookClock()
+    clock.per_step = {19: 1.0, 20: 1e-4, 21: 1e-4, 50: 1e-3, 51: 3e-4, 52: 1e-4}  # step 19: warm-up, left out
+    assert clock.split_us() == pytest.approx((100.0, (900.0 + 200.0) / 5))
     parts = profile_hooks.profile(steps=benchmark.WARMUP_STEPS + 5, depth=2, width=8)
     assert parts["kernel"] > 0 and parts["rules"] > 0
     assert parts["total"] == pytest.approx(sum(parts[k] for k in ("kernel", "transfer", "rules", "bookkeeping")))
