@@ -18,7 +18,6 @@ from gradmon import tags
 from gradmon._validation import check_bool, check_int
 from gradmon.activations import ActivationRecorder, ModuleStats, RecordedBatch
 from gradmon.callbacks import _logging
-from gradmon.callbacks._hooks import skip_unused_per_batch_hooks
 from gradmon.callbacks.grad_norm import GradNormMonitor
 from gradmon.callbacks.weight_init import WeightInit
 from gradmon.diagnosis import (
@@ -68,7 +67,6 @@ class _Observed:
     copy: HostCopy | None = None
 
 
-@skip_unused_per_batch_hooks
 class ActivationMonitor(Callback):
     r"""Log the statistics of every layer's and activation's output and of the gradient flowing back into it, and
     diagnose what they show, on logging steps only.

@@ -14,7 +14,6 @@ from torch import Tensor
 
 from gradmon import tags
 from gradmon._validation import MAX_SEED, check_bool, check_choice, check_float, check_int, check_seed, invalid
-from gradmon.callbacks._hooks import skip_unused_per_batch_hooks
 from gradmon.callbacks._logging import log_scalars
 from gradmon.errors import GradientHealthError, warn_health
 from gradmon.numerical import (
@@ -29,7 +28,6 @@ from gradmon.numerical import (
 OnFailure = Literal["warn", "stop", "raise"]
 
 
-@skip_unused_per_batch_hooks
 class GradCheck(Callback):
     """Check, during training, that every layer's gradient is the derivative of the loss.
 

@@ -25,7 +25,6 @@ from gradmon.callbacks._grad_source import (
     pending_loss_scale,
     step_reader,
 )
-from gradmon.callbacks._hooks import skip_unused_per_batch_hooks
 from gradmon.callbacks.activation_monitor import likely_cause
 from gradmon.callbacks.grad_norm import GradNormMonitor
 from gradmon.errors import GradientHealthError, warn_health
@@ -55,7 +54,6 @@ EVENTS_IN_CHECKPOINT = 100
 AMP_SCALE_FLOOR = 1.0
 
 
-@skip_unused_per_batch_hooks
 class GradHealthMonitor(Callback):
     r"""Classify every layer's gradient each optimizer step as vanishing, exploding, non-finite or healthy, and act.
 

@@ -16,7 +16,6 @@ from gradmon import tags
 from gradmon._validation import check_bool, check_choice, check_int, check_norm_type
 from gradmon.callbacks import _logging
 from gradmon.callbacks._grad_source import GradNormSource, OptimizerSteps, global_step, optimizer_names, step_reader
-from gradmon.callbacks._hooks import skip_unused_per_batch_hooks
 from gradmon.norms import (
     GroupBy,
     HostCopy,
@@ -51,7 +50,6 @@ class _Sent:
     copy: HostCopy | None  # None when every number was already on the host
 
 
-@skip_unused_per_batch_hooks
 class GradNormMonitor(Callback):
     r"""Log per-layer gradient norms, weight norms and update-to-weight ratios to every logger of the Trainer.
 

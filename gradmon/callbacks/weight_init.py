@@ -15,7 +15,6 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_info
 
 from gradmon import tags
 from gradmon._validation import check_bool, check_seed
-from gradmon.callbacks._hooks import skip_unused_per_batch_hooks
 from gradmon.callbacks._logging import log_text
 from gradmon.init import (
     DEFAULT_TYPES,
@@ -32,7 +31,6 @@ from gradmon.tensorboard import markdown_table
 RECORD_HEADER = ("layer", "scheme", "weight std before", "weight std after")
 
 
-@skip_unused_per_batch_hooks
 class WeightInit(Callback):
     r"""Initialise the weights of selected layers with a named scheme, once, when fitting starts.
 
