@@ -15,7 +15,8 @@ init, so the healthy path is timed; batch 128, CPU) four ways:
 and (b) with an ActivationMonitor logging every 50 steps as well; on the CPU also (m), a bound rather than a variant:
 :class:`MinimalHealthCheck`, the least a health check written in Python does per step (the floor, its norms read as
 floats, combined into layers and put through the health rules' arithmetic in C-level maps, nothing else), printed
-with (b)'s in-hook time split into the steps that do not log and its logging. All log to TensorBoard with
+with (b)'s in-hook time split into its median step that does not log, its logging steps and the spread of the
+others. All log to TensorBoard with
 ``log_every_n_steps=50``. Step times are taken between callback hooks after a warm-up, so Trainer start-up is
 excluded. Prints ms/step, the ratios (b)/(a), (c)/(b), (f)/(a) and (b)/(f), and the time spent inside the callbacks'
 own hooks per step for (b) and (f) (median over the runs; far steadier than a difference of two end-to-end times),
@@ -109,7 +110,8 @@ class MinimalHealthCheck(pl.Callback):
         self.keep = 1.0 - rules.history_decay
         self.spike = math.log(rules.spike_factor) if rules.spike_factor is not None else math.inf
         self.judged_from = max(rules.warmup_steps, 1)
-        self.depth = (rules.depth_window, math.log(rules.depth_ratio), rules.depth_min_layers)
+        log_ratio = math.log(rules.depth_ratio) if rules.depth_ratio is not None else -math.inf
+        self.depth = (rules.depth_window, log_ratio, rules.depth_min_layers)
         self.means: list[float] | None = None
         self.seen = self.unhealthy = 0
 
@@ -292,8 +294,8 @@ def main(argv: list[str] | None = None) -> None:
             hook_us: dict[str, list[float]] = {"gradmon": [], "floor": [], **{v: [] for v in extra}}
             step_ms: dict[str, dict[bool, list[float]]] = {v: {True: [], False: []} for v in ("gradmon", ACTIVATIONS)}
             own_us: dict[bool, list[float]] = {True: [], False: []}  # ActivationMonitor's own hooks, per step
-            quiet_us: list[float] = []  # (b)'s in-hook median over the steps that do not log
-            logging_us: list[float] = []  # (b)'s logging steps (and the step after each) beyond that median, per step
+            median_step_us: list[float] = []  # (b)'s in-hook median over the steps that do not log
+            logging_steps_us: list[float] = []  # (b)'s logging steps (and the step after each) beyond that, per step
             for _ in range(max(args.repeats, 5)):
                 for variant in times:  # interleaved, so drifts in machine load hit all variants alike
                     ms, us = run(variant, depth, width, steps, logdir, args.device)
@@ -301,9 +303,9 @@ def main(argv: list[str] | None = None) -> None:
                     if variant in hook_us:
                         hook_us[variant].append(us)
                     if variant == "gradmon":
-                        quiet, extra_us = LAST_CLOCK[0].split_us()
-                        quiet_us.append(quiet)
-                        logging_us.append(extra_us)
+                        median_step, logging_steps = LAST_CLOCK[0].split_us()
+                        median_step_us.append(median_step)
+                        logging_steps_us.append(logging_steps)
                     if variant in step_ms:
                         for logging_step in (True, False):
                             step_ms[variant][logging_step].append(LAST_TIMER[0].median_ms(logging_step))
@@ -316,8 +318,8 @@ def main(argv: list[str] | None = None) -> None:
             with_activations = statistics.median(times[ACTIVATIONS]), statistics.median(hook_us[ACTIVATIONS])
             minimal_hook = statistics.median(hook_us[MINIMAL]) if MINIMAL in hook_us else math.nan
             results[name] = (none, gradmon, recipe, floor, in_hook, floor_hook, minimal_hook)
-            bound_rows.append((name, none, minimal_hook, in_hook, statistics.median(quiet_us),
-                               statistics.median(logging_us)))
+            bound_rows.append((name, none, minimal_hook, in_hook, statistics.median(median_step_us),
+                               statistics.median(logging_steps_us)))
             activations_rows.append((name, none, *with_activations, in_hook, statistics.median(own_us[False]),
                                      statistics.median(own_us[True])))
             medians = {v: {k: statistics.median(x) for k, x in d.items()} for v, d in step_ms.items()}
@@ -333,12 +335,10 @@ def main(argv: list[str] | None = None) -> None:
         print("\n(m) the least a health check in Python does per step (MinimalHealthCheck: a bound, not a monitor); "
               "(b)'s in-hook mean split into its median step that does not log, its logging steps (amortised) and "
               "the spread of the other steps about their median:")
-        for name, none, minimal_us, gradmon_us, quiet, logged in bound_rows:
-            def share(us: float, none: float = none) -> str:
-                return f"{us:.0f}us ({100 * us / (1e3 * none):.1f}%)"
-
-            print(f"{name:<8}(m) {share(minimal_us)}; (b) {share(gradmon_us)} = median step {share(quiet)} + "
-                  f"logging {share(logged)} + spread {share(gradmon_us - quiet - logged)}")
+        for name, none, minimal_us, gradmon_us, median_step, logged in bound_rows:
+            spread = gradmon_us - median_step - logged
+            print(f"{name:<8}(m) {_share(minimal_us, none)}; (b) {_share(gradmon_us, none)} = median step "
+                  f"{_share(median_step, none)} + logging {_share(logged, none)} + spread {_share(spread, none)}")
     print("\nwith ActivationMonitor (logging every 50) beside (b):")
     for name, none, ms, us, gradmon_us, quiet_us, logging_us in activations_rows:
         print(f"{name:<8}{ms:>10.3f}ms  ratio to (a) {ms / none:.3f}  in-hook {us:.0f}us "
@@ -363,6 +363,11 @@ def main(argv: list[str] | None = None) -> None:
     if not args.no_gradcheck and args.device == "cpu":
         print()
         benchmark_gradcheck.main(threads=torch.get_num_threads())
+
+
+def _share(us: float, step_ms: float) -> str:
+    """``us`` microseconds and their share of a step of ``step_ms`` milliseconds."""
+    return f"{us:.0f}us ({100 * us / (1e3 * step_ms):.1f}%)"
 
 
 def print_targets(results: dict[str, tuple[float, float, float, float, float, float, float]]) -> None:
