@@ -94,7 +94,7 @@ class ParamLayout:
         self.partwise = self._shard_weights is None and (len(self.groups) == 1 or self.on_cpu)
         #: Whether norms of tensors laid out as ``params`` are read as Python floats as soon as they are taken
         #: (:func:`host_norms`): whole (unsharded) tensors in host memory, where reading waits for no device.
-        self.floats_at_once = self.on_cpu and self._shard_weights is None and _FLOATS_AT_ONCE_ON_CPU
+        self.floats_at_once = self.on_cpu and not self.sharded and _FLOATS_AT_ONCE_ON_CPU
         #: The dtype of :func:`stacked_norms`' vector: float64 when any tensor is, else float32.
         self.vector_dtype = (
             torch.float64 if any(local_tensor(p).dtype == torch.float64 for p in self.params) else torch.float32
@@ -383,7 +383,7 @@ class Norms:
 
     def _per_layer(self) -> tuple[dict[str, float], float]:
         layout = self.layout
-        values = self._host if self._host is not None else self.host()
+        values = self.host()
         spans = layout.layer_spans
         if spans is not None and self.norm_type == 2.0 and not self.power_sums:
             # The usual case, every step: a C-level hypot per layer (exact to an ulp, and it cannot overflow); when

@@ -141,13 +141,13 @@ def test_default_interval_is_the_trainers_log_every_n_steps(tmp_path: Path) -> N
 
 @pytest.mark.parametrize("path", ["device", "host"])
 def test_no_host_sync_and_no_work_on_steps_that_do_not_log(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, path: str
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, request: pytest.FixtureRequest, path: str
 ) -> None:
     """Every .tolist()/.item() during training is attributed to the step whose batch is running (the last one, at
     train end, to the last step). ``device``: norms taken as on a GPU (see the ``device_path`` fixture); ``host``:
     taken in host memory as Python floats (the CPU's own path), read in the logging step itself."""
     if path == "device":
-        monkeypatch.setattr("gradmon.norms._FLOATS_AT_ONCE_ON_CPU", False)
+        request.getfixturevalue("device_path")
     syncs: Counter[int | None] = Counter()
     computed: list[int] = []
     step: list[int | None] = [None]
