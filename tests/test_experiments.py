@@ -290,9 +290,28 @@ def test_the_benchmark_times_steps_and_gradmons_hooks(tmp_path):
     clock = benchmark.HookClock()
     clock.per_step = {19: 1.0, 20: 1e-4, 21: 1e-4, 50: 1e-3, 51: 3e-4, 52: 1e-4}  # step 19: warm-up, left out
     assert clock.split_us() == pytest.approx((100.0, (900.0 + 200.0) / 5))
+    # Each run's own share: 300 us in hooks of a 6.3 ms step is 300 / 6000 of the step without them.
+    assert benchmark.same_run_share(300.0, 6.3) == pytest.approx(5.0)
     parts = profile_hooks.profile(steps=benchmark.WARMUP_STEPS + 5, depth=2, width=8)
     assert parts["kernel"] > 0 and parts["rules"] > 0
     assert parts["total"] == pytest.approx(sum(parts[k] for k in ("kernel", "transfer", "rules", "bookkeeping")))
+
+
+def test_the_benchmarks_targets_show_each_runs_own_share_beside_the_cross_run_one(capsys):
+    from experiments import benchmark
+
+    # (a), (b), (c), (f) in ms; in-hook (b), (f), (m) in us.
+    results = {"20x64": (5.0, 5.3, 26.0, 5.1, 310.0, 150.0, 220.0),
+               "4x512": (12.0, 12.2, 17.0, 12.0, 500.0, 300.0, 0.0)}
+    steady = {"20x64": {"gradmon": 6.4, "floor": 3.1, "minimal": 4.6}, "4x512": {"gradmon": 4.3, "floor": 2.5}}
+    benchmark.print_targets(results, steady)
+    lines = capsys.readouterr().out.splitlines()
+    assert ("  NOT met  20x64 in-hook cost <= 5% of a step without monitoring (the floor's own: 3.0%; (m)'s: 4.4%; "
+            "within each run: (b) 6.40%, (f) 3.10%, (m) 4.60%): 6.200%") in lines
+    assert ("  met      4x512 in-hook (b) - in-hook (f) <= 2% of a step without monitoring "
+            "(within each run: 1.80%): 1.667%") in lines
+    benchmark.print_targets(results)  # without the runs' own shares: the cross-run ones alone
+    assert "within each run" not in capsys.readouterr().out
 
 
 def test_the_benchmarks_minimal_health_check_does_the_rules_arithmetic(tmp_path):
