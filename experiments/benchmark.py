@@ -396,7 +396,8 @@ def _share(us: float, step_ms: float) -> str:
 def print_targets(results: dict[str, tuple[float, float, float, float, float, float, float]],
                   steady: dict[str, dict[str, float]] | None = None) -> None:
     """The targets, each with the measured value and whether it is met; ``steady`` (:func:`same_run_share` per model
-    and variant) adds each run's own reading of the 20x64 in-hook share."""
+    and variant) adds each run's own reading beside the two in-hook targets (20x64's share, 4x512's beyond the
+    floor)."""
     checks = []
     if "20x64" in results:
         none, gradmon, recipe, _, in_hook, floor_hook, minimal_hook = results["20x64"]
