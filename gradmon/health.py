@@ -18,7 +18,8 @@ from dataclasses import dataclass, fields
 from itertools import repeat
 from typing import Any, Literal, get_args
 
-from gradmon._validation import check_float, check_int, invalid
+from gradmon._validation import check_choice, check_float, check_int, invalid
+from gradmon.naming import GroupBy, layer_name
 
 Condition = Literal["vanishing", "exploding", "nonfinite"]
 #: The conditions in the order they are logged and tabulated.
@@ -64,11 +65,19 @@ class HealthRules:
       with PyTorch's default init loses about 8x per layer); every non-final layer that far below the last ones is
       flagged. Layer-to-layer variation in a healthy (e.g. kaiming-initialised ReLU) net stays within about 10x.
       Needs at least ``depth_min_layers=4`` layers.
+    - ``sibling_ratio=1e-3``, with ``group_by="parameter"`` only: a parameter whose norm is more than 1000x below
+      that of another parameter of its layer (one at or above ``vanishing_threshold``) has a gradient cancelled by
+      construction, not one dying through depth, and is not judged vanishing by either rule (nor counted in the depth
+      rule's windows): a bias followed by a normalization that subtracts the batch mean (``Linear`` or ``Conv2d``
+      then ``BatchNorm``) has an exact gradient of zero, and rounding leaves it 1e-8 to 1e-4 of its weight's in
+      float32 (up to about 1e-3 under bfloat16 autocast). Parameters of one layer that do vanish through depth
+      stay within a few times of each other (a weight and its bias about 4x apart in a sigmoid MLP), and in healthy
+      nets a bias sits within 100x of its weight.
     - ``vanishing_patience=10``: vanishing does no harm in one step; ten consecutive steps rule out a passing dip.
     - ``exploding_patience=1``: an explosion usually turns into NaN weights within a step or two, so it is flagged at
       once, which is what lets a ``"skip"`` action protect the weights. Non-finite is always flagged at once.
 
-    A rule set to ``None`` (``spike_factor``, ``depth_ratio``) is off.
+    A rule set to ``None`` (``spike_factor``, ``depth_ratio``, ``sibling_ratio``) is off.
     """
 
     vanishing_threshold: float = 1e-7
@@ -79,6 +88,7 @@ class HealthRules:
     depth_ratio: float | None = 1e-3
     depth_window: int = 2
     depth_min_layers: int = 4
+    sibling_ratio: float | None = 1e-3
     vanishing_patience: int = 10
     exploding_patience: int = 1
 
@@ -105,6 +115,7 @@ class HealthRules:
         if self.depth_min_layers < 2 * self.depth_window:
             both_windows = f"at least 2 * depth_window = {2 * self.depth_window}"
             raise invalid("depth_min_layers", self.depth_min_layers, both_windows)
+        check_float("sibling_ratio", self.sibling_ratio, minimum=0.0, maximum=1.0, max_inclusive=False, allow_none=True)
         check_int("vanishing_patience", self.vanishing_patience, 1)
         check_int("exploding_patience", self.exploding_patience, 1)
 
@@ -122,12 +133,22 @@ class HealthEvent:
 
 
 class HealthTracker:
-    """Applies :class:`HealthRules` step by step, keeping each layer's running history and patience counts."""
+    """Applies :class:`HealthRules` step by step, keeping each layer's running history and patience counts.
 
-    def __init__(self, rules: HealthRules | None = None) -> None:
+    ``group_by="parameter"`` says the names given to :meth:`update` are parameters (``net.0.bias``), not layers:
+    they belong to layers by :func:`gradmon.naming.layer_name`, and ``sibling_ratio`` applies. :attr:`cancelled`
+    then names the parameters it found cancelled by construction (not judged vanishing), each with the first step.
+    """
+
+    def __init__(self, rules: HealthRules | None = None, group_by: GroupBy = "layer") -> None:
+        self.group_by: GroupBy = check_choice("group_by", group_by, ("layer", "parameter"))
         self.rules = rules or HealthRules()
         self._history: dict[str, list[Any]] = {}  # per layer: [running mean of log(norm), finite observations]
         self._streak: dict[tuple[str, str], int] = {}  # consecutive steps in a condition, per (layer, condition)
+        #: Parameters whose gradient was found cancelled by construction (``sibling_ratio``), and the first step.
+        self.cancelled: dict[str, int] = {}
+        self._owners: dict[str, str] = {}  # parameter -> its layer, for the sibling rule
+        self._owner_max: dict[str, float] | None = None  # per layer, this step's largest norm that is not vanishing
 
     @property
     def rules(self) -> HealthRules:
@@ -144,6 +165,7 @@ class HealthTracker:
         self._healthy_max = min(rules.exploding_threshold, sys.float_info.max)
         self._judged_from = max(rules.warmup_steps, 1)  # the spike rule needs a history of at least one step
         self._log_depth_ratio = math.log(rules.depth_ratio) if rules.depth_ratio is not None else 0.0
+        self._sibling_ratio = rules.sibling_ratio if self.group_by == "parameter" else None
 
     def update(
         self,
@@ -158,7 +180,8 @@ class HealthTracker:
         (that one is exploding). Runs every step inside the training loop, so a healthy layer takes one short pass
         of float arithmetic; anything else takes :meth:`_classify`.
         """
-        depth_starved = self._depth_starved(norms)
+        self._owner_max = None
+        depth_starved = self._depth_starved(step, norms)
         history, streak = self._history, self._streak
         lowest, highest, spike, judged_from = (
             self._rules.vanishing_threshold, self._healthy_max, self._spike, self._judged_from
@@ -182,7 +205,7 @@ class HealthTracker:
                         streak.pop((layer, "vanishing"), None)
                         streak.pop((layer, "exploding"), None)
                     continue
-            event = self._classify(step, layer, value, depth_starved, confirm_nonfinite)
+            event = self._classify(step, layer, value, norms, depth_starved, confirm_nonfinite)
             if event is not None:
                 events.append(event)
         if len(events) > 1:  # non-finite layers first, the rest in registration order
@@ -194,6 +217,7 @@ class HealthTracker:
         step: int,
         layer: str,
         value: float,
+        norms: Mapping[str, float],
         depth_starved: Set[str],
         confirm_nonfinite: Callable[[str], bool] | None,
     ) -> HealthEvent | None:
@@ -209,7 +233,7 @@ class HealthTracker:
         condition: Condition | None = None
         if value > rules.exploding_threshold:
             condition, rule = "exploding", "threshold"
-        elif value < rules.vanishing_threshold:
+        elif value < rules.vanishing_threshold and not self._cancelled(step, layer, value, norms):
             condition, rule = "vanishing", "threshold"
         elif (
             past is not None
@@ -239,8 +263,9 @@ class HealthTracker:
                 past[1] = n + 1
         return event
 
-    def _depth_starved(self, norms: Mapping[str, float]) -> Set[str]:
-        """Layers, other than the last ``depth_window``, far below the last ones when the first ones are."""
+    def _depth_starved(self, step: int, norms: Mapping[str, float]) -> Set[str]:
+        """Layers, other than the last ``depth_window``, far below the last ones when the first ones are (parameters
+        cancelled by construction left out)."""
         rules = self._rules
         if rules.depth_ratio is None or len(norms) < rules.depth_min_layers:
             return _NONE
@@ -254,7 +279,39 @@ class HealthTracker:
         if sum(map(math.log, map(max, values[:k], repeat(_TINY)))) / k >= bound:  # the usual case: 2k logs a step
             return _NONE
         names = list(norms)
+        if self._sibling_ratio is not None:
+            kept = [(n, v) for n, v in zip(names, values) if not self._cancelled(step, n, v, norms)]
+            if len(kept) < len(names):
+                if len(kept) < rules.depth_min_layers:
+                    return _NONE
+                names, values = [n for n, _ in kept], [v for _, v in kept]
+                bound = sum(map(_log, values[-k:])) / k + self._log_depth_ratio
+                if sum(map(_log, values[:k])) / k >= bound:
+                    return _NONE
         return {names[i] for i in range(len(names) - k) if _log(values[i]) < bound}
+
+    def _cancelled(self, step: int, name: str, value: float, norms: Mapping[str, float]) -> bool:
+        """Whether parameter ``name``'s finite norm is more than ``1 / sibling_ratio`` below another parameter of its
+        layer that is not vanishing (recorded in :attr:`cancelled`). Only asked about a norm that is not plainly
+        healthy, so it costs nothing at a healthy step."""
+        ratio = self._sibling_ratio
+        if ratio is None or not value < math.inf:
+            return False
+        owners, top = self._owners, self._owner_max
+        if top is None:  # built once per step, when first needed
+            top = self._owner_max = {}
+            lowest, highest = self._rules.vanishing_threshold, sys.float_info.max
+            for other, v in norms.items():
+                owner = owners.get(other)
+                if owner is None:
+                    owner = owners[other] = layer_name(other)
+                if lowest <= v <= highest and v > top.get(owner, 0.0):  # False for NaN
+                    top[owner] = v
+        owner = owners.get(name) or layer_name(name)
+        if not value < ratio * top.get(owner, 0.0):
+            return False
+        self.cancelled.setdefault(name, step)
+        return True
 
     def state_dict(self) -> dict[str, Any]:
         """The history (running means, counts, streaks): data, not settings, so a resume with other thresholds keeps
@@ -263,9 +320,11 @@ class HealthTracker:
             "mean_log": {layer: past[0] for layer, past in self._history.items()},
             "seen": {layer: past[1] for layer, past in self._history.items()},
             "streak": [[layer, condition, n] for (layer, condition), n in self._streak.items()],
+            "cancelled": dict(self.cancelled),
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         seen = state["seen"]
         self._history = {layer: [float(mean), int(seen.get(layer, 0))] for layer, mean in state["mean_log"].items()}
         self._streak = {(layer, condition): n for layer, condition, n in state["streak"]}
+        self.cancelled = {name: int(step) for name, step in state.get("cancelled", {}).items()}

@@ -12,6 +12,7 @@ import lightning.pytorch as pl
 import pytest
 import torch
 from helpers import MLP, PlantNaN, health_warnings, logdir, read_scalars
+from torch import nn
 
 from gradmon import GradHealthMonitor, GradientHealthError, GradientHealthWarning, GradNormMonitor
 
@@ -50,6 +51,62 @@ def test_defaults_flag_a_deep_relu_mlp_initialised_standard_normal_as_exploding_
     first = monitor.events[0]
     assert (first.step, first.condition) == (0, "exploding")
     assert first.value > 1e4
+
+
+class NormedNet(MLP):
+    """A healthy net whose biases feed a BatchNorm (Linear -> BatchNorm1d -> ReLU twice, then a head: repro 09), or
+    with ``conv``, Conv2d -> BatchNorm2d -> ReLU twice, pooled, then a head. Either way ``net.0.bias`` and
+    ``net.3.bias`` have an exact gradient of zero, which rounding leaves at about 1e-8 to 1e-6."""
+
+    def __init__(self, conv: bool = False) -> None:
+        super().__init__(in_features=16, optimizer="adam", lr=1e-3)
+        torch.manual_seed(0)
+        if conv:
+            self.net = nn.Sequential(
+                nn.Conv2d(1, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1),
+                nn.BatchNorm2d(8), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 10),
+            )
+        else:
+            self.net = nn.Sequential(nn.Linear(16, 64), nn.BatchNorm1d(64), nn.ReLU(), nn.Linear(64, 64),
+                                     nn.BatchNorm1d(64), nn.ReLU(), nn.Linear(64, 10))
+        self.conv = conv
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x.reshape(-1, 1, 4, 4) if self.conv else x)
+
+
+@pytest.mark.parametrize("conv", [False, True], ids=["linear-batchnorm1d", "conv-batchnorm2d"])
+def test_a_bias_feeding_batchnorm_is_not_flagged_vanishing_per_parameter_and_the_summary_says_why(
+    conv: bool, caplog
+) -> None:
+    import logging
+
+    model = NormedNet(conv)
+    norms = GradNormMonitor(group_by="parameter", log_every_n_steps=1)
+    monitor = GradHealthMonitor(group_by="parameter", vanishing_patience=1, on_vanishing="raise")
+    with health_warnings() as messages, caplog.at_level(logging.INFO):
+        fit(model, [norms, monitor], steps=30)
+    assert messages == [] and monitor.events == [] and not monitor.flagged_steps
+    assert monitor.tracker.cancelled == {"net.0.bias": 0, "net.3.bias": 0}
+    assert (
+        "gradmon: not judged vanishing: net.0.bias (from step 0), net.3.bias (from step 0). Their gradients are over "
+        "1000x below another parameter of their layer: cancelled by construction, as for a bias followed by a "
+        "BatchNorm" in caplog.text
+    )
+    # Without the rule the same run is flagged at its first step, by the threshold rule, naming both biases.
+    model = NormedNet(conv)
+    off = GradHealthMonitor(group_by="parameter", vanishing_patience=1, on_vanishing="ignore", sibling_ratio=None)
+    fit(model, [off], steps=3)
+    first = [(e.layer, e.rule) for e in off.events if e.step == 0]
+    assert first == [("net.0.bias", "threshold"), ("net.3.bias", "threshold")]
+
+
+def test_per_parameter_a_deep_sigmoid_mlp_still_has_its_weights_and_biases_flagged_vanishing() -> None:
+    monitor = GradHealthMonitor(group_by="parameter", on_vanishing="ignore")
+    fit(deep("sigmoid", None), [monitor], steps=12)
+    flagged = {e.layer for e in monitor.events if e.step == 9}
+    assert {"net.0.weight", "net.0.bias", "net.2.weight", "net.2.bias"} <= flagged
+    assert monitor.tracker.cancelled == {}
 
 
 # --- planted faults ---------------------------------------------------------------------------------------------

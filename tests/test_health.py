@@ -100,6 +100,8 @@ def test_state_dict_round_trip_continues_identically() -> None:
         ({"depth_ratio": 2.0}, "depth_ratio"),
         ({"depth_window": 0}, "depth_window"),
         ({"depth_window": 3, "depth_min_layers": 4}, "depth_min_layers"),
+        ({"sibling_ratio": 1.0}, "sibling_ratio"),
+        ({"sibling_ratio": -1e-3}, "sibling_ratio"),
         ({"vanishing_patience": 0}, "vanishing_patience"),
         ({"exploding_patience": 1.5}, "exploding_patience"),
     ],
@@ -117,6 +119,87 @@ def test_a_layer_climbing_out_of_vanishing_or_zero_is_not_a_spike() -> None:
     # Jumps of 1e22x and 1e6x, but from below the vanishing threshold: neither is exploding.
     events = tracker.update(10, {"dead": 4e-23, "faint": 1e-6})
     assert [e for e in events if e.condition == "exploding"] == []
+
+
+# ------------------------------------------------------------------- sibling rule: gradients cancelled by construction
+
+
+def bias_before_batchnorm(bias: float = 2e-8) -> dict[str, float]:
+    """Per-parameter norms of Linear -> BatchNorm -> ReLU twice, then a head: the Linear biases before a BatchNorm
+    have a gradient of zero plus rounding (repro 09 measured 1.3e-8 and 2.7e-8 against weights of 0.2 and 0.3)."""
+    return {
+        "net.0.weight": 0.19, "net.0.bias": bias, "net.1.weight": 0.022, "net.1.bias": 0.023,
+        "net.3.weight": 0.29, "net.3.bias": bias, "net.4.weight": 0.069, "net.4.bias": 0.037,
+        "net.6.weight": 0.5, "net.6.bias": 0.03,
+    }
+
+
+def test_a_parameter_far_below_its_layers_other_parameter_is_cancelled_not_vanishing() -> None:
+    tracker = HealthTracker(HealthRules(vanishing_patience=1), group_by="parameter")
+    for step in range(5):
+        assert tracker.update(step, bias_before_batchnorm()) == []
+    assert tracker.cancelled == {"net.0.bias": 0, "net.3.bias": 0}
+    # The sibling rule is off: the same norms are flagged at once, as before it existed.
+    off = HealthTracker(HealthRules(vanishing_patience=1, sibling_ratio=None), group_by="parameter")
+    events = off.update(0, bias_before_batchnorm())
+    assert [(e.layer, e.rule) for e in events] == [("net.0.bias", "threshold"), ("net.3.bias", "threshold")]
+    assert off.cancelled == {}
+
+
+def test_the_sibling_rule_needs_group_by_parameter_and_a_sibling_that_is_not_vanishing() -> None:
+    rules = HealthRules(vanishing_patience=1)
+    # Layer names (the default): "net.0" and "net" are different layers, nothing is grouped.
+    layers = HealthTracker(rules).update(0, {"net.0": 0.2, "net.1": 1e-9, "net.2": 0.1, "net.3": 0.1})
+    assert [e.layer for e in layers] == ["net.1"]
+    # Both parameters of a layer vanishing (here 4x apart, as in a sigmoid MLP): both flagged.
+    tracker = HealthTracker(rules, group_by="parameter")
+    norms = {"net.0.weight": 4e-9, "net.0.bias": 1e-9, "net.2.weight": 0.1, "net.2.bias": 0.03}
+    assert [e.layer for e in tracker.update(0, norms)] == ["net.0.weight", "net.0.bias"]
+    # A sibling of NaN does not vouch for its layer; 1000x exactly is not beyond the ratio.
+    norms = {"net.0.weight": math.nan, "net.0.bias": 1e-9, "a.weight": 5e-5, "a.bias": 1e-3 * 5e-5}
+    flagged = {(e.layer, e.condition) for e in tracker.update(1, norms)}
+    assert flagged == {("net.0.weight", "nonfinite"), ("net.0.bias", "vanishing"), ("a.bias", "vanishing")}
+    assert tracker.cancelled == {}
+    # A root-level parameter is its own layer: no siblings.
+    assert [e.layer for e in tracker.update(2, {"scale": 1e-9, "net.2.weight": 0.1})] == ["scale"]
+
+
+def test_cancelled_parameters_stay_out_of_the_depth_rules_windows() -> None:
+    # Above the vanishing threshold only the depth rule could flag it, and with it in the first window it drags the
+    # window 1000x below the last one: Conv2d -> BatchNorm2d at batch 128 measured biases of 6e-7 and 2.5e-7
+    # against weights of 0.01 and 0.02.
+    rules = HealthRules(vanishing_patience=1)
+    norms = dict(bias_before_batchnorm(), **{"net.0.weight": 0.01, "net.0.bias": 6e-7, "net.3.weight": 0.02,
+                                             "net.3.bias": 2.5e-7})
+    assert HealthTracker(rules, group_by="parameter").update(0, norms) == []
+    off = HealthTracker(HealthRules(vanishing_patience=1, sibling_ratio=None), group_by="parameter")
+    assert [(e.layer, e.rule) for e in off.update(0, norms)] == [("net.0.bias", "depth"), ("net.3.bias", "depth")]
+    # Without the cancelled biases, the depth rule still sees a real fall through depth.
+    starving = dict(bias_before_batchnorm(), **{"net.0.weight": 1e-5, "net.0.bias": 1e-12, "net.1.weight": 2e-5,
+                                                "net.1.bias": 1e-5})
+    tracker = HealthTracker(rules, group_by="parameter")
+    events = tracker.update(0, starving)
+    assert [(e.layer, e.rule) for e in events] == [
+        ("net.0.weight", "depth"), ("net.1.weight", "depth"), ("net.1.bias", "depth"),
+    ]
+    assert tracker.cancelled == {"net.0.bias": 0, "net.3.bias": 0}
+
+
+def test_cancelled_parameters_survive_a_state_dict_round_trip() -> None:
+    a = HealthTracker(group_by="parameter")
+    a.update(3, bias_before_batchnorm())
+    b = HealthTracker(group_by="parameter")
+    b.load_state_dict(a.state_dict())
+    assert b.cancelled == {"net.0.bias": 3, "net.3.bias": 3}
+    older = {k: v for k, v in a.state_dict().items() if k != "cancelled"}  # a checkpoint from before the rule
+    c = HealthTracker(group_by="parameter")
+    c.load_state_dict(older)
+    assert c.cancelled == {}
+
+
+def test_tracker_refuses_an_unknown_group_by() -> None:
+    with pytest.raises(ValueError, match="`group_by='module'`"):
+        HealthTracker(group_by="module")
 
 
 # ------------------------------------------------- the one-pass path for healthy layers against the rules as written

@@ -131,6 +131,7 @@ def test_grad_health_monitor_refuses_bad_numbers(data) -> None:
         ("spike_factor", bad_floats(1.0, inclusive=False, allow_none=True)),
         ("history_decay", bad_floats(0.0, inclusive=True, maximum=1.0)),
         ("depth_ratio", bad_floats(0.0, inclusive=False, maximum=1.0, allow_none=True)),
+        ("sibling_ratio", bad_floats(0.0, inclusive=False, maximum=1.0, allow_none=True)),
     ]))
     value = data.draw(strategy)
     assert_refused(GradHealthMonitor, argument, value)

@@ -137,6 +137,7 @@ class GradHealthMonitor(Callback):
         depth_ratio: float | None = HealthRules.depth_ratio,
         depth_window: int = HealthRules.depth_window,
         depth_min_layers: int = HealthRules.depth_min_layers,
+        sibling_ratio: float | None = HealthRules.sibling_ratio,
         vanishing_patience: int = HealthRules.vanishing_patience,
         exploding_patience: int = HealthRules.exploding_patience,
         on_vanishing: Action = "warn",
@@ -160,6 +161,7 @@ class GradHealthMonitor(Callback):
             depth_ratio=depth_ratio,
             depth_window=depth_window,
             depth_min_layers=depth_min_layers,
+            sibling_ratio=sibling_ratio,
             vanishing_patience=vanishing_patience,
             exploding_patience=exploding_patience,
         )
@@ -186,7 +188,7 @@ class GradHealthMonitor(Callback):
 
     def _reset(self) -> None:
         """A clean history: at construction and at the start of every fit (a resume then loads its state)."""
-        self.tracker = HealthTracker(self.rules)
+        self.tracker = HealthTracker(self.rules, self.group_by)
         self.events: list[HealthEvent] = []
         self.skipped_steps = 0
         #: Steps a GradScaler skipped because its scaled gradients overflowed (fp16).
@@ -570,15 +572,34 @@ class GradHealthMonitor(Callback):
         warn_health(message)
 
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if self.summary and (self.flagged_steps or self.skipped_steps or self._overflow_warned):
-            table = self.summary_table()
+        if not self.summary:
+            return
+        lines = []
+        if self.flagged_steps or self.skipped_steps or self._overflow_warned:
+            lines.append(self.summary_table())
             if self.diagnose:
                 for c in CONDITIONS:
                     layers = [layer for layer, _ in self._layer_counts[c].most_common(3)]
                     cause = likely_cause(trainer, c, layers) if layers else None
                     if cause is not None:
-                        table += f"\n{c}: {cause}"
-            rank_zero_info(table)
+                        lines.append(f"{c}: {cause}")
+        if self.tracker.cancelled:
+            lines.append(self.cancelled_note())
+        if lines:
+            rank_zero_info("\n".join(lines))
+
+    def cancelled_note(self) -> str:
+        """One line on the parameters not judged vanishing because their gradient is cancelled by construction
+        (``sibling_ratio``, with ``group_by="parameter"``): printed at the end of fit with the summary."""
+        cancelled = self.tracker.cancelled
+        named = ", ".join(f"{name} (from step {step})" for name, step in list(cancelled.items())[:_MAX_NAMED])
+        more = f" and {len(cancelled) - _MAX_NAMED} more" if len(cancelled) > _MAX_NAMED else ""
+        factor = f"{1 / self.rules.sibling_ratio:g}" if self.rules.sibling_ratio else "many"
+        return (
+            f"gradmon: not judged vanishing: {named}{more}. Their gradients are over {factor}x below another "
+            "parameter of their layer: cancelled by construction, as for a bias followed by a BatchNorm, which "
+            "subtracts the batch mean (such a bias has no effect; bias=False drops it)."
+        )
 
     def summary_table(self) -> str:
         """Per condition: steps flagged, first step, the layers flagged most often; and skipped steps."""
