@@ -63,7 +63,10 @@ class GradHealthMonitor(Callback):
     The rules and the reasons for their defaults are those of :class:`gradmon.health.HealthRules`: absolute
     thresholds, a spike rule against each layer's own running history after a warm-up, and a depth rule comparing
     the first layers with the last; vanishing and exploding need ``*_patience`` consecutive steps, non-finite is
-    flagged at once and names the first layer, in registration order, whose gradient holds a NaN or inf.
+    flagged at once and names the first layer, in registration order, whose gradient holds a NaN or inf. With
+    ``group_by="parameter"``, a parameter more than ``1 / sibling_ratio`` (1000) times below another parameter of its
+    layer is cancelled by construction (a bias followed by BatchNorm has a zero gradient) and not judged vanishing;
+    the end-of-fit summary names such parameters once (:meth:`cancelled_note`, ``tracker.cancelled``).
 
     Actions, per condition (``on_vanishing``, ``on_exploding``, ``on_nonfinite``):
 
