@@ -65,14 +65,14 @@ class HealthRules:
       with PyTorch's default init loses about 8x per layer); every non-final layer that far below the last ones is
       flagged. Layer-to-layer variation in a healthy (e.g. kaiming-initialised ReLU) net stays within about 10x.
       Needs at least ``depth_min_layers=4`` layers.
-    - ``sibling_ratio=1e-3``, with ``group_by="parameter"`` only: a parameter whose norm is more than 1000x below
-      that of another parameter of its layer (one at or above ``vanishing_threshold``) has a gradient cancelled by
-      construction, not one dying through depth, and is not judged vanishing by either rule (nor counted in the depth
-      rule's windows): a bias followed by a normalization that subtracts the batch mean (``Linear`` or ``Conv2d``
-      then ``BatchNorm``) has an exact gradient of zero, and rounding leaves it 1e-8 to 1e-4 of its weight's in
-      float32 (up to about 1e-3 under bfloat16 autocast). Parameters of one layer that do vanish through depth
-      stay within a few times of each other (a weight and its bias about 4x apart in a sigmoid MLP), and in healthy
-      nets a bias sits within 100x of its weight.
+    - ``sibling_ratio=1e-2``, with ``group_by="parameter"`` only: a parameter whose norm is more than 100x below
+      that of another parameter of its layer (one at or above ``vanishing_threshold``) is not judged vanishing by
+      either rule, nor counted in the depth rule's windows. Gradients dying through depth shrink every parameter of
+      a layer together (a weight and its bias stay about 4x apart in a sigmoid MLP); a gradient that far below its
+      layer's is cancelled by construction or at its optimum. A bias followed by a normalization that subtracts the
+      batch mean (``Linear`` or ``Conv2d`` then ``BatchNorm``) has an exact gradient of zero: rounding leaves it at
+      1e-8 to 1e-4 of its weight's in float32 and up to 5e-3 under bfloat16 autocast, where healthy biases measured
+      0.015 to 3 times their weight's.
     - ``vanishing_patience=10``: vanishing does no harm in one step; ten consecutive steps rule out a passing dip.
     - ``exploding_patience=1``: an explosion usually turns into NaN weights within a step or two, so it is flagged at
       once, which is what lets a ``"skip"`` action protect the weights. Non-finite is always flagged at once.
@@ -88,7 +88,7 @@ class HealthRules:
     depth_ratio: float | None = 1e-3
     depth_window: int = 2
     depth_min_layers: int = 4
-    sibling_ratio: float | None = 1e-3
+    sibling_ratio: float | None = 1e-2
     vanishing_patience: int = 10
     exploding_patience: int = 1
 

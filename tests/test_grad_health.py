@@ -90,7 +90,7 @@ def test_a_bias_feeding_batchnorm_is_not_flagged_vanishing_per_parameter_and_the
     assert monitor.tracker.cancelled == {"net.0.bias": 0, "net.3.bias": 0}
     assert (
         "gradmon: not judged vanishing: net.0.bias (from step 0), net.3.bias (from step 0). Their gradients are over "
-        "1000x below another parameter of their layer: cancelled by construction, as for a bias followed by a "
+        "100x below another parameter of their layer: cancelled by construction, as for a bias followed by a "
         "BatchNorm" in caplog.text
     )
     # Without the rule the same run is flagged at its first step, by the threshold rule, naming both biases.

@@ -64,8 +64,9 @@ class GradHealthMonitor(Callback):
     thresholds, a spike rule against each layer's own running history after a warm-up, and a depth rule comparing
     the first layers with the last; vanishing and exploding need ``*_patience`` consecutive steps, non-finite is
     flagged at once and names the first layer, in registration order, whose gradient holds a NaN or inf. With
-    ``group_by="parameter"``, a parameter more than ``1 / sibling_ratio`` (1000) times below another parameter of its
-    layer is cancelled by construction (a bias followed by BatchNorm has a zero gradient) and not judged vanishing;
+    ``group_by="parameter"``, a parameter more than ``1 / sibling_ratio`` (100) times below another parameter of its
+    layer is cancelled by construction (a bias followed by BatchNorm has a zero gradient) or at an optimum, not
+    starved through depth, and is not judged vanishing;
     the end-of-fit summary names such parameters once (:meth:`cancelled_note`, ``tracker.cancelled``).
 
     Actions, per condition (``on_vanishing``, ``on_exploding``, ``on_nonfinite``):
@@ -601,7 +602,8 @@ class GradHealthMonitor(Callback):
         return (
             f"gradmon: not judged vanishing: {named}{more}. Their gradients are over {factor}x below another "
             "parameter of their layer: cancelled by construction, as for a bias followed by a BatchNorm, which "
-            "subtracts the batch mean (such a bias has no effect; bias=False drops it)."
+            "subtracts the batch mean (such a bias has no effect; bias=False drops it), or at an optimum; not "
+            "starved through depth."
         )
 
     def summary_table(self) -> str:
