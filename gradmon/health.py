@@ -67,12 +67,12 @@ class HealthRules:
       Needs at least ``depth_min_layers=4`` layers.
     - ``sibling_ratio=1e-2``, with ``group_by="parameter"`` only: a parameter whose norm is more than 100x below
       that of another parameter of its layer (one at or above ``vanishing_threshold``) is not judged vanishing by
-      either rule, nor counted in the depth rule's windows. Gradients dying through depth shrink every parameter of
-      a layer together (a weight and its bias stay about 4x apart in a sigmoid MLP); a gradient that far below its
-      layer's is cancelled by construction or at its optimum. A bias followed by a normalization that subtracts the
-      batch mean (``Linear`` or ``Conv2d`` then ``BatchNorm``) has an exact gradient of zero: rounding leaves it at
-      1e-8 to 1e-4 of its weight's in float32 and up to 5e-3 under bfloat16 autocast, where healthy biases measured
-      0.015 to 3 times their weight's.
+      either rule (when the depth rule fires, it is judged again without such parameters in its windows). Gradients
+      dying through depth shrink every parameter of a layer together (a weight and its bias stay about 4x apart in a
+      sigmoid MLP); a gradient that far below its layer's is cancelled by construction or at its optimum. A bias
+      followed by a normalization that subtracts the batch mean (``Linear`` or ``Conv2d`` then ``BatchNorm``) has an
+      exact gradient of zero: rounding leaves it at 1e-8 to 1e-4 of its weight's in float32 and up to 5e-3 under
+      bfloat16 autocast, where healthy biases measured 0.015 to 3 times their weight's.
     - ``vanishing_patience=10``: vanishing does no harm in one step; ten consecutive steps rule out a passing dip.
     - ``exploding_patience=1``: an explosion usually turns into NaN weights within a step or two, so it is flagged at
       once, which is what lets a ``"skip"`` action protect the weights. Non-finite is always flagged at once.
@@ -137,7 +137,7 @@ class HealthTracker:
 
     ``group_by="parameter"`` says the names given to :meth:`update` are parameters (``net.0.bias``), not layers:
     they belong to layers by :func:`gradmon.naming.layer_name`, and ``sibling_ratio`` applies. :attr:`cancelled`
-    then names the parameters it found cancelled by construction (not judged vanishing), each with the first step.
+    then names the parameters that rule spared (a vanishing rule would have flagged them), each with the first step.
     """
 
     def __init__(self, rules: HealthRules | None = None, group_by: GroupBy = "layer") -> None:
@@ -145,7 +145,7 @@ class HealthTracker:
         self.rules = rules or HealthRules()
         self._history: dict[str, list[Any]] = {}  # per layer: [running mean of log(norm), finite observations]
         self._streak: dict[tuple[str, str], int] = {}  # consecutive steps in a condition, per (layer, condition)
-        #: Parameters whose gradient was found cancelled by construction (``sibling_ratio``), and the first step.
+        #: Parameters the sibling rule spared (``sibling_ratio``), and the first step it did.
         self.cancelled: dict[str, int] = {}
         self._owners: dict[str, str] = {}  # parameter -> its layer, for the sibling rule
         self._owner_max: dict[str, float] | None = None  # per layer, this step's largest norm that is not vanishing
@@ -233,7 +233,7 @@ class HealthTracker:
         condition: Condition | None = None
         if value > rules.exploding_threshold:
             condition, rule = "exploding", "threshold"
-        elif value < rules.vanishing_threshold and not self._cancelled(step, layer, value, norms):
+        elif value < rules.vanishing_threshold and not self._spare(step, layer, value, norms):
             condition, rule = "vanishing", "threshold"
         elif (
             past is not None
@@ -264,8 +264,8 @@ class HealthTracker:
         return event
 
     def _depth_starved(self, step: int, norms: Mapping[str, float]) -> Set[str]:
-        """Layers, other than the last ``depth_window``, far below the last ones when the first ones are (parameters
-        cancelled by construction left out)."""
+        """Layers, other than the last ``depth_window``, far below the last ones when the first ones are. When that
+        fires and the sibling rule spares some parameters, it is judged again without them, in both windows."""
         rules = self._rules
         if rules.depth_ratio is None or len(norms) < rules.depth_min_layers:
             return _NONE
@@ -279,21 +279,36 @@ class HealthTracker:
         if sum(map(math.log, map(max, values[:k], repeat(_TINY)))) / k >= bound:  # the usual case: 2k logs a step
             return _NONE
         names = list(norms)
-        if self._sibling_ratio is not None:
-            kept = [(n, v) for n, v in zip(names, values) if not self._cancelled(step, n, v, norms)]
-            if len(kept) < len(names):
-                if len(kept) < rules.depth_min_layers:
-                    return _NONE
-                names, values = [n for n, _ in kept], [v for _, v in kept]
-                bound = sum(map(_log, values[-k:])) / k + self._log_depth_ratio
-                if sum(map(_log, values[:k])) / k >= bound:
-                    return _NONE
+        starved = {names[i] for i in range(len(names) - k) if _log(values[i]) < bound}
+        if self._sibling_ratio is None:
+            return starved
+        # The rule fired: judge it again without the parameters the sibling rule spares, in both windows.
+        spared = {n for n, v in zip(names, values) if self._spared(n, v, norms)}
+        if not spared:
+            return starved
+        for name in names:
+            if name in spared and name in starved:
+                self.cancelled.setdefault(name, step)
+        kept = [(n, v) for n, v in zip(names, values) if n not in spared]
+        if len(kept) < rules.depth_min_layers:
+            return _NONE
+        names, values = [n for n, _ in kept], [v for _, v in kept]
+        bound = sum(map(_log, values[-k:])) / k + self._log_depth_ratio
+        if sum(map(_log, values[:k])) / k >= bound:
+            return _NONE
         return {names[i] for i in range(len(names) - k) if _log(values[i]) < bound}
 
-    def _cancelled(self, step: int, name: str, value: float, norms: Mapping[str, float]) -> bool:
-        """Whether parameter ``name``'s finite norm is more than ``1 / sibling_ratio`` below another parameter of its
-        layer that is not vanishing (recorded in :attr:`cancelled`). Only asked about a norm that is not plainly
-        healthy, so it costs nothing at a healthy step."""
+    def _spare(self, step: int, name: str, value: float, norms: Mapping[str, float]) -> bool:
+        """:meth:`_spared`, recorded in :attr:`cancelled` when it is."""
+        if not self._spared(name, value, norms):
+            return False
+        self.cancelled.setdefault(name, step)
+        return True
+
+    def _spared(self, name: str, value: float, norms: Mapping[str, float]) -> bool:
+        """The sibling rule: whether parameter ``name``'s finite norm is more than ``1 / sibling_ratio`` below another
+        parameter of its layer that is not vanishing. Only asked when a vanishing rule would fire, so it costs
+        nothing at a healthy step."""
         ratio = self._sibling_ratio
         if ratio is None or not value < math.inf:
             return False
@@ -308,10 +323,7 @@ class HealthTracker:
                 if lowest <= v <= highest and v > top.get(owner, 0.0):  # False for NaN
                     top[owner] = v
         owner = owners.get(name) or layer_name(name)
-        if not value < ratio * top.get(owner, 0.0):
-            return False
-        self.cancelled.setdefault(name, step)
-        return True
+        return value < ratio * top.get(owner, 0.0)
 
     def state_dict(self) -> dict[str, Any]:
         """The history (running means, counts, streaks): data, not settings, so a resume with other thresholds keeps

@@ -178,6 +178,11 @@ def test_cancelled_parameters_stay_out_of_the_depth_rules_windows() -> None:
     bf16 = dict(norms, **{"net.0.weight": 0.015, "net.0.bias": 4.7e-3 * 0.015, "net.6.weight": 2.0, "net.6.bias": 0.8})
     assert HealthTracker(rules, group_by="parameter").update(0, bf16) == []
     assert [(e.layer, e.rule) for e in off.update(1, bf16)] == [("net.0.bias", "depth"), ("net.3.bias", "depth")]
+    # The depth rule fired only because a spared bias dragged the first window down: judged again without it, the
+    # first layers are not far below the last ones, so nothing is starved (not even the low layer in the middle).
+    middle = dict(bias_before_batchnorm(), **{"net.0.bias": 1e-9, "net.3.weight": 1e-5, "net.3.bias": 1e-5})
+    tracker = HealthTracker(rules, group_by="parameter")
+    assert tracker.update(0, middle) == [] and tracker.cancelled == {"net.0.bias": 0}
     # Without the cancelled biases, the depth rule still sees a real fall through depth.
     starving = dict(bias_before_batchnorm(), **{"net.0.weight": 1e-5, "net.0.bias": 1e-12, "net.1.weight": 2e-5,
                                                 "net.1.bias": 1e-5})
@@ -213,8 +218,22 @@ class ReferenceTracker:
     """The health rules written plainly, one layer after another (as gradmon had them before the one-pass path for
     healthy layers): what HealthTracker must agree with, event for event."""
 
-    def __init__(self, rules: HealthRules) -> None:
+    def __init__(self, rules: HealthRules, group_by: str = "layer") -> None:
         self.rules, self.mean_log, self.seen, self.streak = rules, {}, {}, {}
+        self.by_parameter, self.cancelled = group_by == "parameter", {}
+
+    def spared(self, norms) -> set:
+        """The sibling rule: parameters more than 1 / sibling_ratio below a parameter of their layer (the name up to
+        its last dot) that is finite and not below the vanishing threshold."""
+        r = self.rules
+        if not self.by_parameter or r.sibling_ratio is None:
+            return set()
+        top = {}
+        for name, v in norms.items():
+            if r.vanishing_threshold <= v < math.inf:
+                owner = name.rsplit(".", 1)[0]
+                top[owner] = max(top.get(owner, 0.0), v)
+        return {n for n, v in norms.items() if v < math.inf and v < r.sibling_ratio * top.get(n.rsplit(".", 1)[0], 0)}
 
     def log(self, v: float) -> float:
         return math.log(v) if v > 1e-45 else math.log(1e-45)
@@ -223,11 +242,21 @@ class ReferenceTracker:
         r = self.rules
         starved = set()
         values = list(norms.values())
+        spared = self.spared(norms)
         if r.depth_ratio is not None and len(norms) >= r.depth_min_layers and all(v < math.inf for v in values):
             k = r.depth_window
             bound = sum(self.log(v) for v in values[-k:]) / k + math.log(r.depth_ratio)
             if sum(self.log(v) for v in values[:k]) / k < bound:
                 starved = {n for n, v in list(norms.items())[:-k] if self.log(v) < bound}
+                if spared:  # judged again without the spared parameters
+                    for n in starved & spared:
+                        self.cancelled.setdefault(n, step)
+                    kept = [(n, v) for n, v in norms.items() if n not in spared]
+                    starved = set()
+                    if len(kept) >= r.depth_min_layers:
+                        bound = sum(self.log(v) for _, v in kept[-k:]) / k + math.log(r.depth_ratio)
+                        if sum(self.log(v) for _, v in kept[:k]) / k < bound:
+                            starved = {n for n, v in kept[:-k] if self.log(v) < bound}
         log_vanishing = math.log(r.vanishing_threshold) if r.vanishing_threshold > 0 else math.log(1e-45)
         patience = {"vanishing": r.vanishing_patience, "exploding": r.exploding_patience}
         nonfinite, flagged = [], []
@@ -241,6 +270,8 @@ class ReferenceTracker:
             condition = None
             if value > r.exploding_threshold:
                 condition, rule = "exploding", "threshold"
+            elif value < r.vanishing_threshold and layer in spared:
+                self.cancelled.setdefault(layer, step)
             elif value < r.vanishing_threshold:
                 condition, rule = "vanishing", "threshold"
             elif (r.spike_factor is not None and n > 0 and n >= r.warmup_steps
@@ -295,3 +326,33 @@ def test_tracker_flags_what_the_rules_as_written_flag_step_after_step(
         assert got == reference.update(step, norms, confirm), f"step {step}"
     state = tracker.state_dict()
     assert state["mean_log"] == pytest.approx(reference.mean_log) and state["seen"] == reference.seen
+
+
+_PARAMETER_NORM = st.one_of(
+    st.floats(min_value=1e-3, max_value=10.0),  # healthy
+    st.sampled_from([0.0, 1e-12, 1e-9, 3e-8, 1e-6, 2e-5, 5e3, 2e4, math.inf, math.nan]),
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    steps=st.lists(st.lists(_PARAMETER_NORM, min_size=6, max_size=6), min_size=1, max_size=30),
+    present=st.lists(st.lists(st.booleans(), min_size=6, max_size=6), min_size=30, max_size=30),
+    sibling_ratio=st.sampled_from([None, 1e-2, 0.5]),
+    depth_ratio=st.sampled_from([None, 1e-3, 0.5]),
+    vanishing_threshold=st.sampled_from([0.0, 1e-7, 1e-2]),
+)
+def test_tracker_per_parameter_flags_what_the_rules_with_the_sibling_rule_as_written_flag(
+    steps, present, sibling_ratio, depth_ratio, vanishing_threshold
+) -> None:
+    # Three layers of a weight and a bias, and a parameter of the root module (its own layer), some absent at a step.
+    names = ["net.0.weight", "net.0.bias", "scale", "net.2.weight", "net.2.bias", "net.3.weight"]
+    rules = HealthRules(vanishing_threshold=vanishing_threshold, warmup_steps=1, depth_ratio=depth_ratio,
+                        depth_min_layers=4, sibling_ratio=sibling_ratio, vanishing_patience=2)
+    tracker, reference = HealthTracker(rules, "parameter"), ReferenceTracker(rules, "parameter")
+    for step, (values, here) in enumerate(zip(steps, present)):
+        norms = {n: v for n, v, p in zip(names, values, here) if p or n == "net.0.bias"}
+        got = [(e.layer, e.condition, e.rule) for e in tracker.update(step, norms)]
+        assert got == reference.update(step, norms), f"step {step}"
+        assert tracker.cancelled == reference.cancelled, f"step {step}"
+    assert tracker.state_dict()["mean_log"] == pytest.approx(reference.mean_log)
