@@ -66,8 +66,8 @@ class GradHealthMonitor(Callback):
     flagged at once and names the first layer, in registration order, whose gradient holds a NaN or inf. With
     ``group_by="parameter"``, a parameter more than ``1 / sibling_ratio`` (100) times below another parameter of its
     layer is cancelled by construction (a bias followed by BatchNorm has a zero gradient) or at an optimum, not
-    starved through depth, and is not judged vanishing;
-    the end-of-fit summary names such parameters once (:meth:`cancelled_note`, ``tracker.cancelled``).
+    starved through depth, so it is not judged vanishing; the end-of-fit summary names the parameters this spared
+    (:meth:`cancelled_note`; ``tracker.cancelled``).
 
     Actions, per condition (``on_vanishing``, ``on_exploding``, ``on_nonfinite``):
 
@@ -593,8 +593,8 @@ class GradHealthMonitor(Callback):
             rank_zero_info("\n".join(lines))
 
     def cancelled_note(self) -> str:
-        """One line on the parameters not judged vanishing because their gradient is cancelled by construction
-        (``sibling_ratio``, with ``group_by="parameter"``): printed at the end of fit with the summary."""
+        """One line on the parameters the sibling rule spared (``sibling_ratio``, with ``group_by="parameter"``):
+        printed at the end of fit, after the summary table when there is one."""
         cancelled = self.tracker.cancelled
         named = ", ".join(f"{name} (from step {step})" for name, step in list(cancelled.items())[:_MAX_NAMED])
         more = f" and {len(cancelled) - _MAX_NAMED} more" if len(cancelled) > _MAX_NAMED else ""
