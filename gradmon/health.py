@@ -322,8 +322,7 @@ class HealthTracker:
                     owner = owners[other] = layer_name(other)
                 if lowest <= v <= highest and v > top.get(owner, 0.0):  # False for NaN
                     top[owner] = v
-        owner = owners.get(name) or layer_name(name)
-        return value < ratio * top.get(owner, 0.0)
+        return value < ratio * top.get(owners[name], 0.0)  # every name of this step's norms has its owner by now
 
     def state_dict(self) -> dict[str, Any]:
         """The history (running means, counts, streaks): data, not settings, so a resume with other thresholds keeps
