@@ -1,6 +1,6 @@
 """ActivationMonitor in real Trainer runs: what it logs and when, hooks that live for the logging batch only, a run
 that ends bit-identical, the findings it names (dead units, a learning rate far too high), the line
-``likely_cause`` gives a health warning, and compiled modules."""
+the diagnosis board gives a health warning, and compiled modules."""
 
 from __future__ import annotations
 
@@ -31,7 +31,7 @@ from torch import nn
 
 from gradmon import ActivationMonitor, GradHealthMonitor, GradNormMonitor, WeightInit, tags
 from gradmon.activations import ActivationRecorder
-from gradmon.callbacks.activation_monitor import likely_cause
+from gradmon.callbacks._diagnosis import diagnosis_board
 
 pytestmark = pytest.mark.filterwarnings("ignore::gradmon.GradientHealthWarning")
 
@@ -121,22 +121,24 @@ def test_dead_units_behind_a_large_negative_bias_are_named_in_a_finding_and_in_t
     fit(model, [monitor], steps=3, tmp_path=tmp_path)
     finding = monitor.found["dead_relu"]
     assert finding.condition == "dead_units" and finding.step == 0 and finding.layers[0] == "net.3"
-    assert "the biases of net.2 are negative (mean -20)" in finding.explanation
+    assert "the biases of net.2 are negative (mean -20, -20 at the start)" in finding.explanation
     assert read_scalars(logdir(tmp_path))[tags.tag(tags.DEAD_FRACTION, "net.3")][0] == 1.0
     (event,) = accumulator(logdir(tmp_path)).Tensors(f"{tags.DIAGNOSIS}/dead_units/text_summary")
     assert event.step == 0 and b"dead ReLUs" in event.tensor_proto.string_val[0]
 
 
-def test_adam_at_a_learning_rate_of_10_gets_an_update_ratio_finding(tmp_path: Path) -> None:
+def test_adam_at_a_learning_rate_of_10_is_found_diverging_after_its_first_step_not_at_it(tmp_path: Path) -> None:
     monitor = ActivationMonitor(log_every_n_steps=1)
-    fit(MLP(depth=3, init="kaiming", optimizer="adam", lr=10.0), [monitor], steps=2)
+    fit(MLP(depth=3, init="kaiming", optimizer="adam", lr=10.0), [monitor], steps=3)
     finding = monitor.found["lr_too_high"]
-    assert (finding.step, finding.condition) == (0, "update_ratio_high")
-    assert finding.numbers["median update ratio"] > 1.0
+    assert finding.step == 1  # step 0 moved every weight by about lr, whatever lr: no evidence either way
+    assert finding.numbers["weight RMS change since start"] > 2
+    assert finding.fix["lr"] < 1.0 and "Adam moves each weight by about lr = 10" in finding.explanation
+    assert monitor.verdict.finding is finding
 
 
 class AskAtStep(pl.Callback):
-    """Calls ``likely_cause`` where GradHealthMonitor warns: before the optimizer step of ``step``."""
+    """Asks the diagnosis board where GradHealthMonitor warns: before the optimizer step of ``step``."""
 
     def __init__(self, step: int, condition: str, layers: list[str]) -> None:
         self.step, self.condition, self.layers = step, condition, layers
@@ -144,13 +146,14 @@ class AskAtStep(pl.Callback):
 
     def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
         if trainer.global_step == self.step:
-            self.answer = likely_cause(trainer, self.condition, self.layers)
+            self.answer = diagnosis_board(trainer).explain(trainer, self.condition)
 
 
 def test_likely_cause_is_one_line_from_the_monitor_for_a_vanishing_sigmoid_net() -> None:
     ask = AskAtStep(4, "vanishing", ["net.0"])
     fit(MLP(depth=8, width=32, activation="sigmoid"), [ask, ActivationMonitor(log_every_n_steps=2)], steps=5)
-    assert ask.answer.startswith("likely cause: saturating activation: Sigmoid's slope is at most 0.25")
+    assert ask.answer.startswith("likely cause (found at step 0 from the signal measured through the layers")
+    assert ": saturating activation: Sigmoid's slope is at most 0.25" in ask.answer
     assert "; try: a non-saturating activation" in ask.answer and "\n" not in ask.answer
 
 
@@ -158,7 +161,8 @@ def test_likely_cause_reads_the_step_being_observed_before_its_optimizer_step() 
     # Asked before the monitor's own hooks ran for step 0: nothing observed had reached the host yet.
     ask = AskAtStep(0, "exploding", ["net.0"])
     fit(MLP(depth=6, width=32, init="normal1"), [ask, ActivationMonitor(log_every_n_steps=5)], steps=1)
-    assert ask.answer.startswith("likely cause: init scale too large: weights of RMS 1")
+    assert ask.answer.startswith("likely cause (found at step 0 from the signal measured through the layers")
+    assert ": init scale too large: weights initialised at RMS 1" in ask.answer
     assert "multiplies the forward signal by" in ask.answer
 
 
@@ -166,7 +170,8 @@ def test_likely_cause_without_a_monitor_predicts_from_the_weights() -> None:
     ask = AskAtStep(1, "vanishing", ["net.0"])
     fit(MLP(depth=8, width=32, activation="relu"), [WeightInit("normal(std=0.01)", seed=0, verbose=False), ask],
         steps=2)
-    assert ask.answer.startswith("likely cause: init scale too small: weights of RMS 0.01")
+    assert ask.answer.startswith("likely cause (found at step 1 from the weights and gradient norms")
+    assert ": init scale too small: weights initialised at RMS 0.01" in ask.answer
     assert "(initialised normal(std=0.01))" in ask.answer and "predicted" in ask.answer
 
 
@@ -175,7 +180,7 @@ def test_likely_cause_names_the_first_non_finite_layer_and_nothing_for_a_healthy
     healthy = AskAtStep(1, "vanishing", ["net.0"])
     fit(MLP(depth=3, init="kaiming"), [nonfinite, healthy, PlantNaN(2), ActivationMonitor(log_every_n_steps=1)],
         steps=3)
-    assert nonfinite.answer.startswith("likely cause: ") and "first non-finite gradient in net.2" in nonfinite.answer
+    assert nonfinite.answer.startswith("likely cause (found at step 2 from where the non-finite values first appear)") and "first non-finite gradient in net.2" in nonfinite.answer
     assert healthy.answer is None
 
 
@@ -271,14 +276,18 @@ def test_under_ddp_rank_0_logs_the_statistics_of_its_own_batch(tmp_path: Path) -
 
 
 @pytest.mark.filterwarnings("ignore:You're resuming from a checkpoint that ended before the epoch ended")
-def test_a_resumed_run_keeps_the_gradient_history_that_tells_a_spike(tmp_path: Path) -> None:
+def test_a_resumed_run_keeps_the_history_and_the_initial_weights_the_diagnosis_reads(tmp_path: Path) -> None:
     first = ActivationMonitor(log_every_n_steps=1)
     trainer = fit(MLP(depth=2), [first], steps=2)
     trainer.save_checkpoint(tmp_path / "last.ckpt")
     resumed = ActivationMonitor(log_every_n_steps=1)
     fit(MLP(depth=2), [resumed], steps=4, ckpt_path=tmp_path / "last.ckpt")
-    assert [step for step, _ in resumed.state_dict()["history"]] == [0, 1, 2, 3]
-    assert resumed.state_dict()["history"][:2] == first.state_dict()["history"]
+    before, after = first.state_dict()["board"], resumed.state_dict()["board"]
+    assert [record[0] for record in after["history"]] == [0, 1, 2, 3]
+    assert after["history"][:2] == before["history"]
+    assert math.isfinite(after["history"][0][2])  # the step's loss
+    assert after["initial_weight_rms"] == before["initial_weight_rms"] and set(after["initial_weight_rms"]) == {
+        "net.0", "net.2", "net.4"}
 
 
 class SyncCheckedMLP(MLP):

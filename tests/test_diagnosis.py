@@ -16,9 +16,9 @@ from gradmon.diagnosis import (
     Evidence,
     Finding,
     LayerInfo,
+    StepRecord,
     diagnose,
     diagnose_model,
-    explain,
     layer_structure,
     needed_gain,
 )
@@ -90,7 +90,7 @@ def test_without_activation_statistics_the_weights_predict_the_same_causes(activ
 
 def test_a_gain_mismatch_says_what_the_weights_are_scaled_for_and_what_relu_needs():
     (finding,) = findings_of(mlp("relu", "xavier_uniform"))
-    assert finding.numbers["weight gain"] == pytest.approx(1.0, rel=0.05)
+    assert finding.numbers["initial weight gain"] == pytest.approx(1.0, rel=0.05)
     assert finding.numbers["needed gain"] == pytest.approx(math.sqrt(2))
     assert finding.numbers["forward factor per layer"] == pytest.approx(math.sqrt(0.5), rel=0.1)
     assert "scaled for gain 1 (Xavier" in finding.explanation and "ReLU needs gain 1.41" in finding.explanation
@@ -102,7 +102,7 @@ def test_a_gain_mismatch_says_what_the_weights_are_scaled_for_and_what_relu_need
 def test_pytorch_default_init_is_named_as_such():
     (finding,) = findings_of(mlp("relu", "default"))
     assert "PyTorch's default init" in finding.explanation
-    assert finding.numbers["weight RMS / needed"] == pytest.approx(1 / math.sqrt(6), rel=0.05)  # 0.41x kaiming
+    assert finding.numbers["initial weight RMS / needed"] == pytest.approx(1 / math.sqrt(6), rel=0.05)  # 0.41x kaiming
 
 
 def test_large_negative_biases_kill_relu_units_and_the_units_are_named():
@@ -155,7 +155,7 @@ def test_weights_grown_since_the_start_blame_the_learning_rate_not_the_init():
 def test_non_finite_gradients_name_the_first_layer_and_the_spike_before():
     layers = [layer("a"), layer("b"), layer("c")]
     grads = {"a": 1.0, "b": math.nan, "c": math.inf}
-    (finding,) = diagnose(Evidence(7, layers, grad_norms=grads, earlier_grad_norms=((0, 1.0), (5, 3e5))))
+    (finding,) = diagnose(Evidence(7, layers, grad_norms=grads, history=(StepRecord(0, 1.0), StepRecord(5, 3e5))))
     assert (finding.condition, finding.cause, finding.layers) == ("nonfinite", "gradient_spike", ("b",))
     assert "first non-finite gradient in b" in finding.explanation and "step 5" in finding.explanation
 
@@ -167,16 +167,6 @@ def test_non_finite_gradients_after_an_overflowing_activation_name_the_module():
     (finding,) = diagnose(Evidence(2, layers, stats, grad_norms={"a": math.nan, "b": math.nan}))
     assert (finding.cause, finding.layers) == ("activation_overflow", ("a", "act"))
     assert "overflowed first at act" in finding.explanation and "after a (RMS 3e30)" in finding.explanation
-
-
-def test_explain_picks_the_finding_for_the_condition_and_prefers_the_layers_named():
-    one = Finding(0, "forward_decay", "gain_mismatch", ("a", "b"), "x", "y")
-    two = Finding(0, "dead_units", "dead_relu", ("c",), "x", "y")
-    three = Finding(0, "update_ratio_high", "lr_too_high", ("a",), "x", "y")
-    assert explain([one, two, three], "vanishing") is one
-    assert explain([one, two, three], "vanishing", ["c"]) is two
-    assert explain([one, two, three], "exploding") is three
-    assert explain([one, two], "nonfinite") is None
 
 
 def test_every_condition_and_cause_has_words():

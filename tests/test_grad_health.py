@@ -275,8 +275,10 @@ def test_a_warning_and_the_summary_end_with_the_likely_cause(caplog) -> None:
 
     with health_warnings() as messages, caplog.at_level(logging.INFO):
         fit(deep("sigmoid", None), [GradHealthMonitor()], steps=12)
-    assert messages and "Likely cause: saturating activation" in messages[0] and "try:" in messages[0]
-    assert "vanishing: likely cause: saturating activation" in caplog.text
+    assert messages and "Likely cause (found at step 9 from the weights and gradient norms" in messages[0]
+    assert "): saturating activation: Sigmoid's slope is at most 0.25" in messages[0] and "try:" in messages[0]
+    assert "vanishing: likely cause (found at step 9" in caplog.text
+    assert "): saturating activation: " in caplog.text
     with health_warnings() as quiet:
         fit(deep("sigmoid", None), [GradHealthMonitor(diagnose=False)], steps=12)
     assert quiet and "Likely cause" not in quiet[0]

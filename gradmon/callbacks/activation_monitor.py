@@ -1,5 +1,5 @@
 """ActivationMonitor: the forward and backward signal through depth, one batch per logging step, and what
-:mod:`gradmon.diagnosis` makes of it; and :func:`likely_cause`, the one line a health warning can end with."""
+:mod:`gradmon.diagnosis` makes of it."""
 
 from __future__ import annotations
 
@@ -18,21 +18,22 @@ from gradmon import tags
 from gradmon._validation import check_bool, check_int
 from gradmon.activations import ActivationRecorder, ModuleStats, RecordedBatch
 from gradmon.callbacks import _logging
+from gradmon.callbacks._diagnosis import diagnosis_board, init_records
 from gradmon.callbacks.grad_norm import GradNormMonitor
-from gradmon.callbacks.weight_init import WeightInit
 from gradmon.diagnosis import (
     CLEARED,
     CONDITIONS,
     Evidence,
     Finding,
     LayerInfo,
+    OptimizerInfo,
+    RecurrentInfo,
+    Verdict,
     diagnose,
-    explain,
     layer_structure,
-    measure_layers,
+    post_norm,
 )
-from gradmon.health import HealthEvent
-from gradmon.init import InitRecord
+from gradmon.diagnosis.evidence import RECURRENT
 from gradmon.naming import clean_name
 from gradmon.norms import (
     GradientNorms,
@@ -41,15 +42,11 @@ from gradmon.norms import (
     ParamLayout,
     WeightSnapshot,
     compute_norms,
-    layer_norms,
     read_host,
     update_ratios,
 )
 from gradmon.sharding import DTensor
 from gradmon.tensorboard import markdown_table
-
-#: The total gradient norms of this many earlier observed steps are kept (and checkpointed) to tell a spike.
-HISTORY = 100
 
 
 @dataclass(eq=False)
@@ -65,6 +62,9 @@ class _Observed:
     snapshot: WeightSnapshot | None = None
     update: Norms | None = None
     copy: HostCopy | None = None
+    recurrent: torch.Tensor | None = None
+    loss: torch.Tensor | None = None
+    optimizer: OptimizerInfo | None = None
 
 
 class ActivationMonitor(Callback):
@@ -90,11 +90,13 @@ class ActivationMonitor(Callback):
       Softsign, LogSigmoid): the fraction of outputs where the slope is below 1% of its largest, and the mean slope.
 
     With ``diagnose`` (the default), the statistics, the per-layer gradient norms, weight scales and update ratios of
-    the same step, and the records of any :class:`~gradmon.WeightInit` go to :func:`gradmon.diagnosis.diagnose`. Its
-    findings are kept in :attr:`findings` (the latest step's) and :attr:`found` (the first finding of each cause),
-    written to TensorBoard as text under ``diagnosis/<condition>`` when a finding appears, changes or clears, and
-    printed at the end of fit (``summary``). :func:`likely_cause` turns them into the one line a
-    :class:`~gradmon.GradHealthMonitor` warning ends with.
+    the same step, the step's loss, the optimizer and the records of any :class:`~gradmon.WeightInit` go to
+    :func:`gradmon.diagnosis.diagnose`. Its findings are kept in :attr:`findings` (the latest step's) and
+    :attr:`found` (the first finding of each cause), written to TensorBoard as text under ``diagnosis/<condition>``
+    when a finding appears, changes or clears, and read into the run's verdict (:attr:`verdict`: the root cause,
+    found when the condition first showed, and its consequences), which is written under ``diagnosis/verdict`` when
+    it changes and printed at the end of fit (``summary``). A :class:`~gradmon.GradHealthMonitor` on the same Trainer
+    ends its warnings with the verdict.
 
     Everything stays on the device until the end of the observed step, then travels to the host as one vector in
     one non-blocking copy, read one step later (or at the end of training), so no step waits on the device. A
@@ -137,12 +139,13 @@ class ActivationMonitor(Callback):
         self._grad_norms: GradientNorms | None = None
         self._structure: list[LayerInfo] = []
         self._weight_index: list[int] = []
+        self._recurrent: list[tuple[str, torch.nn.Module]] = []
+        self._post_norm: bool | None = None
         self._ordered = False
         self._current: _Observed | None = None
         self._pending: list[_Observed] = []
-        self._history: list[tuple[int, float]] = []
-        self._initial_rms: dict[str, float] = {}
         self._written: dict[str, str] = {}
+        self._board = None
         self._layout_written = False
 
     @cached_property
@@ -153,15 +156,26 @@ class ActivationMonitor(Callback):
         # Before Lightning restores callback state: a fresh fit starts from nothing, a resumed one gets its history.
         if stage == "fit":
             self._reset()
+            self._board = diagnosis_board(trainer)
+            self._board.join(self)
+            self._board.refresh = self.current_findings
+
+    @property
+    def verdict(self) -> Verdict | None:
+        """The run's verdict so far (:class:`gradmon.diagnosis.Verdict`): the root cause and its consequences."""
+        return self._board.diagnosis.verdict if self._board is not None else None
 
     def state_dict(self) -> dict[str, Any]:
-        return {"history": list(self._history), "initial_weight_rms": dict(self._initial_rms),
-                "written": dict(self._written)}
+        return {"board": self._board.state_dict() if self._board is not None else {}, "written": dict(self._written)}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self._history = [(int(s), float(v)) for s, v in state_dict.get("history", [])]
-        self._initial_rms = dict(state_dict.get("initial_weight_rms", {}))
+        if self._board is not None:
+            self._board.load_state_dict(state_dict.get("board", {}))
         self._written = dict(state_dict.get("written", {}))
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self._board is not None:
+            self._board.start(pl_module)
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._every = self.log_every_n_steps or trainer.log_every_n_steps
@@ -187,6 +201,8 @@ class ActivationMonitor(Callback):
         index = {name: i for i, name in enumerate(self._grad_norms.layout.param_names)}
         self._structure = [info for info in layer_structure(pl_module, order) if f"{info.name}.weight" in index]
         self._weight_index = [index[f"{info.name}.weight"] for info in self._structure]
+        self._recurrent = [(n, m) for n, m in pl_module.named_modules() if isinstance(m, RECURRENT)]
+        self._post_norm = post_norm(pl_module, order)
         self._ordered = order is not None
 
     # --- the observed step ---------------------------------------------------------------------------------------
@@ -210,6 +226,7 @@ class ActivationMonitor(Callback):
             return
         if current.step == trainer.global_step and current.snapshot is None:
             self._measure(pl_module, current)
+            current.optimizer = OptimizerInfo.of(optimizer)
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any) -> None:
         current = self._current
@@ -217,6 +234,8 @@ class ActivationMonitor(Callback):
             return
         if current is not None and current.batch is None and self._recorder is not None:
             current.batch = self._recorder.stop()
+        if current is not None and current.loss is None and current.step == trainer.global_step - 1:
+            current.loss = _loss(args[0] if args else None)
         if current is not None and current.snapshot is not None and trainer.global_step > current.step:
             self._finish_current()
         # Read one step later: by then the non-blocking copy has long arrived, and reading it stalls nothing.
@@ -227,19 +246,27 @@ class ActivationMonitor(Callback):
         self._process(trainer)
         if self.summary and self.found and trainer.is_global_zero:
             rank_zero_info(self.summary_table())
+        if self._board is not None and self._board.refresh == self.current_findings:
+            self._board.refresh = None
 
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if self._recorder is not None and self._recorder.active:  # an exception inside an observed batch
             self._recorder.stop()
 
     def summary_table(self) -> str:
-        """One row per cause found in this fit: the condition, the first step, the layers and the likely cause."""
+        """The verdict, then one row per cause found in this fit: the condition, the first step, the layers, the
+        likely cause, and whether the verdict explains it."""
+        verdict = self.verdict
+        roles = {}
+        if verdict is not None:
+            roles = {c: "consequence" for c in verdict.consequences} | {verdict.cause: "root cause"}
         rows = [
-            (CONDITIONS[f.condition], f.step, _span(f.layers), f.line().replace("|", "/"))
+            (CONDITIONS[f.condition], f.step, _span(f.layers), roles.get(f.cause, ""), f.line().replace("|", "/"))
             for f in self.found.values()
         ]
-        return "ActivationMonitor diagnosis\n" + markdown_table(("condition", "first step", "layers", "diagnosis"),
-                                                                rows)
+        head = f"verdict: {verdict.line()}\n" if verdict is not None else ""
+        return "ActivationMonitor diagnosis\n" + head + markdown_table(
+            ("condition", "first step", "layers", "role", "diagnosis"), rows)
 
     @torch.no_grad()
     def _measure(self, pl_module: pl.LightningModule, current: _Observed) -> None:
@@ -259,6 +286,11 @@ class ActivationMonitor(Callback):
             else torch.full((), math.nan, device=device)
             for b in biases
         ]) if biases else torch.zeros(0, device=device)
+        current.recurrent = torch.stack([
+            torch.linalg.vector_norm(m.weight_hh_l0.detach(), dtype=torch.float32).to(device)
+            / math.sqrt(max(m.weight_hh_l0.numel(), 1))
+            for _, m in self._recurrent
+        ]) if self._recurrent else None
         current.snapshot = WeightSnapshot(layout)
 
     def _finish_current(self) -> None:
@@ -281,8 +313,7 @@ class ActivationMonitor(Callback):
     def _device_parts(observed: _Observed) -> list[torch.Tensor]:
         parts = [observed.batch.values] if observed.batch is not None else []
         parts += [n.device_values for n in (observed.grads, observed.weights, observed.update) if n is not None]
-        if observed.biases is not None:
-            parts.append(observed.biases)
+        parts += [t.reshape(-1) for t in (observed.biases, observed.recurrent, observed.loss) if t is not None]
         return parts
 
     # --- from the host: logging and diagnosis --------------------------------------------------------------------
@@ -335,15 +366,18 @@ class ActivationMonitor(Callback):
                         bias_mean=None if math.isnan(bias_of.get(info.name, math.nan)) else bias_of[info.name])
                 for info in layers
             ]
-            for info in layers:
-                self._initial_rms.setdefault(info.name, info.weight_rms)
+        recurrent = []
+        if observed.recurrent is not None:
+            recurrent = [RecurrentInfo(clean_name(name), type(m).__name__, m.hidden_size, v)
+                         for (name, m), v in zip(self._recurrent, take(len(self._recurrent)))]
+        loss = take(1)[0] if observed.loss is not None else math.nan
+        board = self._board or diagnosis_board(trainer)
         evidence = Evidence(
-            observed.step, layers, tuple(stats), grad_norms, ratios, _init_records(trainer),
-            dict(self._initial_rms), tuple(self._history),
+            observed.step, layers, tuple(stats), grad_norms, ratios, init_records(trainer),
+            dict(board.initial_weight_rms), dict(board.initial_bias_mean),
+            tuple(r for r in board.history if r.step < observed.step), observed.optimizer, loss, tuple(recurrent),
+            self._post_norm,
         )
-        if grad_norms is not None:
-            total = math.sqrt(sum(v * v for v in grad_norms.values()))
-            self._history = [*self._history[-HISTORY + 1 :], (observed.step, total)]
         return stats, evidence
 
     def _report(self, trainer: pl.Trainer, step: int, stats: list[ModuleStats], evidence: Evidence) -> None:
@@ -351,6 +385,10 @@ class ActivationMonitor(Callback):
         self.findings = findings
         for finding in findings:
             self.found.setdefault(finding.cause, finding)
+        board = self._board or diagnosis_board(trainer)
+        before = board.diagnosis.verdict.finding if board.diagnosis.verdict is not None else None
+        board.observe(evidence, findings)
+        verdict = board.diagnosis.verdict
         if not trainer.is_global_zero or not trainer.loggers:
             return
         if not self._layout_written:
@@ -359,6 +397,8 @@ class ActivationMonitor(Callback):
         _logging.log_scalars(trainer, _scalars(stats), step)
         if self.diagnose:
             self._write_findings(trainer, step, findings)
+            if verdict is not None and verdict.finding is not before:
+                _logging.log_text(trainer, tags.tag(tags.DIAGNOSIS, "verdict"), verdict.line(), step)
 
     def _write_findings(self, trainer: pl.Trainer, step: int, findings: list[Finding]) -> None:
         """Text under ``diagnosis/<condition>`` when a finding appears, changes its cause, or clears: a few entries
@@ -399,68 +439,26 @@ class ActivationMonitor(Callback):
             observed = _Observed(current.step, batch, current.grads, current.weights, current.biases)
             parts = self._device_parts(observed)
             values = read_host(torch.cat([p.double().reshape(-1).to(parts[0].device) for p in parts])) if parts else []
-            history = list(self._history)
             _, evidence = self._evidence(trainer, observed, values)
-            self._history = history  # the step is recorded when it is processed, after its optimizer step
-            return diagnose(evidence)
+            findings = diagnose(evidence)
+            # Into the verdict at once (the warning reads it); the step's record waits for its update and loss.
+            (self._board or diagnosis_board(trainer)).diagnosis.observe(evidence.step, findings)
+            return findings
         self._process(trainer)
         return list(self.findings)
-
-
-def likely_cause(trainer: pl.Trainer, condition: str, layers: list[str]) -> str | None:
-    """One line, ``"likely cause: <cause>: <why, with numbers>; try: <what to change>"``, for a GradHealthMonitor
-    warning about ``condition`` (``"vanishing"``, ``"exploding"`` or ``"nonfinite"``) in ``layers`` (layer names as
-    its events give them), or ``None`` when nothing explains it.
-
-    The evidence is that of the :class:`ActivationMonitor` on ``trainer``, if there is one
-    (:meth:`ActivationMonitor.current_findings`: the most recent observed step, or the current one when it is being
-    observed); without one, the model's weights and structure now, its current gradient norms and, for non-finite
-    gradients, the exploding steps GradHealthMonitor flagged before (what the diagnosis predicts from the weights,
-    without measuring the signal). Reads from the device: call it where a warning is issued, not every step. Pure
-    host logic otherwise; never raises for a model it cannot read (returns ``None``).
-    """
-    monitor = next((c for c in trainer.callbacks if isinstance(c, ActivationMonitor)), None)
-    try:
-        if monitor is not None and monitor._grad_norms is not None:
-            findings = monitor.current_findings(trainer)
-        else:
-            findings = diagnose(_static_evidence(trainer))
-    except Exception as error:  # a diagnosis must never break the warning it would annotate
-        rank_zero_warn(f"gradmon: the diagnosis failed ({type(error).__name__}: {error}).")
-        return None
-    if condition == "nonfinite" and not any(f.condition == "nonfinite" for f in findings):
-        findings = diagnose(_static_evidence(trainer)) + findings
-    finding = explain(findings, condition, layers)
-    return finding.line() if finding is not None else None
-
-
-def _static_evidence(trainer: pl.Trainer) -> Evidence:
-    pl_module = trainer.lightning_module
-    layers = measure_layers(pl_module, layer_structure(pl_module))
-    grads, _ = layer_norms(pl_module)
-    earlier = [
-        (e.step, e.value)
-        for c in trainer.callbacks
-        for e in getattr(c, "events", ())
-        if isinstance(e, HealthEvent) and e.condition == "exploding" and e.step < trainer.global_step
-    ]
-    return Evidence(trainer.global_step, layers, (), grads or None, None, _init_records(trainer), None,
-                    tuple(earlier))
-
-
-def _init_records(trainer: pl.Trainer) -> dict[str, InitRecord] | None:
-    """The last record of each layer's ``weight`` from the Trainer's WeightInit callbacks (a later one overrides)."""
-    records = {
-        r.layer: r
-        for c in trainer.callbacks if isinstance(c, WeightInit)
-        for r in c.records if r.weight in ("weight", "")
-    }
-    return records or None
 
 
 def _tensor_norms(norms: Norms) -> list[float]:
     """Per-tensor 2-norms from :class:`Norms` on the host (square roots of power sums when sharded)."""
     return [math.sqrt(v) for v in norms.host()] if norms.power_sums else list(norms.host())
+
+
+def _loss(outputs: Any) -> torch.Tensor | None:
+    """The training step's loss from what it returned (a tensor, or a dict with ``"loss"``), detached."""
+    loss = outputs.get("loss") if isinstance(outputs, dict) else outputs
+    if isinstance(loss, torch.Tensor) and loss.numel() == 1:
+        return loss.detach().float().reshape(1)
+    return None
 
 
 def _module(modules: dict[str, torch.nn.Module], name: str) -> torch.nn.Module | None:

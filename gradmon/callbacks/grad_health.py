@@ -17,6 +17,7 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from gradmon import tags
 from gradmon._validation import check_bool, check_choice, check_int, check_norm_type
 from gradmon.callbacks import _logging
+from gradmon.callbacks._diagnosis import diagnosis_board
 from gradmon.callbacks._grad_source import (
     GradNormSource,
     OptimizerSteps,
@@ -25,7 +26,6 @@ from gradmon.callbacks._grad_source import (
     pending_loss_scale,
     step_reader,
 )
-from gradmon.callbacks.activation_monitor import likely_cause
 from gradmon.callbacks.grad_norm import GradNormMonitor
 from gradmon.errors import GradientHealthError, warn_health
 from gradmon.health import (
@@ -229,6 +229,11 @@ class GradHealthMonitor(Callback):
         # fresh fit of the same instance starts clean.
         if stage == "fit":
             self._reset()
+            diagnosis_board(trainer).join(self)
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.diagnose:
+            diagnosis_board(trainer).start(pl_module)
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._every = self.log_every_n_steps or trainer.log_every_n_steps
@@ -570,10 +575,13 @@ class GradHealthMonitor(Callback):
         if suppressed:
             message += f" ({suppressed} more {condition} steps since the last report.)"
         if self.diagnose and events:
-            cause = likely_cause(trainer, condition, [e.layer for e in events])
-            if cause is not None:
-                message += f" {cause[0].upper()}{cause[1:]}."
+            cause = diagnosis_board(trainer).explain(trainer, condition, self._exploding_before(step))
+            message += f" {cause[0].upper()}{cause[1:]}." if cause else f" {NO_CAUSE[0].upper()}{NO_CAUSE[1:]}."
         warn_health(message)
+
+    def _exploding_before(self, step: int) -> list[tuple[int, float]]:
+        """(step, norm) of the exploding layers flagged before ``step``: spikes the diagnosis can point back to."""
+        return [(e.step, e.value) for e in self.events if e.condition == "exploding" and e.step < step]
 
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if not self.summary:
@@ -582,15 +590,22 @@ class GradHealthMonitor(Callback):
         if self.flagged_steps or self.skipped_steps or self._overflow_warned:
             lines.append(self.summary_table())
             if self.diagnose:
-                for c in CONDITIONS:
-                    layers = [layer for layer, _ in self._layer_counts[c].most_common(3)]
-                    cause = likely_cause(trainer, c, layers) if layers else None
-                    if cause is not None:
-                        lines.append(f"{c}: {cause}")
+                lines += self._verdict_lines(trainer)
         if self.tracker.cancelled:
             lines.append(self.cancelled_note())
         if lines:
             rank_zero_info("\n".join(lines))
+
+    def _verdict_lines(self, trainer: pl.Trainer) -> list[str]:
+        """Per flagged condition, the run's verdict when it explains it (the root cause found when it first showed,
+        not the latest step's), else that no cause was established; conditions with the same line share it."""
+        diagnosis = diagnosis_board(trainer).diagnosis
+        by_line: dict[str, list[str]] = {}
+        for c in CONDITIONS:
+            if self._layer_counts[c]:
+                line = diagnosis.explain(c) or NO_CAUSE
+                by_line.setdefault(line, []).append(c)
+        return [f"{', '.join(conditions)}: {line}" for line, conditions in by_line.items()]
 
     def cancelled_note(self) -> str:
         """One line on the parameters the sibling rule spared (``sibling_ratio``, with ``group_by="parameter"``):
@@ -642,6 +657,10 @@ class GradHealthMonitor(Callback):
         self._layer_counts = {c: Counter(state_dict["layer_counts"].get(c, {})) for c in CONDITIONS}
         self._last_report = dict(state_dict["last_report"])
         self.events = [HealthEvent(**e) for e in state_dict["events"]]
+
+
+#: What a warning and the summary say when the diagnosis established no cause.
+NO_CAUSE = "no cause established from the weights, gradients and activations measured so far"
 
 
 def _describe(condition: str, step: int, events: list[HealthEvent]) -> str:
