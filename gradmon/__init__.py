@@ -21,6 +21,7 @@ _EXPORTS = {
     "ActivationMonitor": "gradmon.callbacks.activation_monitor",
     "GradientHealthWarning": "gradmon.errors",
     "GradientHealthError": "gradmon.errors",
+    "verdict": "gradmon.callbacks._diagnosis",
 }
 
 __all__ = sorted(_EXPORTS)

@@ -21,6 +21,7 @@ from gradmon.diagnosis import (
     Finding,
     OptimizerInfo,
     StepRecord,
+    Verdict,
     diagnose,
     layer_structure,
     measure_layers,
@@ -141,3 +142,17 @@ def init_records(trainer: pl.Trainer) -> dict[str, InitRecord] | None:
     }
     return records or None
 
+
+
+def verdict(trainer: pl.Trainer) -> Verdict | None:
+    """The run's verdict on ``trainer``: the root cause the diagnosis found, with its consequences
+    (:class:`gradmon.diagnosis.Verdict`), or ``None`` when nothing was found (or no gradmon monitor diagnosed).
+
+    Example::
+
+        trainer.fit(model)
+        if (found := gradmon.verdict(trainer)) is not None:
+            print(found.line(), found.finding.fix)
+    """
+    board = getattr(trainer, "_gradmon_diagnosis", None)
+    return board.diagnosis.verdict if board is not None else None
