@@ -43,10 +43,13 @@ SEQ_LEN = 32
 HEADS = 4
 BATCH = 64
 LM_BATCH = 16
-#: A run trained when its loss over the last 5 steps is below this fraction of its loss over the first 5.
+#: A run trained when its loss over the last 5 steps is below this fraction of its loss over the first 5 and of
+#: chance (the loss of a uniform guess): a net that starts far above chance (saturated logits) and falls 15% has
+#: not trained.
 TRAINED_FRACTION = 0.85
-#: The scale of the cosine-similarity head of the ``bad_op="log"`` MLP (CLIP-like logits, up to +-100).
-COSINE_SCALE = 100.0
+#: The scale of the cosine-similarity head of the ``bad_op="log"`` MLP: logits up to +-200, so a confidently wrong
+#: example's softmax underflows to 0 (exp(-104) is below float32's smallest subnormal) within a step or two.
+COSINE_SCALE = 200.0
 LANGUAGE_MODELS = ("gpt", "mha_gpt", "rnn", "lstm", "gru")
 RECURRENT = {"rnn": nn.RNN, "lstm": nn.LSTM, "gru": nn.GRU}
 ACTIVATIONS: dict[str, type[nn.Module]] = {
@@ -85,7 +88,7 @@ class RunConfig:
         steps: ``max_steps``.
         guard: ``False`` plants the bad op ``bad_op`` names; ``True`` uses its safe form.
         bad_op: ``"log"``: the loss is ``nll(log(softmax(z)))`` (``log(0) = -inf``, then NaN) instead of
-            ``cross_entropy``; the MLP then has a cosine head whose logits reach +-100, so the softmax underflows.
+            ``cross_entropy``; the MLP then has a cosine head whose logits reach +-200, so the softmax underflows.
             ``"div"``: the MLP L2-normalises its input as ``x / x.norm()`` without eps, and the data holds
             zero-padded rows. Both only for ``model="mlp"``.
         seed: seeds the model, the init and the batch order (the data itself is fixed).
@@ -142,7 +145,8 @@ class RunResult:
         losses: the training loss of every step.
         first_loss: mean of the first 5 steps' losses (NaN if any is non-finite).
         last_loss: mean of the last 5 steps' losses.
-        trained: every loss finite, ``last_loss < TRAINED_FRACTION * first_loss`` and no GradHealthMonitor flag.
+        trained: every loss finite, ``last_loss < TRAINED_FRACTION * min(first_loss, chance)`` (chance: ln of
+            the classes or the vocabulary) and no GradHealthMonitor flag.
         flagged: ``GradHealthMonitor.flagged_steps`` (steps flagged, by condition); empty without one.
         warnings: the messages of every :class:`~gradmon.GradientHealthWarning` raised during the run.
         findings: the first finding of each cause the ActivationMonitor found (``found.values()``).
@@ -290,7 +294,8 @@ def build_mlp(config: RunConfig) -> nn.Sequential:
         layers += [nn.Linear(features, config.width), *_norm_layer(config.norm, config.width, False)]
         layers.append(ACTIVATIONS[config.activation]())
         features = config.width
-    layers.append(CosineHead(features, CLASSES, COSINE_SCALE) if config.bad_op == "log" else nn.Linear(features, CLASSES))
+    head = CosineHead(features, CLASSES, COSINE_SCALE) if config.bad_op == "log" else nn.Linear(features, CLASSES)
+    layers.append(head)
     return nn.Sequential(*layers)
 
 
@@ -567,7 +572,7 @@ def run(config: RunConfig, callbacks: list | None = None, log_every_n_steps: int
         losses=losses,
         first_loss=first,
         last_loss=last,
-        trained=finite and last < TRAINED_FRACTION * first and not any(flagged.values()),
+        trained=finite and last < TRAINED_FRACTION * min(first, chance_loss(config)) and not any(flagged.values()),
         flagged=flagged,
         warnings=[str(w.message) for w in caught if issubclass(w.category, GradientHealthWarning)],
         findings=list(monitors[0].found.values()) if monitors else [],
@@ -575,6 +580,11 @@ def run(config: RunConfig, callbacks: list | None = None, log_every_n_steps: int
         trainer=trainer,
         seconds=seconds,
     )
+
+
+def chance_loss(config: RunConfig) -> float:
+    """The cross-entropy of a uniform guess: ln(classes), or ln(vocabulary) for a language model."""
+    return math.log(VOCAB if config.model in LANGUAGE_MODELS else CLASSES)
 
 
 def _mean(values: list[float]) -> float:
@@ -594,13 +604,13 @@ def _gelu_std(width: int) -> float:
 
 
 def _cases() -> list[Case]:
-    relu_mlp = RunConfig("mlp", depth=10, init=KAIMING, lr=0.02)
+    relu_mlp = RunConfig("mlp", depth=10, init=KAIMING, lr=0.05)
     gelu_mlp = RunConfig("mlp", activation="gelu", depth=10, init=f"normal(std={_gelu_std(64)})", lr=0.02)
     tanh_mlp = RunConfig("mlp", activation="tanh", depth=8, init="xavier_normal(gain=1.667)", lr=0.02)
-    conv = RunConfig("conv", depth=10, width=16, init=KAIMING, lr=0.02, steps=60)
+    conv = RunConfig("conv", depth=10, width=16, init=KAIMING, optimizer="sgd_momentum", lr=0.02)
     gpt = RunConfig("gpt", activation="gelu", depth=2, width=64, init="normal(std=0.02)", optimizer="adamw",
                     lr=3e-3)
-    post_ln = replace(gpt, depth=6, post_ln=True, optimizer="adam", lr=1e-2, warmup_steps=25)
+    post_ln = replace(gpt, depth=4, post_ln=True, optimizer="adam", lr=2e-2, warmup_steps=30, steps=80)
     rnn = RunConfig("rnn", activation="tanh", depth=1, width=64, init_recurrent="orthogonal", optimizer="adam",
                     lr=3e-3)
     cases: list[Case] = []
@@ -616,15 +626,15 @@ def _cases() -> list[Case]:
     healthy("healthy/relu_mlp_kaiming", relu_mlp, "10-layer ReLU MLP, kaiming, SGD")
     healthy("healthy/gelu_mlp", gelu_mlp, "10-layer GELU MLP, N(0, 1.53/sqrt(64)), SGD")
     healthy("healthy/tanh_mlp_xavier", tanh_mlp, "8-layer tanh MLP, xavier gain 5/3, SGD")
-    healthy("healthy/conv_kaiming", conv, "10-layer plain conv net (no BN), kaiming, SGD")
+    healthy("healthy/conv_kaiming", conv, "10-layer plain conv net (no BN), kaiming, SGD momentum")
     healthy("healthy/gpt", gpt, "2-block pre-LN GPT, nanoGPT init N(0, 0.02), AdamW 3e-3")
-    healthy("healthy/gpt_postln_warmup", post_ln, "6-block post-LN GPT, Adam 1e-2 with 25 warm-up steps")
+    healthy("healthy/gpt_postln_warmup", post_ln, "4-block post-LN GPT, Adam 2e-2 with 30 warm-up steps")
     healthy("healthy/rnn_orthogonal", rnn, "tanh RNN LM, orthogonal recurrent weights, Adam")
     healthy("healthy/mlp_sgd_momentum", replace(relu_mlp, depth=4, optimizer="sgd_momentum", lr=0.02),
             "4-layer ReLU MLP, kaiming, SGD momentum 0.9")
     healthy("healthy/mlp_guarded_log", RunConfig("mlp", depth=3, init=KAIMING, bad_op="log", guard=True,
                                                   optimizer="adam", lr=1e-3),
-            "3-layer MLP with a cosine head (logits +-100), log_softmax loss")
+            "3-layer MLP with a cosine head (logits +-200), log_softmax loss")
     healthy("healthy/mlp_guarded_div", RunConfig("mlp", depth=3, init=KAIMING, bad_op="div", guard=True,
                                                  optimizer="adam", lr=1e-3),
             "3-layer MLP normalising its input with eps; zero-padded rows in the data")
@@ -655,19 +665,19 @@ def _cases() -> list[Case]:
          "4-layer ReLU MLP, SGD momentum at lr 2: diverges", lr=2.0)
     sick("lr_too_high/gpt_adamw", "healthy/gpt", "lr_too_high", {"lr": 3e-3},
          "2-block GPT, AdamW at lr 1: the loss rises and stays up", lr=1.0)
-    sick("lr_too_high/dead_relu_sgd", "healthy/relu_mlp_kaiming", "lr_too_high", {"lr": 0.02},
+    sick("lr_too_high/dead_relu_sgd", "healthy/relu_mlp_kaiming", "lr_too_high", {"lr": 0.05},
          "10-layer ReLU MLP, SGD at lr 1: large updates kill the ReLUs", lr=1.0)
-    sick("no_warmup/gpt_postln", "healthy/gpt_postln_warmup", "no_warmup", {"warmup_steps": 25},
-         "6-block post-LN GPT, Adam 1e-2 without warm-up", warmup_steps=0)
+    sick("no_warmup/gpt_postln", "healthy/gpt_postln_warmup", "no_warmup", {"warmup_steps": 30},
+         "4-block post-LN GPT, Adam 2e-2 without warm-up: collapses to the unigram loss", warmup_steps=0)
     sick("init_too_large/rnn_recurrent", "healthy/rnn_orthogonal", "init_too_large",
          {"init_recurrent": "orthogonal"}, "tanh RNN LM, recurrent N(0, 0.5): gradients explode through time",
          init_recurrent="normal(std=0.5)")
     sick("bad_op/log_softmax", "healthy/mlp_guarded_log", "bad_op", {"guard": True},
-         "nll(log(softmax(z))) with logits +-100: log(0) = -inf, then NaN", guard=False)
+         "nll(log(softmax(z))) with logits +-200: log(0) = -inf, then NaN", guard=False)
     sick("bad_op/div_norm", "healthy/mlp_guarded_div", "bad_op", {"guard": True},
          "x / x.norm() without eps on zero-padded rows: 0/0 = NaN", guard=False)
     sick("lr_too_low/mlp_sgd", "healthy/mlp_sgd_momentum", "lr_too_low", {"lr": 0.02},
-         "4-layer ReLU MLP, SGD momentum at lr 2e-5: the loss barely moves", lr=2e-5)
+         "4-layer ReLU MLP, SGD momentum at lr 2e-4: the loss barely moves", lr=2e-4)
 
     # Healthy runs of their own.
     healthy("healthy/gpt_tied", replace(gpt, tied=True), "2-block pre-LN GPT with tied embeddings")
@@ -676,13 +686,13 @@ def _cases() -> list[Case]:
     healthy("healthy/resnet_bn", RunConfig("resnet", depth=3, width=16, init=KAIMING, optimizer="sgd_momentum",
                                            lr=0.05), "3-block residual conv net with BatchNorm, SGD momentum")
     healthy("healthy/conv_bn", replace(conv, norm="batchnorm", init=None, lr=0.05),
-            "10-layer conv net with BatchNorm, default init, SGD")
+            "10-layer conv net with BatchNorm, default init, SGD momentum")
     healthy("healthy/lstm_clip", RunConfig("lstm", depth=1, width=64, optimizer="adam", lr=1e-2, clip=1.0),
             "LSTM LM, Adam 1e-2, gradient clipping 1.0")
     healthy("healthy/gru", RunConfig("gru", depth=1, width=64, optimizer="adam", lr=1e-2), "GRU LM, Adam 1e-2")
     healthy("healthy/mlp3_adam", RunConfig("mlp", depth=3, optimizer="adam", lr=1e-2),
             "3-layer ReLU MLP, default init, Adam 1e-2")
-    healthy("healthy/silu_mlp", RunConfig("mlp", activation="silu", depth=8, init="kaiming_normal", lr=0.02),
+    healthy("healthy/silu_mlp", RunConfig("mlp", activation="silu", depth=8, init="kaiming_normal", lr=0.05),
             "8-layer SiLU MLP, kaiming (gain sqrt 2 ~ SiLU's 1.68), SGD")
     healthy("healthy/mlp_layernorm", RunConfig("mlp", depth=8, norm="layernorm", optimizer="adam", lr=1e-3),
             "8-layer ReLU MLP with LayerNorm, default init, Adam")
