@@ -47,9 +47,10 @@ LM_BATCH = 16
 #: chance (the loss of a uniform guess): a net that starts far above chance (saturated logits) and falls 15% has
 #: not trained.
 TRAINED_FRACTION = 0.85
-#: The scale of the cosine-similarity head of the ``bad_op="log"`` MLP: logits up to +-200, so a confidently wrong
-#: example's softmax underflows to 0 (exp(-104) is below float32's smallest subnormal) within a step or two.
-COSINE_SCALE = 200.0
+#: The scale of the cosine-similarity head of the ``bad_op="log"`` MLP: logits up to +-300, so the softmax of an
+#: example whose target logit is 104 below the largest underflows to 0 (exp(-104) is below float32's smallest
+#: subnormal); at this scale some example of the first batch already does, and the mislabelled ones keep doing so.
+COSINE_SCALE = 300.0
 LANGUAGE_MODELS = ("gpt", "mha_gpt", "rnn", "lstm", "gru")
 RECURRENT = {"rnn": nn.RNN, "lstm": nn.LSTM, "gru": nn.GRU}
 ACTIVATIONS: dict[str, type[nn.Module]] = {
@@ -88,7 +89,7 @@ class RunConfig:
         steps: ``max_steps``.
         guard: ``False`` plants the bad op ``bad_op`` names; ``True`` uses its safe form.
         bad_op: ``"log"``: the loss is ``nll(log(softmax(z)))`` (``log(0) = -inf``, then NaN) instead of
-            ``cross_entropy``; the MLP then has a cosine head whose logits reach +-200, so the softmax underflows.
+            ``cross_entropy``; the MLP then has a cosine head whose logits reach +-300, so the softmax underflows.
             ``"div"``: the MLP L2-normalises its input as ``x / x.norm()`` without eps, and the data holds
             zero-padded rows. Both only for ``model="mlp"``.
         seed: seeds the model, the init and the batch order (the data itself is fixed).
@@ -182,12 +183,13 @@ def _generator(seed: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed)
 
 
-def classification_data(n: int = 2048, padded: bool = False) -> TensorDataset:
+def classification_data(n: int = 2048, padded: bool = False, noisy: bool = False) -> TensorDataset:
     """A Gaussian mixture: 2 clusters per class (so a linear model is not enough) in ``FEATURES`` dimensions.
 
     Args:
         n: samples.
         padded: make one sample in 8 an all-zero row (zero padding), labelled class 0.
+        noisy: give one sample in 10 a random label (label noise: the net grows confidently wrong on them).
     """
     g = _generator(1234)
     centres = torch.randn(2 * CLASSES, FEATURES, generator=g) * 0.6
@@ -198,6 +200,9 @@ def classification_data(n: int = 2048, padded: bool = False) -> TensorDataset:
         pad = torch.arange(n) % 8 == 0
         x[pad] = 0.0
         y[pad] = 0
+    if noisy:
+        flip = torch.arange(n) % 10 == 0
+        y[flip] = torch.randint(CLASSES, (int(flip.sum()),), generator=g)
     return TensorDataset(x, y)
 
 
@@ -229,20 +234,22 @@ def sequence_data(n: int = 512) -> TensorDataset:
     return TensorDataset(tokens[:, :-1], tokens[:, 1:])
 
 
-_DATA: dict[tuple[str, bool], TensorDataset] = {}
+_DATA: dict[tuple[str, str | None], TensorDataset] = {}
 
 
 def dataset(config: RunConfig) -> TensorDataset:
     """The (cached) data set a config trains on."""
     if config.model in LANGUAGE_MODELS:
-        key = ("lm", False)
+        key = ("lm", None)
     elif config.model in ("conv", "resnet"):
-        key = ("image", False)
+        key = ("image", None)
     else:
-        key = ("vector", config.bad_op == "div")
+        key = ("vector", config.bad_op)
     if key not in _DATA:
-        kind, padded = key
-        _DATA[key] = {"lm": sequence_data, "image": image_data}.get(kind, lambda: classification_data(padded=padded))()
+        kind, bad_op = key
+        make = {"lm": sequence_data, "image": image_data}.get(
+            kind, lambda: classification_data(padded=bad_op == "div", noisy=bad_op == "log"))
+        _DATA[key] = make()
     return _DATA[key]
 
 
@@ -607,7 +614,7 @@ def _cases() -> list[Case]:
     relu_mlp = RunConfig("mlp", depth=10, init=KAIMING, lr=0.05)
     gelu_mlp = RunConfig("mlp", activation="gelu", depth=10, init=f"normal(std={_gelu_std(64)})", lr=0.02)
     tanh_mlp = RunConfig("mlp", activation="tanh", depth=8, init="xavier_normal(gain=1.667)", lr=0.02)
-    conv = RunConfig("conv", depth=10, width=16, init=KAIMING, optimizer="sgd_momentum", lr=0.02)
+    conv = RunConfig("conv", depth=10, width=16, init=KAIMING, optimizer="sgd_momentum", lr=0.01, steps=100)
     gpt = RunConfig("gpt", activation="gelu", depth=2, width=64, init="normal(std=0.02)", optimizer="adamw",
                     lr=3e-3)
     post_ln = replace(gpt, depth=4, post_ln=True, optimizer="adam", lr=2e-2, warmup_steps=30, steps=80)
@@ -633,8 +640,8 @@ def _cases() -> list[Case]:
     healthy("healthy/mlp_sgd_momentum", replace(relu_mlp, depth=4, optimizer="sgd_momentum", lr=0.02),
             "4-layer ReLU MLP, kaiming, SGD momentum 0.9")
     healthy("healthy/mlp_guarded_log", RunConfig("mlp", depth=3, init=KAIMING, bad_op="log", guard=True,
-                                                  optimizer="adam", lr=1e-3),
-            "3-layer MLP with a cosine head (logits +-200), log_softmax loss")
+                                                  optimizer="adam", lr=3e-3, steps=100),
+            "3-layer MLP with a cosine head (logits +-300), 10% label noise, log_softmax loss")
     healthy("healthy/mlp_guarded_div", RunConfig("mlp", depth=3, init=KAIMING, bad_op="div", guard=True,
                                                  optimizer="adam", lr=1e-3),
             "3-layer MLP normalising its input with eps; zero-padded rows in the data")
@@ -673,7 +680,7 @@ def _cases() -> list[Case]:
          {"init_recurrent": "orthogonal"}, "tanh RNN LM, recurrent N(0, 0.5): gradients explode through time",
          init_recurrent="normal(std=0.5)")
     sick("bad_op/log_softmax", "healthy/mlp_guarded_log", "bad_op", {"guard": True},
-         "nll(log(softmax(z))) with logits +-200: log(0) = -inf, then NaN", guard=False)
+         "nll(log(softmax(z))) with logits +-300: log(0) = -inf, then NaN", guard=False)
     sick("bad_op/div_norm", "healthy/mlp_guarded_div", "bad_op", {"guard": True},
          "x / x.norm() without eps on zero-padded rows: 0/0 = NaN", guard=False)
     sick("lr_too_low/mlp_sgd", "healthy/mlp_sgd_momentum", "lr_too_low", {"lr": 0.02},
