@@ -90,13 +90,15 @@ class OptimizerInfo:
 @dataclass(frozen=True)
 class StepRecord:
     """What later steps remember of an observed step: the total gradient norm, the loss (``nan`` when unknown), the
-    median over layers of the weights' RMS over their RMS at the start, and the learning rate."""
+    median over layers of the weights' RMS over their RMS at the start, the learning rate and the median update
+    ratio."""
 
     step: int
     grad_norm: float
     loss: float = math.nan
     weight_growth: float = math.nan
     lr: float = math.nan
+    update_ratio: float = math.nan
 
 
 @dataclass(frozen=True)
@@ -161,10 +163,16 @@ class Evidence:
                  and math.isfinite(layer.weight_rms)]
         return statistics.median(moves) if moves else math.nan
 
+    def median_update_ratio(self) -> float:
+        """The median over layers of the update ratios, leaving out steps not taken (0); ``nan`` without any."""
+        ratios = [v for v in (self.update_ratios or {}).values() if math.isfinite(v) and v > 0]
+        return statistics.median(ratios) if ratios else math.nan
+
     def record(self) -> StepRecord:
         """What later steps remember of this one."""
         lr = self.optimizer.lr if self.optimizer is not None else math.nan
-        return StepRecord(self.step, self.total_grad_norm(), self.loss, self.weight_growth(), lr)
+        return StepRecord(self.step, self.total_grad_norm(), self.loss, self.weight_growth(), lr,
+                          self.median_update_ratio())
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -58,8 +58,14 @@ NEGATIVE_BIAS = -0.5
 UPDATE_RATIO_HIGH = 0.1
 #: A median update ratio below this is a hundredfold below the usual ~1e-3, for any optimizer.
 UPDATE_RATIO_LOW = 1e-5
-#: The update ratio a suggested learning rate aims at: ten times the usual, still far from UPDATE_RATIO_HIGH.
-TARGET_RATIO = 1e-2
+#: A median update ratio below this (5x below the usual ~1e-3; healthy runs of the diagnosis zoo stay above 4.8e-4)
+#: at :data:`SLOW_STEPS` observed steps in a row, while the loss stays above :data:`LOSS_SLOW` of its first value:
+#: training crawls.
+UPDATE_RATIO_SLOW = 2e-4
+SLOW_STEPS = 3
+LOSS_SLOW = 0.8
+#: The update ratio a suggested learning rate aims at: within the healthy runs' range (2e-3 to 1e-2 on SGD).
+TARGET_RATIO = 3e-3
 #: The loss this many times its first observed value: the run diverges (a healthy run's loss falls from the start).
 LOSS_RISE = 1.5
 #: Weights grown DRIFT-fold while the loss stays above this fraction of its first value: growth that buys nothing.
@@ -67,8 +73,15 @@ LOSS_STALL = 0.95
 #: For an Adam-like optimizer, the suggested learning rate moves each weight by this fraction of the weights' initial
 #: RMS per step (1e-3 for a GPT initialised N(0, 0.02)), and at most a tenth of the learning rate that diverged.
 ADAPTIVE_STEP = 0.05
-#: Warm-up steps suggested for a post-LN transformer that diverged without one.
-WARMUP_STEPS = 50
+#: Warm-up suggested for a post-LN transformer that broke down without one: over this many times the steps it took
+#: to break down (the ramp must span the phase that broke it several times over), and at least WARMUP_MIN steps.
+WARMUP_SPAN = 3
+WARMUP_MIN = 20
+#: In a net with normalisation layers, whose scale the depth rule cannot read, a gradient at the first quarter of the
+#: layers below this fraction of the last quarter's, once the weights grew DRIFT-fold, is a collapse the updates made
+#: (the normalisation divides by activations that grew). Healthy recurrent and convolutional nets of the zoo stay
+#: above 3e-2.
+GRADIENT_COLLAPSE = 1e-2
 #: A recurrent layer whose hidden-to-hidden gain (about its spectral radius) is above this makes the gradient grow
 #: through time; PyTorch's default is 0.58, orthogonal 1.
 RECURRENT_GAIN = 2.0
@@ -104,6 +117,7 @@ def diagnose(evidence: Evidence) -> list[Finding]:
     if nonfinite is not None:
         return [nonfinite]
     findings = signal_through_depth(evidence)
+    findings += collapse_behind_norms(evidence)
     findings += recurrent_scale(evidence)
     findings += saturated_units(evidence, findings)
     findings += dead_units(evidence, findings)
@@ -151,12 +165,14 @@ def nonfinite_values(evidence: Evidence) -> Finding | None:
         numbers["non-finite output RMS"] = overflow.rms
         if before is not None:
             numbers["input RMS"] = before.rms
-        if calm and before is not None and math.isfinite(before.rms) and before.rms < MODERATE:
+        if calm and (before is None or math.isfinite(before.rms) and before.rms < MODERATE):
             cause = "bad_op"
-            why = (f"the output of {overflow.name} is non-finite while its input ({before.name}, RMS "
-                   f"{fmt(before.rms)}) and every weight are finite and moderate: an operation in {overflow.name} or "
-                   f"between {before.name} and it makes NaN or inf from finite values (a division by zero, log or "
-                   "sqrt of zero or of a negative)")
+            source = (f"its input ({before.name}, RMS {fmt(before.rms)})" if before is not None
+                      else "it is the first module observed, so its input is the batch or what the forward did to it")
+            between = f"between {before.name} and it" if before is not None else "before it (or the batch itself)"
+            why = (f"the output of {overflow.name} is non-finite while {source} and every weight are finite and "
+                   f"moderate: an operation in {overflow.name} or {between} makes NaN or inf from finite values (a "
+                   "division by zero, log or sqrt of zero or of a negative)")
             try_ = "guard that operation: x / (y + eps), log(x + eps), clamp before sqrt"
             fix = {"guard": True}
         else:
@@ -166,11 +182,13 @@ def nonfinite_values(evidence: Evidence) -> Finding | None:
                 f"; the total gradient norm was {fmt(spike.grad_norm)} at step {spike.step}" if spike else "")
             try_ = ("keep activations in range: normalisation, a smaller init scale or learning rate; under fp16, "
                     "bf16 or a loss scale")
-    elif calm and evidence.activations and math.isfinite(evidence.loss):
+    elif calm and evidence.activations:
         cause = "bad_op"
-        why = ("every forward output, the loss, the weights and the earlier gradients are finite, yet the gradient is "
-               "not: an operation whose derivative is infinite where it is evaluated (log or sqrt at 0, a division by "
-               "zero), most often in the loss (log of a softmax that underflowed)")
+        loss = "the loss is finite" if math.isfinite(evidence.loss) else f"the loss is {evidence.loss}"
+        why = (f"every module's output, the weights and the earlier gradients are finite and {loss}, yet the gradient "
+               "is not: an operation after the last module or in the loss makes inf from finite values or has an "
+               "infinite derivative where it is evaluated (log or sqrt at 0, a division by zero; most often the log "
+               "of a softmax that underflowed)")
         try_ = "guard that operation: log_softmax instead of log(softmax), log(x + eps), x / (y + eps)"
         fix = {"guard": True}
     elif spike is not None:
@@ -445,6 +463,54 @@ def _scheme(evidence: Evidence, layers: Sequence[LayerInfo]) -> str | None:
 # ---------------------------------------------------------------------------------------------------------------
 
 
+def collapse_behind_norms(evidence: Evidence) -> list[Finding]:
+    """In a net with normalisation layers (where :func:`signal_through_depth` cannot read the scale), weights grown
+    :data:`DRIFT`-fold and a gradient at the first quarter of the layers (in registration order) below
+    :data:`GRADIENT_COLLAPSE` of the last quarter's: the updates were too large (a post-LN transformer on an
+    Adam-like optimizer without warm-up: no warm-up)."""
+    grads = [(name, v) for name, v in (evidence.grad_norms or {}).items() if math.isfinite(v)]
+    if not any(layer.normalized for layer in evidence.layers) or len(grads) < 2 * DEPTH_MIN_LAYERS:
+        return []
+    growth = evidence.weight_growth()
+    if not (math.isfinite(growth) and growth > DRIFT):
+        return []
+    quarter = len(grads) // 4
+    first = statistics.median(v for _, v in grads[:quarter])
+    last = statistics.median(v for _, v in grads[-quarter:])
+    if not last > 0 or first / last >= GRADIENT_COLLAPSE:
+        return []
+    numbers = {"first layers / last layers gradient": first / last, "weight RMS change since start": growth}
+    what = (f"the gradient at the first {quarter} layers ({grads[0][0]}, ...) is {fmt(first / last)} of the last "
+            f"{quarter} layers' while the weights' RMS grew {fmt(growth)}x since the start: the normalisation layers "
+            "divide by activations the updates made large, and pass little gradient back")
+    layers = tuple(name for name, _ in grads[:quarter])
+    optimizer = evidence.optimizer
+    if optimizer is not None and optimizer.adaptive and evidence.post_norm and not _warming(evidence):
+        return [_warmup_finding(evidence, "backward_decay", layers, what, numbers)]
+    return [_lr_finding(evidence, "backward_decay", layers, what, numbers, "activations")]
+
+
+def _warming(evidence: Evidence) -> bool:
+    """Whether the learning rate rose over the observed steps (a warm-up)."""
+    records = [*evidence.history, evidence.record()]
+    return any(r.lr < records[-1].lr for r in records[:-1] if math.isfinite(r.lr))
+
+
+def _warmup_finding(
+    evidence: Evidence, condition: str, layers: Sequence[str], what: str, numbers: dict[str, float],
+) -> Finding:
+    optimizer = evidence.optimizer
+    assert optimizer is not None
+    steps = max(WARMUP_MIN, WARMUP_SPAN * evidence.step)
+    return Finding(
+        evidence.step, condition, "no_warmup", tuple(layers),
+        f"{what}; a post-LN transformer (LayerNorm after each residual sum) on {optimizer.name} at lr "
+        f"{fmt(optimizer.lr)} from the first step takes early updates too large for it",
+        f"a linear learning-rate warm-up over the first {steps} steps or more (or pre-LN blocks)",
+        numbers, {"warmup_steps": steps}, "history",
+    )
+
+
 def recurrent_scale(evidence: Evidence) -> list[Finding]:
     """Recurrent weights whose gain (:class:`~gradmon.diagnosis.evidence.RecurrentInfo`) is above
     :data:`RECURRENT_GAIN`: the gradient grows by about that factor per time step back."""
@@ -571,8 +637,10 @@ def learning_rate(evidence: Evidence, found: Sequence[Finding]) -> list[Finding]
     """The learning rate, judged as the optimizer uses it, and divergence over the observed steps.
 
     - SGD (and an unknown optimizer): a median update ratio above :data:`UPDATE_RATIO_HIGH` is too high.
-    - Any optimizer: a median update ratio below :data:`UPDATE_RATIO_LOW` is too low, unless a signal vanishing
-      through depth (found beside it) explains the small gradients.
+    - Any optimizer: a median update ratio below :data:`UPDATE_RATIO_LOW`, or below :data:`UPDATE_RATIO_SLOW` at
+      :data:`SLOW_STEPS` observed steps in a row while the loss stays above :data:`LOSS_SLOW` of its first value, is
+      too low, unless a signal vanishing through depth (found beside it) explains the small gradients, or a schedule
+      lowered the learning rate on purpose (below half its largest value so far).
     - Any optimizer, over the observed steps: the loss rising :data:`LOSS_RISE`-fold from its first value, or the
       weights grown :data:`DRIFT`-fold while it stays above :data:`LOSS_STALL` of it, is divergence (a post-LN
       transformer on an Adam-like optimizer without warm-up: no warm-up).
@@ -593,11 +661,14 @@ def learning_rate(evidence: Evidence, found: Sequence[Finding]) -> list[Finding]
     name = f"{optimizer.name} at lr {fmt(lr)}" if optimizer is not None else "the optimizer"
     what = (f"the step changed the weights by {fmt(median)} of their norm (median over {len(ratios)} layers)"
             f" where about 1e-3 is usual")
-    if median < UPDATE_RATIO_LOW:
-        layers = tuple(k for k, v in ratios.items() if v < UPDATE_RATIO_LOW)
-        new = round_lr(lr * min(1e3, 1e-3 / median)) if math.isfinite(lr) else math.nan
+    if (median < UPDATE_RATIO_LOW or _crawling(evidence)) and not _annealed(evidence):
+        layers = tuple(k for k, v in ratios.items() if v < UPDATE_RATIO_SLOW)
+        new = round_lr(lr * min(1e3, TARGET_RATIO / median)) if math.isfinite(lr) else math.nan
         mechanism = ("it moves each weight by about lr" if adaptive
                      else "it moves each weight by lr times its gradient, and the gradients are not vanishing")
+        losses = [r.loss for r in evidence.history if math.isfinite(r.loss)]
+        if losses and math.isfinite(evidence.loss):
+            mechanism += f"; the loss went from {fmt(losses[0])} to {fmt(evidence.loss)}"
         return [Finding(
             evidence.step, "update_ratio_low", "lr_too_low", layers, f"{what}: {name}; {mechanism}",
             f"a larger learning rate ({fmt(new)})" if math.isfinite(new) else "a larger learning rate",
@@ -614,6 +685,23 @@ def learning_rate(evidence: Evidence, found: Sequence[Finding]) -> list[Finding]
             numbers, {"lr": new} if math.isfinite(new) else {}, "weights",
         )]
     return []
+
+
+def _crawling(evidence: Evidence) -> bool:
+    """The update ratio below :data:`UPDATE_RATIO_SLOW` at the last :data:`SLOW_STEPS` observed steps, and the loss
+    above :data:`LOSS_SLOW` of its first value."""
+    records = [*evidence.history, evidence.record()][-SLOW_STEPS:]
+    losses = [r.loss for r in [*evidence.history, evidence.record()] if math.isfinite(r.loss)]
+    return (
+        len(records) == SLOW_STEPS and all(r.update_ratio < UPDATE_RATIO_SLOW for r in records)
+        and len(losses) >= 2 and losses[-1] > LOSS_SLOW * losses[0]
+    )
+
+
+def _annealed(evidence: Evidence) -> bool:
+    """Whether a schedule brought the learning rate below half its largest value so far."""
+    rates = [r.lr for r in [*evidence.history, evidence.record()] if math.isfinite(r.lr)]
+    return bool(rates) and rates[-1] < 0.5 * max(rates)
 
 
 def _divergence(evidence: Evidence) -> Finding | None:
@@ -637,15 +725,8 @@ def _divergence(evidence: Evidence) -> Finding | None:
         numbers["weight RMS change since start"] = growth
     layers = tuple(layer.name for layer in evidence.layers)
     optimizer = evidence.optimizer
-    warming = any(r.lr < records[-1].lr for r in records[:-1] if math.isfinite(r.lr))
-    if optimizer is not None and optimizer.adaptive and evidence.post_norm and not warming:
-        return Finding(
-            evidence.step, "divergence", "no_warmup", layers,
-            f"{what}: a post-LN transformer (LayerNorm after each residual sum) on {optimizer.name} at lr "
-            f"{fmt(optimizer.lr)} from the first step; its early updates are too large for the layers near the output",
-            f"a linear learning-rate warm-up over the first {WARMUP_STEPS} steps or more (or pre-LN blocks)",
-            numbers, {"warmup_steps": WARMUP_STEPS}, "history",
-        )
+    if optimizer is not None and optimizer.adaptive and evidence.post_norm and not _warming(evidence):
+        return _warmup_finding(evidence, "divergence", layers, what, numbers)
     return _lr_finding(evidence, "divergence", layers, what, numbers, "history")
 
 
