@@ -25,9 +25,10 @@ from gradmon.report import layer_norms, load_run
 EPOCHS, BATCHES = 2, 3
 MAX_STEPS = EPOCHS * BATCHES
 
-pytestmark = pytest.mark.filterwarnings(
-    "ignore::gradmon.GradientHealthWarning", "ignore:.*LightningCLI's args parameter.*"
-)
+pytestmark = [
+    pytest.mark.slow,  # the experiments train real models
+    pytest.mark.filterwarnings("ignore::gradmon.GradientHealthWarning", "ignore:.*LightningCLI's args parameter.*"),
+]
 
 
 def test_every_config_is_run_by_the_demo():
