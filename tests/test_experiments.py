@@ -268,18 +268,6 @@ def test_a_demo_run_prints_one_line_with_its_steps_accuracy_and_findings(tmp_pat
     assert "diagnosis: init scale too large (step 0)" in line
 
 
-def test_health_warnings_print_as_the_category_and_message():
-    import warnings
-
-    from gradmon import GradientHealthWarning
-
-    # What Python's default warning display prints: no "gradmon:0:" location, since there is no user line to show.
-    assert warnings.formatwarning("gradmon: test", GradientHealthWarning, "gradmon", 0) == (
-        "GradientHealthWarning: gradmon: test\n"
-    )
-    assert warnings.formatwarning("other", UserWarning, "x.py", 3, line="").startswith("x.py:3: UserWarning: other")
-
-
 def test_the_benchmark_times_steps_and_gradmons_hooks(tmp_path):
     from experiments import benchmark, profile_hooks
 
