@@ -35,7 +35,7 @@ def test_every_config_is_run_by_the_demo():
     assert sorted(CONFIGS) == sorted(p.stem for p in CONFIG_DIR.glob("*.yaml") if p.stem != "base")
 
 
-def test_the_demo_runs_the_experiments_in_the_readmes_order_named_as_their_runs():
+def test_the_demo_runs_the_experiments_in_the_docs_order_named_as_their_runs():
     assert EXPERIMENTS == ("sigmoid", "matrix_product", "vanishing", "init", "exploding", "gradcheck")
     experiments = [run_name(config)[0] for config in CONFIGS]
     assert experiments == ["vanishing"] * 3 + ["init"] * 5 + ["exploding"] + ["gradcheck"] * 2
