@@ -28,7 +28,7 @@ from experiments.models import MLP
 warnings.filterwarnings("ignore", ".*does not have many workers.*")
 
 #: Intra-op threads for the experiments' runs. Their matrices are 64 wide, too small to split over threads; on a busy
-#: two-core machine the threads' spin-waiting made a 230-step run take 80 s instead of 2 s.
+#: machine with few cores the threads' spin-waiting makes runs many times slower.
 THREADS = 1
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 #: What every experiment's config shares, loaded before the variant's own.

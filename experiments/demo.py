@@ -26,7 +26,7 @@ from gradmon import ActivationMonitor, GradCheck, GradHealthMonitor, GradientHea
 from gradmon.diagnosis import CAUSES
 from gradmon.report import write_report
 
-#: The trained experiments in the order the README walks through them; one not listed here runs after them.
+#: The trained experiments in the order docs/experiments.md walks through them; one not listed here runs after them.
 WALKTHROUGH = ("vanishing", "init", "exploding", "gradcheck")
 
 

@@ -22,7 +22,7 @@ import torch
 
 import gradmon.health
 import gradmon.norms
-from experiments.benchmark import BATCH, IN_FEATURES, NUM_CLASSES, WARMUP_STEPS, BenchMLP, HookClock
+from experiments.timing import BATCH, IN_FEATURES, NUM_CLASSES, WARMUP_STEPS, BenchMLP, HookClock
 from gradmon import GradHealthMonitor, GradNormMonitor
 
 

@@ -1,7 +1,7 @@
 """Health rules: classify each layer's gradient norm as vanishing, exploding, non-finite or healthy.
 
-Pure Python over the per-layer norms of one step (already on the host), so the rules cost microseconds and can be
-used from a plain PyTorch loop::
+Pure Python over the per-layer norms of one step (already on the host), so the rules cost little and can be used
+from a plain PyTorch loop::
 
     tracker = HealthTracker(HealthRules())
     events = tracker.update(step, {"net.0": 3e-9, "net.2": 0.4})
@@ -72,7 +72,7 @@ class HealthRules:
       sigmoid MLP); a gradient that far below its layer's is cancelled by construction or at its optimum. A bias
       followed by a normalization that subtracts the batch mean (``Linear`` or ``Conv2d`` then ``BatchNorm``) has an
       exact gradient of zero: rounding leaves it at 1e-8 to 1e-4 of its weight's in float32 and up to 5e-3 under
-      bfloat16 autocast, where healthy biases measured 0.015 to 3 times their weight's.
+      bfloat16 autocast, while healthy biases' gradients typically lie at 0.015 to 3 times their weight's.
     - ``vanishing_patience=10``: vanishing does no harm in one step; ten consecutive steps rule out a passing dip.
     - ``exploding_patience=1``: an explosion usually turns into NaN weights within a step or two, so it is flagged at
       once, which is what lets a ``"skip"`` action protect the weights. Non-finite is always flagged at once.

@@ -86,7 +86,7 @@ class ParamLayout:
         #: Whether any tensor is a shard (its norms then need a collective to be whole).
         self.sharded = self._shard_weights is not None
         # Decided once here rather than at every step (the per-step path runs inside a training loop, where every
-        # extra line of Python costs microseconds): whether per-tensor norms can be left as the kernels' scalars
+        # extra line of Python counts): whether per-tensor norms can be left as the kernels' scalars
         # (:func:`norm_parts`: nothing sharded, and one group or all of them in host memory), and whether each
         # layer's parameters sit side by side.
         #: Whether every tensor is in host memory (its norms can then be read one by one, without a device sync).
@@ -192,9 +192,8 @@ def stacked_norms(layout: ParamLayout, tensors: Sequence[Tensor], norm_type: flo
 
 
 # On the CPU, torch's norm kernel runs on one thread; for the 2-norm of a large float tensor a BLAS dot product
-# (multi-threaded, SIMD) is about three times as fast and, measured on 262k-element gradients, closer to the float64
-# norm (1e-7 against 1e-5 relative error). Below this size the per-tensor call costs more than the fused kernel saves
-# (measured inside a training loop, where the fused kernel is slower than in isolation).
+# (multi-threaded, SIMD) is faster and closer to the float64 norm. Below this size the per-tensor call costs more than
+# the fused kernel saves.
 _DOT_MIN_NUMEL = 1 << 14
 
 
@@ -448,9 +447,8 @@ class HostCopy:
     already in host memory and is kept as it is.
 
     The pinned buffer and the CUDA event that marks the copy's end are taken from a small pool and given back once
-    read. CUDA API calls cost tens of microseconds each while the device is busy with the backward pass (on an H100
-    inside a training step: allocating the pinned buffer 36 us, launching the copy 35, creating and recording the
-    event 60); reusing the buffer and the event leaves the launch and the record (measured there: 142 -> 88 us).
+    read. CUDA API calls are slow while the device is busy with the backward pass: reusing the buffer and the event
+    leaves only the copy's launch and the event's record on the host's clock.
     """
 
     def __init__(self, tensor: Tensor) -> None:
@@ -495,12 +493,6 @@ def host_norms(layout: ParamLayout, tensors: Sequence[Tensor], norm_type: float)
     """The norms of ``tensors`` (laid out as ``layout.params``, which must be ``floats_at_once``) read as Python floats
     at once: the fused kernels' scalars (:func:`norm_parts`) read one by one, no 0-d tensor kept and nothing to stack
     or copy later.
-
-    Stacking same-shape tensors into one tensor and reducing over its stacked dimensions was tried: bit for bit the
-    same numbers and three times as fast in a tight loop, but slower inside the 20x64 benchmark's training step
-    (GradHealthMonitor's hooks 6.5 to 6.8% of each run's step against 6.1 to 6.3%, even into buffers kept from step to
-    step), where gradmon's hook runs first after the backward and every kind of op it adds (the stack, a reduction)
-    starts cold, while the fused kernel repeats one op.
     """
     return Norms(layout, None, norm_type, host=read_host(norm_parts(layout, tensors, norm_type)))
 

@@ -1,5 +1,5 @@
 """Every tag gradmon logs, in one place: the callbacks write them, the TensorBoard layout charts them, ``gradmon
-report`` reads them, the README and the tests name them from here.
+report`` reads them, the docs and the tests name them from here.
 
 A tag is ``<metric>/<name>``: ``grad_norm/net.0``, ``grad_health/vanishing``. Loggers may put their own prefix in
 front (``TensorBoardLogger(prefix="x")`` writes ``x-grad_norm/net.0``), as they do for Lightning's own metrics.

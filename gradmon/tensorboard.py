@@ -19,9 +19,8 @@ from gradmon.tags import LAYOUT_CHARTS
 def write_scalars(writer: Any, values: Mapping[str, float], step: int) -> None:
     """Write all ``values`` at ``step`` as a single summary event.
 
-    One event with N values costs about a tenth of N separate ``add_scalar`` calls. The values are added to the
-    event's own summary in place (what ``add_summary`` would copy into a new event): 120 us instead of 280 for the
-    130 scalars of a 20-layer MLP's logging step.
+    One event with N values costs far less than N separate ``add_scalar`` calls. The values are added to the
+    event's own summary in place, rather than copied into a new event as ``add_summary`` would.
     """
     if not values:
         return

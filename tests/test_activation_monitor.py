@@ -254,6 +254,7 @@ torch.save({{"found": sorted(monitor.found)}}, os.path.join({out!r}, f"rank{{ran
 """
 
 
+@pytest.mark.slow  # 2 processes
 def test_under_ddp_rank_0_logs_the_statistics_of_its_own_batch(tmp_path: Path) -> None:
     script = tmp_path / "ddp_run.py"
     script.write_text(DDP_SCRIPT.format(tests=str(Path(__file__).parent), out=str(tmp_path)))

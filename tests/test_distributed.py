@@ -17,6 +17,8 @@ from helpers import MLP, PlantNaN, fit, logdir, mlp_layers, read_scalars
 from gradmon import GradHealthMonitor, GradNormMonitor
 from gradmon.init import initialize
 
+pytestmark = pytest.mark.slow  # every test starts 2 processes
+
 HERE = Path(__file__).parent
 LAYERS = mlp_layers(depth=3)
 

@@ -70,6 +70,7 @@ def reference() -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
     return grads, {n: p.detach() for n, p in model.named_parameters()}
 
 
+@pytest.mark.slow  # 2-process runs
 @pytest.mark.parametrize("config", CONFIGS)
 def test_fsdp1_layer_norms_are_those_of_the_full_gradients_on_every_rank(run: Path, reference, config: str) -> None:
     grads, weights = reference
@@ -94,6 +95,7 @@ def test_fsdp1_layer_norms_are_those_of_the_full_gradients_on_every_rank(run: Pa
         assert result["weight_norms"][1] == pytest.approx(want_total, rel=REL)
 
 
+@pytest.mark.slow  # 2-process runs
 @pytest.mark.parametrize("config", CONFIGS)
 def test_fsdp1_full_gradients_and_weights_are_gathered_for_histograms(run: Path, reference, config: str) -> None:
     grads, weights = reference
@@ -104,6 +106,7 @@ def test_fsdp1_full_gradients_and_weights_are_gathered_for_histograms(run: Path,
             torch.testing.assert_close(result["full_weights"][name], weights[name].reshape(-1), rtol=0, atol=0)
 
 
+@pytest.mark.slow  # 2-process runs
 def test_fsdp1_pieces_are_flat_uneven_and_gradless_where_a_rank_holds_nothing(run: Path) -> None:
     """What the norms must cope with (FULL_SHARD, each Linear wrapped and the root): 1-D pieces of uneven size
     (net.0's weight of 40 elements splits 23 + 17 with torch 2.13, its bias lies on rank 1), and a trainable
@@ -122,6 +125,7 @@ def test_fsdp1_pieces_are_flat_uneven_and_gradless_where_a_rank_holds_nothing(ru
     assert no_shard[weight] == (5, 8)
 
 
+@pytest.mark.slow  # 2-process runs
 @pytest.mark.parametrize(
     ("key", "phrase"),
     [
@@ -138,6 +142,7 @@ def test_fsdp1_configurations_gradmon_cannot_weight_raise_one_clear_error(run: P
         assert phrase in raw(run, rank)[key]
 
 
+@pytest.mark.slow  # 2-process runs
 def test_use_orig_params_false_shows_only_flat_parameters(run: Path) -> None:
     names = [name for name, *_ in raw(run, 0)["describe_orig_false"]]
     assert names and all(name.endswith("_flat_param") for name in names)
@@ -170,6 +175,7 @@ def lightning_reference() -> dict[str, dict[int, float]]:
     return want
 
 
+@pytest.mark.slow  # 2-process runs
 def test_grad_norm_monitor_under_lightning_fsdp_strategy_logs_full_gradient_norms(run: Path) -> None:
     results = [torch.load(run / f"lightning_rank{r}.pt", weights_only=False) for r in range(WORLD)]
     errors = [r["error"] for r in results if "error" in r]

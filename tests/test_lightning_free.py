@@ -48,6 +48,7 @@ def imports() -> Iterator[dict[str, subprocess.Popen]]:
         proc.wait()
 
 
+@pytest.mark.slow  # a fresh interpreter per module, each importing torch
 @pytest.mark.parametrize("module", CORE)
 def test_importing_a_core_module_imports_no_lightning(imports: dict[str, subprocess.Popen], module: str) -> None:
     out, err = imports[module].communicate(timeout=300)

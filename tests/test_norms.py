@@ -226,14 +226,14 @@ def test_transfer_brings_several_norms_to_the_host_in_one_transfer(monkeypatch: 
 # --- the plain-loop entry points -------------------------------------------------------------------------------
 
 
-def readme_snippet(section: str) -> str:
-    """The first python code block after ``section`` in the README, exactly as written."""
-    text = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+def docs_snippet(page: str, section: str) -> str:
+    """The first python code block after ``section`` in ``docs/<page>``, exactly as written."""
+    text = (Path(__file__).resolve().parent.parent / "docs" / page).read_text()
     after = text[text.index(section):]
     return after[after.index("```python\n") + len("```python\n"):].split("```", 1)[0]
 
 
-def test_the_readme_plain_loop_runs_as_written_with_frozen_and_unused_layers(capsys) -> None:
+def test_the_documented_plain_loop_runs_as_written_with_frozen_and_unused_layers(capsys) -> None:
     class Net(nn.Module):
         def __init__(self) -> None:
             super().__init__()
@@ -250,7 +250,7 @@ def test_the_readme_plain_loop_runs_as_written_with_frozen_and_unused_layers(cap
     loader = [(torch.randn(16, 4), torch.randint(0, 3, (16,))) for _ in range(3)]
     namespace = {"model": model, "loader": loader, "loss_fn": nn.functional.cross_entropy,
                  "optimizer": torch.optim.SGD(model.parameters(), lr=0.1)}
-    exec(readme_snippet("## Without Lightning"), namespace)
+    exec(docs_snippet("plain_pytorch.md", "## Gradient norms and health in a loop"), namespace)
     assert list(namespace["per_layer"]) == ["body", "head"]
     assert set(namespace["ratios"]) == {"body", "head", "unused"}  # trainable; unused did not move
     assert namespace["ratios"]["unused"] == 0.0 and namespace["ratios"]["body"] > 0

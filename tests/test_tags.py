@@ -1,4 +1,4 @@
-"""One vocabulary of tags: what a run logs, what the layout charts and the report read, and what the README names all
+"""One vocabulary of tags: what a run logs, what the layout charts and the report read, and what the docs name all
 come from gradmon.tags."""
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from helpers import MLP, PlantNaN, accumulator, fit, logdir, mlp_layers, read_sc
 from gradmon import GradCheck, GradHealthMonitor, GradNormMonitor, WeightInit, tags
 from gradmon.report import load_run
 
-README = Path(__file__).resolve().parent.parent / "README.md"
+TAGS_PAGE = Path(__file__).resolve().parent.parent / "docs" / "tags.md"
 METRICS = {
     tags.GRAD_NORM, tags.GRAD_NORM_LOG10, tags.WEIGHT_NORM, tags.UPDATE_RATIO, tags.UPDATE_RATIO_LOG10,
     tags.GRAD_HIST, tags.WEIGHT_HIST, tags.GRAD_HEALTH, tags.GRAD_HEALTH_FLAG, tags.GRADCHECK, tags.WEIGHT_INIT,
@@ -64,7 +64,7 @@ def test_the_layout_charts_pick_layers_not_totals() -> None:
     assert not re.fullmatch(regex, tags.total_tag()) and not re.fullmatch(regex, tags.total_tag("Adam-1"))
 
 
-def test_the_readme_names_every_metric() -> None:
-    text = README.read_text()
+def test_the_tags_page_names_every_metric() -> None:
+    text = TAGS_PAGE.read_text()
     for metric in METRICS:
         assert f"`{metric}/" in text, metric

@@ -59,8 +59,8 @@ global_step: Callable[[pl.Trainer], int] = attrgetter("global_step")
 def step_reader(trainer: pl.Trainer) -> Callable[[pl.Trainer], int]:
     """A reader of ``trainer.global_step`` for the per-step path, taken at the start of a fit: the fit loop's own
     counter of optimizer steps, read as an attribute (the property goes through a chain of properties, the loop's
-    ``global_step``, ``lightning_module``, ``automatic_optimization`` and ``optimizer_steps``: several microseconds
-    inside a training step on the CPU). Falls back to the property itself when the loop is not laid out as
+    ``global_step``, ``lightning_module``, ``automatic_optimization`` and ``optimizer_steps``, paid at every step).
+    Falls back to the property itself when the loop is not laid out as
     Lightning 2.x lays it out, or when the counter does not agree with the property. The counter object lives as long
     as the loop (resets and checkpoint restores update it in place)."""
     try:

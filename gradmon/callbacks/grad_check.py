@@ -92,8 +92,11 @@ class GradCheck(Callback):
             step too small to measure the layer's derivative settles nothing after a failure (see
             :func:`~gradmon.numerical.check_gradients`).
 
-    Every argument is checked here, raising ``ValueError`` (``TypeError`` for a non-bool ``check_at_start``) that
-    names it; counts are integers up to ``2**53``.
+    Raises:
+        ValueError: naming the argument, for a value out of its range (counts are integers up to ``2**53``;
+            ``good_below`` must lie below ``fail_above``) or an unknown ``on_failure``; at ``setup``, naming the
+            layer, for ``num_samples=1`` on a model with a BatchNorm layer in training mode.
+        TypeError: for ``check_at_start`` other than ``True`` or ``False``.
     """
 
     def __init__(

@@ -129,6 +129,40 @@ class GradHealthMonitor(Callback):
 
         from gradmon import GradHealthMonitor
         trainer = Trainer(callbacks=[GradHealthMonitor(on_exploding="skip", on_nonfinite="skip")])
+
+    Args:
+        vanishing_threshold: a layer's norm below this is vanishing (1e-7: an update of lr * 1e-7 is below
+            float32's resolution for usual weights); at least 0 and below ``exploding_threshold``.
+        exploding_threshold: a layer's norm above this is exploding (1e4); ``math.inf`` for none.
+        spike_factor: exploding when a layer's norm jumps this many times above its own running geometric mean
+            (100); above 1, or None to turn the rule off.
+        warmup_steps: steps a layer is seen before the spike rule judges it (20).
+        history_decay: decay of the running mean, in [0, 1) (0.9: a memory of about ten steps).
+        depth_ratio: vanishing when the first layers' norms are this far below the last layers' (1e-3); in (0, 1),
+            or None to turn the rule off.
+        depth_window: how many first and last layers the depth rule compares (2).
+        depth_min_layers: the fewest layers the depth rule applies to (4); at least ``2 * depth_window``.
+        sibling_ratio: with ``group_by="parameter"``, a parameter more than ``1 / sibling_ratio`` times below
+            another parameter of its layer is not judged vanishing (1e-2); in (0, 1), or None to turn it off.
+        vanishing_patience: consecutive vanishing steps before a layer is flagged (10).
+        exploding_patience: consecutive exploding steps before a layer is flagged (1).
+        on_vanishing: ``"ignore"``, ``"warn"``, ``"stop"`` or ``"raise"``.
+        on_exploding: ``"ignore"``, ``"warn"``, ``"skip"``, ``"stop"`` or ``"raise"``.
+        on_nonfinite: ``"ignore"``, ``"warn"``, ``"skip"``, ``"stop"`` or ``"raise"``.
+        norm_type: order p of the norm: any number p > 0, or ``"inf"``.
+        group_by: ``"layer"`` or ``"parameter"``, as :class:`~gradmon.GradNormMonitor` takes it.
+        log_every_n_steps: log the counts every this many optimizer steps (and at every flagged step); None takes
+            the Trainer's ``log_every_n_steps``.
+        warn_every_n_steps: at most one warning per condition every this many steps; the first is always issued.
+        max_events: how many events :attr:`events` keeps (the first ones).
+        summary: print a summary table at the end of fit.
+        sync_free: never stall the device to read the norms (see above).
+        diagnose: end each warning and the summary with the likely cause.
+
+    Raises:
+        ValueError: naming the argument, for a value out of its range or not among its choices (``on_vanishing=
+            "skip"`` included), or ``vanishing_threshold`` not below ``exploding_threshold``.
+        TypeError: for ``summary``, ``sync_free`` or ``diagnose`` other than ``True`` or ``False``.
     """
 
     def __init__(

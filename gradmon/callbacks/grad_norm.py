@@ -95,6 +95,20 @@ class GradNormMonitor(Callback):
 
         from gradmon import GradNormMonitor
         trainer = Trainer(callbacks=[GradNormMonitor(log_every_n_steps=50)])
+
+    Args:
+        norm_type: order p of the norm: any number p > 0, or ``"inf"`` (``float("inf")``).
+        group_by: ``"layer"`` (one value per module that owns parameters) or ``"parameter"`` (one per parameter).
+        log_every_n_steps: log every this many optimizer steps; None takes the Trainer's ``log_every_n_steps``.
+        histogram_every_n_steps: write gradient and weight histograms every this many optimizer steps; None (the
+            default) writes none.
+        log_weight_norms: log ``weight_norm/<layer>``.
+        log_update_ratios: log ``update_ratio/<layer>`` and ``update_ratio_log10/<layer>``.
+
+    Raises:
+        ValueError: naming the argument, for a ``norm_type`` that is not a number p > 0 or ``"inf"``, a ``group_by``
+            other than ``"layer"`` or ``"parameter"``, or an interval that is not an integer of at least 1.
+        TypeError: for ``log_weight_norms`` or ``log_update_ratios`` other than ``True`` or ``False``.
     """
 
     def __init__(
