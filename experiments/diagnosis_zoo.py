@@ -18,10 +18,12 @@ its fixed run, and what gradmon found.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import math
 import time
 import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -523,9 +525,18 @@ def _verdict(trainer: Trainer) -> Any:
     return None
 
 
-def _quiet() -> None:
-    for name in ("lightning", "lightning.pytorch", "lightning.fabric", "lightning_fabric"):
-        logging.getLogger(name).setLevel(logging.ERROR)
+@contextlib.contextmanager
+def _quiet() -> Iterator[None]:
+    """Lightning's loggers at ERROR for the run, restored after it (a test that reads INFO records runs after)."""
+    loggers = [logging.getLogger(n) for n in ("lightning", "lightning.pytorch", "lightning.fabric", "lightning_fabric")]
+    levels = [logger.level for logger in loggers]
+    for logger in loggers:
+        logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        for logger, level in zip(loggers, levels):
+            logger.setLevel(level)
 
 
 def run(config: RunConfig, callbacks: list | None = None, log_every_n_steps: int = 5) -> RunResult:
@@ -540,7 +551,6 @@ def run(config: RunConfig, callbacks: list | None = None, log_every_n_steps: int
     Returns:
         The run's :class:`RunResult`.
     """
-    _quiet()
     torch.set_num_threads(1)
     seed_everything(config.seed, verbose=False)
     if callbacks is None:
@@ -563,7 +573,7 @@ def run(config: RunConfig, callbacks: list | None = None, log_every_n_steps: int
         callbacks=[*init_callbacks(config), *callbacks],
     )
     start = time.perf_counter()
-    with warnings.catch_warnings(record=True) as caught:
+    with warnings.catch_warnings(record=True) as caught, _quiet():
         warnings.simplefilter("always")
         trainer.fit(module, loader)
     seconds = time.perf_counter() - start
@@ -712,6 +722,23 @@ def _cases() -> list[Case]:
             "4-layer ReLU MLP under bf16-mixed, Adam")
     sick("lr_too_high/mlp_adam", "healthy/mlp3_adam", "lr_too_high", {"lr": 1e-2},
          "3-layer ReLU MLP, Adam at lr 3", lr=3.0)
+
+    # Held out: added after the rules were written, to check them on runs they were not tuned on.
+    healthy("healthy/mlp_sgd_plain", replace(relu_mlp, depth=4, lr=0.05), "4-layer ReLU MLP, kaiming, plain SGD")
+    sick("lr_too_high/mlp_sgd_nan", "healthy/mlp_sgd_plain", "lr_too_high", {"lr": 0.05},
+         "4-layer ReLU MLP, plain SGD at lr 50: NaN within a few steps", lr=50.0)
+    sick("init_too_small/tanh_mlp", "healthy/tanh_mlp_xavier", "init_too_small", {"init": tanh_mlp.init},
+         "8-layer tanh MLP, N(0, 0.01): the signal vanishes", init="normal(std=0.01)")
+    sick("init_too_small/gelu_mlp_bf16", "healthy/gelu_mlp", "init_too_small", {"init": gelu_mlp.init},
+         "10-layer GELU MLP, N(0, 0.01), bf16-mixed", init="normal(std=0.01)", precision="bf16-mixed")
+    sick("dead_relu/conv_negative_bias", "healthy/conv_kaiming", "dead_relu", {"bias": 0.0},
+         "10-layer conv net, kaiming, biases -1: most channels dead", bias=-1.0)
+    sick("lr_too_low/gpt_adamw", "healthy/gpt", "lr_too_low", {"lr": 3e-3},
+         "2-block GPT, AdamW at lr 1e-6: the loss barely moves", lr=1e-6)
+    sick("lr_too_high/mha_gpt_adamw", "healthy/mha_gpt", "lr_too_high", {"lr": 3e-3},
+         "2-block decoder on nn.MultiheadAttention, AdamW at lr 1", lr=1.0)
+    healthy("healthy/gpt_postln_low_lr", replace(post_ln, lr=3e-3, warmup_steps=0),
+            "4-block post-LN GPT, Adam 3e-3 without warm-up")
     return cases
 
 

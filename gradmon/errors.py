@@ -44,5 +44,6 @@ def warn_health(message: str) -> None:
         filename=frame.f_code.co_filename,
         lineno=frame.f_lineno,
         module=frame.f_globals.get("__name__", "<string>"),
-        module_globals=frame.f_globals,
+        # No module_globals: a loader asked for the source of a module run with `python -m` raises ImportError;
+        # the line is read from the file by its name instead.
     )

@@ -180,7 +180,8 @@ def test_likely_cause_names_the_first_non_finite_layer_and_nothing_for_a_healthy
     healthy = AskAtStep(1, "vanishing", ["net.0"])
     fit(MLP(depth=3, init="kaiming"), [nonfinite, healthy, PlantNaN(2), ActivationMonitor(log_every_n_steps=1)],
         steps=3)
-    assert nonfinite.answer.startswith("likely cause (found at step 2 from where the non-finite values first appear)") and "first non-finite gradient in net.2" in nonfinite.answer
+    assert nonfinite.answer.startswith("likely cause (found at step 2 from where the non-finite values first appear)")
+    assert "first non-finite gradient in net.2" in nonfinite.answer
     assert healthy.answer is None
 
 

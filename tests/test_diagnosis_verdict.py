@@ -80,7 +80,8 @@ def test_a_post_ln_transformer_diverging_on_adam_without_warm_up_is_told_to_warm
     (found,) = diagnose(evidence)
     assert found.cause == "no_warmup" and "warmup_steps" in found.fix
     warming = Evidence(20, evidence.layers, optimizer=evidence.optimizer, loss=3.4, post_norm=True,
-                       history=(StepRecord(0, 1.0, loss=3.4, lr=0.001),), initial_weight_rms=evidence.initial_weight_rms)
+                       history=(StepRecord(0, 1.0, loss=3.4, lr=0.001),),
+                       initial_weight_rms=evidence.initial_weight_rms)
     assert diagnose(warming)[0].cause == "lr_too_high"  # warm-up was there: the peak learning rate is too high
 
 

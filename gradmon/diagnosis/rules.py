@@ -64,7 +64,8 @@ UPDATE_RATIO_LOW = 1e-5
 UPDATE_RATIO_SLOW = 2e-4
 SLOW_STEPS = 3
 LOSS_SLOW = 0.8
-#: The update ratio a suggested learning rate aims at: within the healthy runs' range (2e-3 to 1e-2 on SGD).
+#: The update ratio a suggested learning rate aims at: within the healthy runs' range (2e-3 to 1e-2 on SGD; for an
+#: Adam-like optimizer, ADAPTIVE_STEP).
 TARGET_RATIO = 3e-3
 #: The loss this many times its first observed value: the run diverges (a healthy run's loss falls from the start).
 LOSS_RISE = 1.5
@@ -663,7 +664,8 @@ def learning_rate(evidence: Evidence, found: Sequence[Finding]) -> list[Finding]
             f" where about 1e-3 is usual")
     if (median < UPDATE_RATIO_LOW or _crawling(evidence)) and not _annealed(evidence):
         layers = tuple(k for k, v in ratios.items() if v < UPDATE_RATIO_SLOW)
-        new = round_lr(lr * min(1e3, TARGET_RATIO / median)) if math.isfinite(lr) else math.nan
+        target = ADAPTIVE_STEP if adaptive else TARGET_RATIO
+        new = round_lr(lr * min(1e3, target / median)) if math.isfinite(lr) else math.nan
         mechanism = ("it moves each weight by about lr" if adaptive
                      else "it moves each weight by lr times its gradient, and the gradients are not vanishing")
         losses = [r.loss for r in evidence.history if math.isfinite(r.loss)]
