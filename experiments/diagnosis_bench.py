@@ -4,7 +4,9 @@ ActivationMonitor attached, score what the diagnosis says, apply the fix it prop
     python -m experiments.diagnosis_bench              # every case, a few minutes on a laptop CPU
     python -m experiments.diagnosis_bench healthy/gpt  # the cases whose names start so
 
-A healthy run passes when the monitors found nothing and warned nothing. A sick run passes when the end-of-fit
+Every case must first show what it was built to (a healthy run trains, a sick one does not: its loss does not fall
+below 0.85 of chance, or GradHealthMonitor flags it); one that does not fails. A healthy run passes when the
+monitors found nothing and warned nothing. A sick run passes when the end-of-fit
 verdict (:func:`gradmon.verdict`) names the cause the case was built with, and the run trained with the verdict's own
 advice (``Finding.fix``, applied to the run's settings) learns: its loss falls and GradHealthMonitor flags nothing. A
 verdict that names the opposite cause (too high for too low, too small for too large) is counted apart. The scores
@@ -64,7 +66,14 @@ class Score:
         return self.fixed is not None and self.fixed.trained and not self.fixed.warnings
 
     @property
+    def valid(self) -> bool:
+        """The case shows what it was built to: a healthy run trains, a sick one does not."""
+        return self.result.trained == (self.case.expected is None)
+
+    @property
     def passed(self) -> bool:
+        if not self.valid:
+            return False
         return self.clean if self.case.expected is None else self.named and self.fix_trains
 
 
@@ -94,7 +103,8 @@ def _fix_text(fix: dict | None) -> str:
 
 def table(scores: Sequence[Score]) -> str:
     """The benchmark's table, as Markdown: one row per case."""
-    rows = ["| case | expected | verdict (step) | fix applied | rerun trains | pass |", "|---|---|---|---|---|---|"]
+    rows = ["| case | run trains | expected | verdict (step) | fix applied | rerun trains | pass |",
+            "|---|---|---|---|---|---|---|"]
     for s in scores:
         expected = CAUSES[s.case.expected] if s.case.expected else "nothing"
         if s.verdict is not None:
@@ -106,7 +116,23 @@ def table(scores: Sequence[Score]) -> str:
             fix, trains = "", ""
         else:
             fix, trains = _fix_text(fix_of(s.verdict)), "yes" if s.fix_trains else "no"
-        rows.append(f"| {s.case.name} | {expected} | {found} | {fix} | {trains} | {'yes' if s.passed else 'NO'} |")
+        ran, passed = ("yes" if s.result.trained else "no"), ("yes" if s.passed else "NO")
+        rows.append(f"| {s.case.name} | {ran} | {expected} | {found} | {fix} | {trains} | {passed} |")
+    return "\n".join(rows)
+
+
+def cause_table(scores: Sequence[Score]) -> str:
+    """The benchmark's scores by expected cause, as Markdown: cases, verdicts that name it, fixes that train."""
+    rows = ["| expected | cases | verdict names it | its fix trains |", "|---|---|---|---|"]
+    causes = list(dict.fromkeys(s.case.expected for s in scores))
+    for cause in sorted(causes, key=lambda c: (c is not None, list(CAUSES).index(c) if c else 0)):
+        group = [s for s in scores if s.case.expected == cause]
+        if cause is None:
+            rows.append(f"| nothing (healthy) | {len(group)} | {sum(s.clean for s in group)} with no finding and no "
+                        "warning | |")
+        else:
+            rows.append(f"| {CAUSES[cause]} | {len(group)} | {sum(s.named for s in group)} | "
+                        f"{sum(s.fix_trains for s in group)} |")
     return "\n".join(rows)
 
 
@@ -130,8 +156,13 @@ def met(values: dict[str, float]) -> bool:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="Score gradmon's diagnosis on the zoo of small runs.")
     parser.add_argument("names", nargs="*", help="case names or prefixes (default: every case)")
+    parser.add_argument("--seed", type=int, default=None,
+                        help="run every case with this seed instead of its own (a case may then stop showing what it "
+                             "was built to: such a case fails as invalid)")
     args = parser.parse_args(argv)
     cases = [c for c in CASES if not args.names or any(c.name.startswith(n) for n in args.names)]
+    if args.seed is not None:
+        cases = [replace(c, config=replace(c.config, seed=args.seed)) for c in cases]
     start = time.perf_counter()
     scores = []
     for case in cases:
@@ -139,11 +170,14 @@ def main(argv: list[str] | None = None) -> int:
         s = scores[-1]
         said = s.verdict.line() if s.verdict else "; ".join(
             [str(f) for f in s.result.findings[:1]] + s.result.warnings[:1]) or "nothing found"
-        print(f"{case.name:40} {'pass' if s.passed else 'FAIL'}  {said[:160]}", flush=True)
+        status = "pass" if s.passed else "FAIL" if s.valid else "INVALID"
+        print(f"{case.name:40} {status:7}  {said[:160]}", flush=True)
     values = summary(scores)
     healthy = sum(s.case.expected is None for s in scores)
     print()
     print(table(scores))
+    print()
+    print(cause_table(scores))
     print()
     seconds = time.perf_counter() - start
     print(f"{len(scores)} cases ({healthy} healthy, {len(scores) - healthy} sick) in {seconds:.0f} s")
@@ -152,6 +186,10 @@ def main(argv: list[str] | None = None) -> int:
         shown = f"{value:.0%}" if name != "contradicting" else f"{value:.0f}"
         goal = f">= {target:.0%}" if name != "contradicting" else f"<= {target}"
         print(f"{name}: {shown} (target {goal})")
+    invalid = [s.case.name for s in scores if not s.valid]
+    if invalid:
+        print(f"cases that did not show what they were built to (a healthy run that did not train, a sick one that "
+              f"did): {', '.join(invalid)}")
     print("targets met" if met(values) else "targets NOT met")
     return 0 if met(values) else 1
 

@@ -159,7 +159,13 @@ class Run:
     def diagnosis(self) -> dict[str, list[tuple[int, str]]]:
         """``{condition: [(step, markdown), ...]}`` from the ``diagnosis/<condition>`` texts, in logged order."""
         prefix = f"{tags.DIAGNOSIS}/"
-        return {tag[len(prefix) :]: entries for tag, entries in self.texts.items() if tag.startswith(prefix)}
+        return {tag[len(prefix) :]: entries for tag, entries in self.texts.items()
+                if tag.startswith(prefix) and tag != tags.tag(tags.DIAGNOSIS, tags.VERDICT)}
+
+    def verdict(self) -> str | None:
+        """The run's latest verdict (``diagnosis/verdict``, markdown), or ``None``."""
+        entries = self.texts.get(tags.tag(tags.DIAGNOSIS, tags.VERDICT), [])
+        return entries[-1][1] if entries else None
 
 
 def find_runs(logdir: str | Path) -> list[Path]:
@@ -737,11 +743,15 @@ def diagnosis_markdown(runs: Sequence[Run]) -> list[str]:
     watched = [run for run in runs if run.modules or run.diagnosis()]
     if not watched:
         return []
-    lines = ["", "## Diagnosis", "", "What ActivationMonitor's diagnosis found in each run (`diagnosis/<condition>` in "
-             "TensorBoard's text tab): the latest finding of each condition.", ""]
+    lines = ["", "## Diagnosis", "", "What ActivationMonitor's diagnosis found in each run: the verdict (the root "
+             "cause, `diagnosis/verdict` in TensorBoard's text tab), then the latest finding of each condition "
+             "(`diagnosis/<condition>`).", ""]
     for run in watched:
         lines.append(f"### `{run.name}`")
         lines.append("")
+        verdict = run.verdict()
+        if verdict is not None:
+            lines += [verdict.replace("  \n", "  \n  "), ""]
         found = _findings(run)
         if not found:
             lines += ["No finding.", ""]
@@ -767,6 +777,10 @@ def _findings(run: Run) -> list[tuple[str, int | None]]:
 
 
 def _diagnosis_cell(run: Run) -> str:
+    verdict = run.verdict()
+    match = re.search(r"\*\*Verdict\*\* \(found at step (\d+),.*?\): \*\*(.+?)\*\*", verdict or "")
+    if match:
+        return f"{match.group(2)} (step {match.group(1)})"
     causes = []
     for text, _ in _findings(run):
         match = re.search(r"Likely cause: \*\*(.+?)\*\*", text)

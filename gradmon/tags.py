@@ -59,6 +59,9 @@ ACTIVATION_SLOPE = "activation_slope"
 #: Text: ``diagnosis/<condition>`` (a key of :data:`gradmon.diagnosis.CONDITIONS`), at the steps a finding appears,
 #: changes or clears.
 DIAGNOSIS = "diagnosis"
+#: Text: ``diagnosis/verdict``, the run's verdict (the root cause and its consequences), at the steps it is set or
+#: replaced.
+VERDICT = "verdict"
 
 
 def tag(metric: str, name: str) -> str:

@@ -267,11 +267,13 @@ def test_report_command_writes_valid_pngs_and_summary_from_a_real_run(trained_lo
     summary = (out / "summary.md").read_text()
     row = table(summary)["vanishing/sigmoid"]
     assert row["vanishing"].split()[0].isdigit() and row["vanishing"] != "0", summary  # flagged within 12 steps
-    assert row["diagnosis"] == "saturating activation"
+    assert row["diagnosis"] == "saturating activation (step 0)"  # the verdict, with the step it was found at
     assert "(vanishing/sigmoid/grad_norm_heatmap.png)" in summary
     assert "(vanishing/sigmoid/dead_or_saturated_heatmap.png)" in summary
     section = summary.split("## Diagnosis", 1)[1]
     assert "### `vanishing/sigmoid`" in section
+    assert "**Verdict** (found at step 0, from the signal measured through the layers): **saturating activation**" in (
+        section)
     assert "- **gradient shrinks on its way back through depth** at step 0" in section
     assert "Likely cause: **saturating activation**: Sigmoid's slope is at most 0.25" in section
 

@@ -398,7 +398,7 @@ class ActivationMonitor(Callback):
         if self.diagnose:
             self._write_findings(trainer, step, findings)
             if verdict is not None and verdict.finding is not before:
-                _logging.log_text(trainer, tags.tag(tags.DIAGNOSIS, "verdict"), verdict.line(), step)
+                _logging.log_text(trainer, tags.tag(tags.DIAGNOSIS, tags.VERDICT), verdict.markdown(), step)
 
     def _write_findings(self, trainer: pl.Trainer, step: int, findings: list[Finding]) -> None:
         """Text under ``diagnosis/<condition>`` when a finding appears, changes its cause, or clears: a few entries

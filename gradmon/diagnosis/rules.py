@@ -66,7 +66,7 @@ SLOW_STEPS = 3
 LOSS_SLOW = 0.8
 #: The update ratio a suggested learning rate aims at: within the healthy runs' range (2e-3 to 1e-2 on SGD; for an
 #: Adam-like optimizer, ADAPTIVE_STEP).
-TARGET_RATIO = 3e-3
+TARGET_RATIO = 1e-2
 #: The loss this many times its first observed value: the run diverges (a healthy run's loss falls from the start).
 LOSS_RISE = 1.5
 #: Weights grown DRIFT-fold while the loss stays above this fraction of its first value: growth that buys nothing.
@@ -386,7 +386,7 @@ def _init_finding(
             try_init, numbers, {"init": init}, basis,
         )
     torch_default = abs(gain / TORCH_DEFAULT_GAIN - 1) <= GAIN_MATCH
-    default = " are PyTorch's default init (RMS 1/sqrt(3 fan_in)) and" if torch_default else ""
+    default = " are PyTorch's default init (RMS 1/sqrt(3 fan_in)) and" if torch_default else " are"
     return Finding(
         evidence.step, condition, "init_too_small" if gain < need else "init_too_large", layers,
         f"{weights}{default} {fmt(gain / need)}x the {needs} {activation} needs: each layer {how}: {over}",

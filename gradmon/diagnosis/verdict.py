@@ -20,7 +20,7 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from gradmon.diagnosis.text import BASES, CAUSES, OPPOSITES, Finding
+from gradmon.diagnosis.text import BASES, CAUSES, CONDITIONS, OPPOSITES, Finding
 
 _AFTER_NAN = frozenset(set(CAUSES) - {"bad_op"})
 _EXCESS = frozenset({"dead_relu", "saturating_activation", "activation_overflow", "gradient_spike", "unknown"})
@@ -81,6 +81,16 @@ class Verdict:
     @property
     def cause(self) -> str:
         return self.finding.cause
+
+    def markdown(self) -> str:
+        """A paragraph for TensorBoard's text tab (``diagnosis/verdict``) and the report."""
+        f = self.finding
+        text = (f"**Verdict** (found at step {f.step}, from {BASES[f.basis]}): **{CAUSES[f.cause]}**: "
+                f"{f.explanation}.  \nTry: {f.suggestion}.")
+        if self.consequences:
+            text += "  \nIts consequences: " + ", ".join(
+                f"{CONDITIONS[c.condition]} (step {c.step})" for c in self.consequences.values()) + "."
+        return text
 
     def line(self) -> str:
         """``likely cause (found at step N from <evidence>): <cause>: <why>; try: <change>``, then its
