@@ -21,6 +21,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, fields, replace
 
 from experiments.diagnosis_zoo import CASES, Case, RunConfig, RunResult, run
+from gradmon import GradHealthMonitor
 from gradmon.diagnosis import CAUSES, Verdict
 from gradmon.diagnosis.text import OPPOSITES
 
@@ -86,9 +87,10 @@ def fix_of(verdict: Verdict | None) -> dict | None:
     return fix if set(fix) <= settings else None
 
 
-def score(case: Case) -> Score:
-    """Run ``case`` and, for a sick one, the fix its verdict proposes."""
-    result = run(case.config)
+def score(case: Case, health_only: bool = False) -> Score:
+    """Run ``case`` and, for a sick one, the fix its verdict proposes; with ``health_only``, under a
+    GradHealthMonitor alone (its verdicts then come from the weights and gradients at its warnings)."""
+    result = run(case.config, [GradHealthMonitor()] if health_only else None)
     verdict = result.verdict
     outcome = Score(case, result, verdict)
     fix = fix_of(verdict) if case.expected is not None else None
@@ -159,6 +161,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=None,
                         help="run every case with this seed instead of its own (a case may then stop showing what it "
                              "was built to: such a case fails as invalid)")
+    parser.add_argument("--health-only", action="store_true",
+                        help="attach GradHealthMonitor alone (no ActivationMonitor): a verdict only where it warns")
     args = parser.parse_args(argv)
     cases = [c for c in CASES if not args.names or any(c.name.startswith(n) for n in args.names)]
     if args.seed is not None:
@@ -166,7 +170,7 @@ def main(argv: list[str] | None = None) -> int:
     start = time.perf_counter()
     scores = []
     for case in cases:
-        scores.append(score(case))
+        scores.append(score(case, args.health_only))
         s = scores[-1]
         said = s.verdict.line() if s.verdict else "; ".join(
             [str(f) for f in s.result.findings[:1]] + s.result.warnings[:1]) or "nothing found"

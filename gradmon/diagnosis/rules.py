@@ -282,7 +282,29 @@ def _predicted(evidence: Evidence) -> list[Finding]:
             trend = Trend(names[::-1], factor, factor**count, math.nan, math.nan)
             return [_saturating(evidence, "backward_decay", trend, kind, _LARGEST_SLOPE[kind], count,
                                 predicted=True)]
-    return []
+    return _gradient_norm_trend(evidence, hidden)
+
+
+def _gradient_norm_trend(evidence: Evidence, hidden: list[LayerInfo]) -> list[Finding]:
+    """Without activation statistics, the hidden layers' gradient norms read from the output back to the input: a
+    change beyond :data:`UNEXPLAINED_CHANGE` the same way as the initial weights are off their activations' scale
+    (a tanh net initialised N(0, 1), whose gradient grows toward the input) is the init's."""
+    grads = evidence.grad_norms or {}
+    named = [layer for layer in hidden if math.isfinite(grads.get(layer.name, math.nan)) and grads[layer.name] > 0]
+    if len(named) < DEPTH_MIN_LAYERS:
+        return []
+    back = depth_trend([layer.name for layer in named][::-1], [grads[layer.name] for layer in named][::-1])
+    off = _init_off(evidence, named)
+    if back is None or off is None or (back.factor > 1) != (off > 1):
+        return []
+    if 1 / UNEXPLAINED_CHANGE < back.change < UNEXPLAINED_CHANGE:
+        return []
+    condition = "backward_growth" if back.factor > 1 else "backward_decay"
+    over = (f"the layers' gradient norms {'grow' if back.factor > 1 else 'shrink'} by {fmt(back.factor)} per layer "
+            f"from {back.layers[0]} back to {back.layers[-1]}, {fmt(back.change)}x")
+    numbers = {"gradient norm factor per layer back": back.factor}
+    return [_init_finding(evidence, condition, named, "passes back a gradient that changes steadily", over, numbers,
+                          "weights", back.layers)]
 
 
 def _initial(evidence: Evidence, layer: LayerInfo) -> LayerInfo:
