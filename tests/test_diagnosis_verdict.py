@@ -44,7 +44,7 @@ def test_an_adam_step_that_moves_the_weights_by_lr_is_no_evidence_of_a_too_high_
     assert diagnose(Evidence(0, layers, update_ratios=ratios, optimizer=ADAM)) == []
     (sgd,) = diagnose(Evidence(0, layers, update_ratios=ratios, optimizer=SGD))
     assert (sgd.condition, sgd.cause) == ("update_ratio_high", "lr_too_high")
-    assert sgd.fix == {"lr": pytest.approx(0.01)}  # lr x 3e-3 / 0.15, one significant digit
+    assert sgd.fix == {"lr": pytest.approx(0.03)}  # lr x 1e-2 / 0.15, one significant digit
 
 
 def test_a_too_low_learning_rate_proposes_one_that_moves_the_weights_by_the_usual_amount():
