@@ -20,9 +20,10 @@ from pathlib import Path
 
 import torch
 
+import gradmon
 from experiments import matrix_product, sigmoid
 from experiments.cli import THREADS, fit_config, run_name, variant_configs
-from gradmon import ActivationMonitor, GradCheck, GradHealthMonitor, GradientHealthWarning
+from gradmon import GradCheck, GradHealthMonitor, GradientHealthWarning
 from gradmon.diagnosis import CAUSES
 from gradmon.report import write_report
 
@@ -55,7 +56,8 @@ def train(config: str, logdir: Path, *overrides: str) -> str:
 
 def flagged(trainer) -> str:
     """What gradmon's callbacks found in a run, in a few words: the conditions GradHealthMonitor flagged, the
-    gradient check's verdict, and the causes ActivationMonitor's diagnosis named (with the first step of each)."""
+    gradient check's verdict, and the diagnosis's verdict (the root cause, the step it was found at, and what
+    followed from it)."""
     found = []
     for callback in trainer.callbacks:
         if isinstance(callback, GradHealthMonitor):
@@ -67,9 +69,11 @@ def flagged(trainer) -> str:
         elif isinstance(callback, GradCheck):
             failed = sorted({r.layer for r in callback.results if not r.passed})
             found.append(f"gradcheck failed in {', '.join(failed)}" if failed else "gradcheck passed")
-        elif isinstance(callback, ActivationMonitor) and callback.found:
-            causes = ", ".join(f"{CAUSES[cause]} (step {f.step})" for cause, f in callback.found.items())
-            found.append(f"diagnosis: {causes}")
+    verdict = gradmon.verdict(trainer)
+    if verdict is not None:
+        then = [CAUSES[c] if c != "unknown" else f.condition.replace("_", " ") for c, f in verdict.consequences.items()]
+        found.append(f"diagnosis: {CAUSES[verdict.cause]} (step {verdict.finding.step})"
+                     + (f", then {', '.join(then)}" if then else ""))
     return "; ".join(found) or "nothing flagged"
 
 
