@@ -47,3 +47,13 @@ def test_every_case_has_a_healthy_twin_and_the_zoo_spans_the_models_and_optimize
     assert {"32-true", "bf16-mixed"} <= {c.precision for c in configs}
     assert any(c.post_ln for c in configs) and any(c.tied for c in configs)
     assert {None, "layernorm", "batchnorm"} <= {c.norm for c in configs if c.model == "mlp"}
+
+
+@pytest.mark.slow
+def test_the_whole_zoo_meets_the_targets() -> None:
+    from experiments.diagnosis_bench import met, summary
+
+    scores = [score(case) for case in CASES]
+    assert all(s.valid for s in scores), [s.case.name for s in scores if not s.valid]
+    values = summary(scores)
+    assert met(values), (values, [s.case.name for s in scores if not s.passed])
