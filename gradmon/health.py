@@ -123,13 +123,16 @@ class HealthRules:
 @dataclass(frozen=True)
 class HealthEvent:
     """One layer flagged at one step. ``rule`` says which rule fired: ``threshold``, ``spike``, ``depth``,
-    ``nonfinite``; ``value`` is the layer's gradient norm at that step."""
+    ``nonfinite``; ``value`` is the layer's gradient norm at that step. ``rank`` is the rank that found it when not
+    every rank did (a fault on one rank after DDP's all-reduce); ``None`` when every rank found it, or in a single
+    process."""
 
     step: int
     layer: str
     condition: Condition
     value: float
     rule: str
+    rank: int | None = None
 
 
 class HealthTracker:

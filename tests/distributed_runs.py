@@ -16,9 +16,10 @@ import torch
 from lightning.pytorch.strategies import DDPStrategy, ModelParallelStrategy
 
 sys.path.insert(0, str(Path(__file__).parent))
-from helpers import MLP, PlantNaN, ShardedMLP, fit, rank_loader  # noqa: E402
+from helpers import MLP, PlantNaN, ShardedMLP, fit, health_warnings, rank_loader  # noqa: E402
 
 from gradmon import GradHealthMonitor, GradNormMonitor, WeightInit  # noqa: E402
+from gradmon.errors import GradientHealthError  # noqa: E402
 
 PER_DEVICE_BATCH = 16
 STEPS = 4
@@ -72,11 +73,25 @@ def main(scenario: str, out: Path) -> None:
         strategy = DDPStrategy()
         model = FusedMLP()
         callbacks = [GradHealthMonitor(on_nonfinite="skip", sync_free=True), PlantNaN(2, element=(0, 0), rank=1)]
+    elif scenario.startswith("ddp_local_"):
+        # A NaN on rank 1 only, after DDP's all-reduce, under action "warn", "stop" or "raise" (default mode, or
+        # sync-free with a suffix): every rank must learn of it, rank 0 must warn and log it naming rank 1, and
+        # every rank must act together.
+        strategy = DDPStrategy()
+        model = MLP()
+        action = scenario.split("_")[2]
+        callbacks = [GradHealthMonitor(on_nonfinite=action, sync_free=scenario.endswith("sync_free")),
+                     PlantNaN(2, element=(0, 0), rank=1)]
     else:
         raise SystemExit(f"unknown scenario {scenario!r}")
     loader = rank_loader(int(os.environ.get("LOCAL_RANK", 0)), PER_DEVICE_BATCH, STEPS)
-    trainer = fit(model, callbacks, steps=STEPS, tmp_path=out, loader=loader, devices=2, strategy=strategy,
-                  use_distributed_sampler=False)
+    error = None
+    with health_warnings() as warned:
+        try:
+            trainer = fit(model, callbacks, steps=STEPS, tmp_path=out, loader=loader, devices=2, strategy=strategy,
+                          use_distributed_sampler=False)
+        except GradientHealthError as e:
+            error, trainer = str(e), model.trainer
     health = next((c for c in callbacks if isinstance(c, GradHealthMonitor)), None)
     weights = {k: _full(v).detach().clone() for k, v in model.state_dict().items()}
     initial = next((c.weights for c in callbacks if isinstance(c, InitialWeights)), None)
@@ -87,6 +102,9 @@ def main(scenario: str, out: Path) -> None:
             "events": [(e.step, e.layer, e.condition) for e in health.events] if health else [],
             "weights": weights,
             "initial_weights": initial,
+            "warnings": warned,
+            "error": error,
+            "ranks": [e.rank for e in health.events] if health else [],
         },
         out / f"rank{trainer.global_rank}.pt",
     )

@@ -16,7 +16,7 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 
 from gradmon import tags
 from gradmon._validation import check_bool, check_choice, check_int, check_norm_type
-from gradmon.callbacks import _logging
+from gradmon.callbacks import _logging, _ranks
 from gradmon.callbacks._grad_source import (
     GradNormSource,
     OptimizerSteps,
@@ -31,7 +31,6 @@ from gradmon.errors import GradientHealthError, warn_health
 from gradmon.health import (
     ACTIONS,
     BY_SEVERITY,
-    COLLECTIVE_ACTIONS,
     CONDITIONS,
     VANISHING_ACTIONS,
     Action,
@@ -187,7 +186,6 @@ class GradHealthMonitor(Callback):
         self._own_source = GradNormSource(self.norm_type, self.group_by)
         self._source = self._own_source
         self._every = self.log_every_n_steps or 50
-        self._acts_on_all_ranks = any(a in COLLECTIVE_ACTIONS for a in self.actions.values())
         self._reset()
 
     def _reset(self) -> None:
@@ -213,6 +211,7 @@ class GradHealthMonitor(Callback):
         self._warned_host_skip = False
         self._scaled = False
         self._collective = False
+        self._group: Any = None
 
     @cached_property  # Lightning reads it around every hook call
     def state_key(self) -> str:
@@ -229,6 +228,15 @@ class GradHealthMonitor(Callback):
         # fresh fit of the same instance starts clean.
         if stage == "fit":
             self._reset()
+            _ranks.check_at_setup(trainer, self)
+            if self.sync_free and _ranks.distributed(trainer):
+                # Host decisions are shared one step late, from numbers already on the host: over gloo, so that
+                # sharing them waits for no device.
+                self._group = _ranks.host_group()
+
+    def _ranks_signature(self) -> str:
+        """What must be the same on every rank for the collectives to line up (thresholds may differ)."""
+        return f"GradHealthMonitor(sync_free={self.sync_free}, device_skips={sorted(self._device_skips)})"
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._every = self.log_every_n_steps or trainer.log_every_n_steps
@@ -244,7 +252,9 @@ class GradHealthMonitor(Callback):
             self._own_source.reset(trainer)
         self._scaled = enabled_scaler(trainer) is not None  # the precision plugin does not change during a fit
         self._global_step = step_reader(trainer)
-        self._collective = self._acts_on_all_ranks and trainer.world_size > 1
+        # Every rank shares what it found at every step, whatever the actions: a fault on one rank after DDP's
+        # all-reduce is then warned about, logged and acted on by every rank.
+        self._collective = _ranks.distributed(trainer)
 
     def on_before_optimizer_step(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer
@@ -272,7 +282,7 @@ class GradHealthMonitor(Callback):
             self._skip(trainer, pl_module, optimizer)
             return True
 
-        self._judge(trainer, step, log_now, overflow, per_layer, confirm, skip, reduce=True, events=events)
+        self._judge(trainer, step, log_now, overflow, per_layer, confirm, skip, events=events)
 
     def _judge(
         self,
@@ -283,7 +293,6 @@ class GradHealthMonitor(Callback):
         per_layer: dict[str, float] | None,
         confirm_nonfinite: Any,
         skip: Any,
-        reduce: bool,
         events: list[HealthEvent] | None = None,
     ) -> None:
         """Apply the rules to one step's numbers on the host (unless ``events`` says what they found), record, act
@@ -297,9 +306,9 @@ class GradHealthMonitor(Callback):
             if events is None and per_layer is not None:
                 events = self.tracker.update(step, per_layer, confirm_nonfinite)
         events = events or []
+        if self._collective:
+            events = self._share(trainer, events)
         flagged = {e.condition for e in events}
-        if reduce and self._acts_on_all_ranks:
-            flagged = self._reduce(trainer, flagged)
         if flagged:
             self._record(step, events, flagged)
             self._act(trainer, step, flagged, events, skip)
@@ -450,12 +459,11 @@ class GradHealthMonitor(Callback):
             events = None
             if per_layer is not None and not overflow:
                 events = self.tracker.update(measured.step, per_layer, None)
-                if not events and not measured.log_now and not skipped and overflow is None:
-                    continue  # most steps: nothing flagged, skipped or logged
+                if not events and not measured.log_now and not skipped and overflow is None and not self._collective:
+                    continue  # most steps: nothing flagged, skipped, logged or shared with other ranks
             counted = self.skipped_steps
             self._judge(
-                trainer, measured.step, measured.log_now, overflow, per_layer, None, lambda s=skipped: s, reduce=False,
-                events=events,
+                trainer, measured.step, measured.log_now, overflow, per_layer, None, lambda s=skipped: s, events=events,
             )
             if skipped and self.skipped_steps == counted and not overflow:
                 # The device flag is combined across ranks: another rank's gradients made every rank skip.
@@ -501,13 +509,14 @@ class GradHealthMonitor(Callback):
 
         return confirm
 
-    def _reduce(self, trainer: pl.Trainer, flagged: set[str]) -> set[str]:
-        """One collective so that every rank sees the conditions any rank found."""
-        if trainer.world_size == 1 or not (dist.is_available() and dist.is_initialized()):
-            return flagged
-        flags = torch.tensor([c in flagged for c in CONDITIONS], dtype=torch.int32, device=trainer.strategy.root_device)
-        dist.all_reduce(flags, op=dist.ReduceOp.MAX)
-        return {c for c, f in zip(CONDITIONS, flags.tolist()) if f}
+    def _share(self, trainer: pl.Trainer, events: list[HealthEvent]) -> list[HealthEvent]:
+        """Every rank's events of the step, on every rank (:func:`gradmon.callbacks._ranks.share_events`): in the
+        default mode over the default group; in sync-free mode over a host (gloo) group."""
+        if self.sync_free or dist.get_backend() == "gloo":
+            device = torch.device("cpu")
+        else:
+            device = trainer.strategy.root_device
+        return _ranks.share_events(events, self._group, device)
 
     def _record(self, step: int, events: list[HealthEvent], flagged: set[str]) -> None:
         room = self.max_events - len(self.events)
@@ -649,9 +658,13 @@ def _describe(condition: str, step: int, events: list[HealthEvent]) -> str:
         return f"gradmon: {condition} gradients at step {step} (found on another rank)."
     named = ", ".join(f"{e.layer} (norm {e.value:.3g}, {e.rule} rule)" for e in events[:_MAX_NAMED])
     more = f" and {len(events) - _MAX_NAMED} more" if len(events) > _MAX_NAMED else ""
+    ranks = sorted({e.rank for e in events if e.rank is not None})
+    # A fault found by some ranks only (written into one rank's gradients after DDP's all-reduce): say where.
+    where = f" on rank{'s' if len(ranks) > 1 else ''} {', '.join(map(str, ranks))}" if ranks else ""
     if condition == "nonfinite":
-        return f"gradmon: non-finite gradients at step {step}, first in layer {events[0].layer}; layers: {named}{more}."
-    return f"gradmon: {condition} gradients at step {step} in {len(events)} layer(s): {named}{more}."
+        return (f"gradmon: non-finite gradients at step {step}{where}, first in layer {events[0].layer}; "
+                f"layers: {named}{more}.")
+    return f"gradmon: {condition} gradients at step {step}{where} in {len(events)} layer(s): {named}{more}."
 
 
 
