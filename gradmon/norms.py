@@ -684,7 +684,7 @@ def layer_norms(
 
     Fused as the callbacks are (one ``_foreach_norm`` per device and dtype, one host transfer); frozen and unused
     parameters are left out; the layout is built once per model and reused while its parameters stay the same.
-    ``norm_type`` is any p > 0 or ``"inf"``; layers are the modules owning the parameters (``group_by="parameter"``
+    ``norm_type`` is any p >= 0.25 or ``"inf"``; layers are the modules owning the parameters (``group_by="parameter"``
     keeps parameters apart), by the user's names. Returns ``({}, 0.0)`` when no parameter has a gradient.
     """
     p = check_norm_type("norm_type", norm_type)
