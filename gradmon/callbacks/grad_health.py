@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 from collections import Counter
 from dataclasses import asdict, dataclass
 from functools import cached_property
@@ -39,7 +38,7 @@ from gradmon.health import (
     HealthRules,
     HealthTracker,
 )
-from gradmon.norms import GroupBy, HostCopy, Norms, has_nonfinite, read_host
+from gradmon.norms import GroupBy, HostCopy, Norms, read_host
 from gradmon.sharding import local_tensor
 from gradmon.tensorboard import markdown_table
 
@@ -91,11 +90,20 @@ class GradHealthMonitor(Callback):
     warnings, ``events``, stop, raise and logging) reads the step's numbers one step later, from a non-blocking copy
     into pinned memory: warnings, ``"stop"`` and ``"raise"`` come one step late, so the flagged step's update has been
     applied (and with ``"stop"`` one more step runs) unless a device skip discarded it; only ``"skip"`` protects the
-    weights at the flagged step. The spike rule's ``"skip"`` cannot act in time and is reported as not skipped. Host
-    decisions are taken from norms that are the same on every rank (after the gradients' all-reduce, or the sharded
-    norms' collective), so they need no collective of their own; a rank-local fault (written after the all-reduce) is
-    still skipped on every rank through the combined device flag, and the others report the skip as found on another
-    rank. An infinite norm counts as non-finite (there is no gradient left to inspect).
+    weights at the flagged step. The spike rule's ``"skip"`` cannot act in time and is reported as not skipped. A
+    rank-local fault (written after the all-reduce) is still skipped on every rank through the combined device flag.
+
+    Under DDP every rank shares what it found at every step (one all-reduce of a few integers per rank; the events
+    themselves are gathered only when the ranks disagree; in sync-free mode over a gloo group, from numbers already on
+    the host, so that it waits for no device): a fault on one rank only is warned about and logged by rank 0, naming
+    that rank (:attr:`HealthEvent.rank <gradmon.health.HealthEvent.rank>`), and every rank skips, stops or raises
+    together. Every rank must have the same gradmon callbacks; at setup a mismatch, or a rank without them, is a
+    ``RuntimeError`` (see :data:`gradmon.callbacks._ranks.SETUP_CHECK_TIMEOUT_S`) instead of a hang.
+
+    In both modes an infinite norm counts as non-finite, even when the gradient's entries are finite (entries of
+    1e30 overflow a float32 norm): such a gradient is beyond what float32 arithmetic on it survives (Adam's second
+    moment, ``clip_grad_norm_``, which calls it non-finite too), and sync-free mode has no gradient left to inspect
+    when it judges.
 
     With ``diagnose`` (the default) each warning and the end-of-fit summary end with one line from
     :mod:`gradmon.diagnosis`, "likely cause: ...; try: ...", from an :class:`~gradmon.ActivationMonitor` on the same
@@ -271,10 +279,11 @@ class GradHealthMonitor(Callback):
         if not overflow:
             norms = self._source.grad_norms(step, pl_module, optimizer)
             if norms is not None:
-                per_layer, total = norms.per_layer()  # the step's one host transfer
-                # Asked only about a layer whose norm is inf, and then the total is inf or NaN.
-                confirm = self._confirm_nonfinite(norms) if not total < math.inf else None
-                events = self.tracker.update(step, per_layer, confirm)
+                per_layer, _ = norms.per_layer()  # the step's one host transfer
+                # An inf norm is non-finite, as in sync-free mode, which cannot look at the gradient: a finite
+                # gradient whose norm overflows is beyond what float32 arithmetic on it (an optimizer's moments,
+                # clip_grad_norm_) survives.
+                events = self.tracker.update(step, per_layer, None)
                 if not events and not log_now and overflow is None and not self._collective:
                     return  # most steps: nothing flagged, nothing to log, count or agree on with other ranks
 
@@ -496,18 +505,6 @@ class GradHealthMonitor(Callback):
                 "Look for a NaN or inf in the loss or the forward pass (a log or division of zero, an overflowing "
                 "exp), or train with bf16-mixed."
             )
-
-    def _confirm_nonfinite(self, norms: Norms) -> Any:
-        layout = norms.layout
-        if layout.sharded:
-            return None  # an inf from a shard elsewhere cannot be told from overflow here: treat it as non-finite
-
-        def confirm(layer: str) -> bool:
-            return any(
-                has_nonfinite(p.grad) for p, name in zip(layout.params, layout.param_layers) if name == layer
-            )
-
-        return confirm
 
     def _share(self, trainer: pl.Trainer, events: list[HealthEvent]) -> list[HealthEvent]:
         """Every rank's events of the step, on every rank (:func:`gradmon.callbacks._ranks.share_events`): in the
