@@ -148,3 +148,23 @@ def test_stop_and_raise_on_a_nan_on_one_rank_are_taken_by_every_rank(tmp_path: P
     else:
         assert [r["global_step"] for r in ranks] == [3 + late] * 2
         assert [r["error"] for r in ranks] == [None, None]
+
+
+@pytest.mark.parametrize("scenario", ["ddp_one_rank", "ddp_mismatch"])
+def test_gradmon_callbacks_that_differ_between_ranks_are_an_error_at_setup_not_a_hang(tmp_path: Path, scenario) -> None:
+    out = tmp_path / "ddp"
+    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    # Without the check both ranks blocked in gloo until its 30-minute timeout.
+    subprocess.run([sys.executable, str(HERE / "distributed_runs.py"), scenario, str(out)], capture_output=True,
+                   text=True, timeout=120, env=env, cwd=HERE.parent)
+    errors = {r: torch.load(out / f"rank{r}.pt")["error"] for r in (0, 1) if (out / f"rank{r}.pt").exists()}
+    if scenario == "ddp_one_rank":
+        assert errors[1] == (
+            "RuntimeError: gradmon: rank 1 has the callbacks [GradHealthMonitor(sync_free=False, device_skips=[])], "
+            "but rank(s) 0 did not reach gradmon's setup within 5 s: give every rank the same gradmon callbacks (a "
+            "callback on some ranks only makes collectives the others never join, and the job hangs)."
+        )
+    else:
+        assert errors[0].startswith("RuntimeError: gradmon: the ranks have different gradmon callbacks (rank 0: "
+                                    "[GradHealthMonitor(sync_free=False, device_skips=[]); GradCheck(")
+        assert "rank 1: [GradHealthMonitor(sync_free=False, device_skips=[])]" in errors[0]
