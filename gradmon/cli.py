@@ -22,8 +22,11 @@ metric, the steps GradHealthMonitor flagged per condition, skipped steps and the
 Steps GradHealthMonitor flagged are marked above the heatmap and the curves. Long layer names are shortened (common
 prefix dropped, middle parts abbreviated; each figure's caption says how).
 
-A directory holding several event files (a rerun logged into the same version) is reported from its latest event
-file only, never merged; summary.md and a note here name the files ignored."""
+A directory holding several event files is merged by step, each file replacing the earlier ones from its first step
+on: a run resumed from a checkpoint is reported whole, a rerun from step 0 replaces the earlier run (summary.md and
+a note here name the files merged or ignored). An event file that cannot be read to its end (truncated, corrupted)
+is reported as far as it can be read, with a warning naming it and the last step read; the command then exits with
+1 (2 for a LOGDIR or --out that cannot be used)."""
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -52,20 +55,31 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _report(args: argparse.Namespace) -> int:
     # tensorboard and matplotlib load only for this subcommand.
-    from gradmon.report import write_report
+    from gradmon.report import DAMAGED, write_report
 
     if args.metric is not None and not args.metric:
         print("gradmon report: error: `--metric ''` is not valid: expected a tag such as val/acc", file=sys.stderr)
         return 2
     out = args.out if args.out is not None else args.logdir / "report"
+    damaged = []
+
+    def note(text: str) -> None:
+        if text.startswith(DAMAGED):
+            damaged.append(text)
+            print(f"gradmon report: warning: {text}", file=sys.stderr)
+        else:
+            print(f"gradmon report: note: {text}")
+
     try:
-        written = write_report(
-            args.logdir, out, metric=args.metric, note=lambda text: print(f"gradmon report: note: {text}")
-        )
-    except FileNotFoundError as error:
+        written = write_report(args.logdir, out, metric=args.metric, note=note)
+    except (FileNotFoundError, NotADirectoryError) as error:
         print(f"gradmon report: error: {error}", file=sys.stderr)
         return 2
     print(f"gradmon report: wrote {len(written) - 1} figures and {out / 'summary.md'}")
+    if damaged:
+        print(f"gradmon report: {len(damaged)} damaged event file(s): the report covers only what could be read "
+              "(see summary.md)", file=sys.stderr)
+        return 1
     return 0
 
 

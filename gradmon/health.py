@@ -123,13 +123,16 @@ class HealthRules:
 @dataclass(frozen=True)
 class HealthEvent:
     """One layer flagged at one step. ``rule`` says which rule fired: ``threshold``, ``spike``, ``depth``,
-    ``nonfinite``; ``value`` is the layer's gradient norm at that step."""
+    ``nonfinite``; ``value`` is the layer's gradient norm at that step. ``rank`` is the rank that found it when not
+    every rank did (a fault on one rank after DDP's all-reduce); ``None`` when every rank found it, or in a single
+    process."""
 
     step: int
     layer: str
     condition: Condition
     value: float
     rule: str
+    rank: int | None = None
 
 
 class HealthTracker:
@@ -142,7 +145,12 @@ class HealthTracker:
 
     def __init__(self, rules: HealthRules | None = None, group_by: GroupBy = "layer") -> None:
         self.group_by: GroupBy = check_choice("group_by", group_by, ("layer", "parameter"))
-        self.rules = rules or HealthRules()
+        if rules is None:
+            rules = HealthRules()
+        elif not isinstance(rules, HealthRules):
+            hint = f" (pass HealthRules(**{rules!r}))" if isinstance(rules, Mapping) else ""
+            raise TypeError(f"`rules={rules!r}` is not valid: expected a HealthRules instance or None{hint}.")
+        self.rules = rules
         self._history: dict[str, list[Any]] = {}  # per layer: [running mean of log(norm), finite observations]
         self._streak: dict[tuple[str, str], int] = {}  # consecutive steps in a condition, per (layer, condition)
         #: Parameters the sibling rule spared (``sibling_ratio``), and the first step it did.

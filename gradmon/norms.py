@@ -163,9 +163,13 @@ def full_grads_and_weights(layout: ParamLayout) -> tuple[list[Tensor], list[Tens
     whole unsharded model, so keep it to rare steps. DTensors go through :func:`full_tensor`.
     """
     with summoned(layout.module, layout.fsdp1):
-        grads = [full_tensor(local_grad_or_zeros(p)).detach().reshape(-1).clone() for p in layout.params]
+        grads = [_dense(full_tensor(local_grad_or_zeros(p))).detach().reshape(-1).clone() for p in layout.params]
         weights = [full_tensor(p.detach()).reshape(-1).clone() for p in layout.params]
     return grads, weights
+
+
+def _dense(tensor: Tensor) -> Tensor:
+    return tensor.to_dense() if tensor.is_sparse else tensor
 
 
 def stacked_norms(layout: ParamLayout, tensors: Sequence[Tensor], norm_type: float) -> Tensor:
@@ -538,7 +542,7 @@ def hand_out(norms: Sequence[Norms], values: Sequence[float]) -> None:
 
 def has_nonfinite(tensor: Tensor) -> bool:
     """Whether a tensor's local data holds a NaN or an inf (a norm can overflow to inf on finite values)."""
-    return not bool(torch.isfinite(local_tensor(tensor)).all())
+    return not bool(torch.isfinite(sparse_values(local_tensor(tensor))).all())
 
 
 class GradientNorms:
@@ -554,9 +558,15 @@ class GradientNorms:
         self.layout = layout
         self.norm_type = norm_type
         self._subsets: dict[tuple[int, ...], ParamLayout] = {}
+        # Whether sparse gradients (nn.Embedding(sparse=True)) have been seen: found by the norm kernels refusing
+        # them, so that dense models pay nothing for it.
+        self._sparse = False
 
     def compute(self) -> Norms | None:
-        """This step's norms (``None`` when no parameter has a gradient). No host sync."""
+        """This step's norms (``None`` when no parameter has a gradient). No host sync.
+
+        A sparse gradient is measured by its coalesced values (duplicate indices summed): the norm of the dense
+        gradient it stands for."""
         layout = self.layout
         if layout.sharded:
             keep: tuple[int, ...] | None = tuple(i for i, p in enumerate(layout.params) if p.requires_grad)
@@ -574,11 +584,27 @@ class GradientNorms:
             layout = subset
         if not grads:
             return None
+        if self._sparse:
+            grads = [sparse_values(g) for g in grads]
+        try:
+            return self._norms(layout, grads)
+        except (NotImplementedError, RuntimeError):
+            if self._sparse or not any(g.is_sparse for g in grads):
+                raise
+            self._sparse = True
+            return self._norms(layout, [sparse_values(g) for g in grads])
+
+    def _norms(self, layout: ParamLayout, grads: list[Tensor]) -> Norms:
         if layout.floats_at_once:  # in host memory: the norms as Python floats at once
             return host_norms(layout, grads, self.norm_type)
         if layout.partwise:  # on one device: the kernels' scalars, stacked only if a vector is asked for
             return Norms(layout, None, self.norm_type, parts=norm_parts(layout, grads, self.norm_type))
         return compute_norms(layout, grads, self.norm_type)
+
+
+def sparse_values(tensor: Tensor) -> Tensor:
+    """A sparse tensor's coalesced values (whose norms are those of the dense tensor); any other tensor as it is."""
+    return tensor.coalesce().values() if tensor.is_sparse else tensor
 
 
 #: ``torch._foreach_clone`` where this torch has it.
@@ -650,7 +676,7 @@ def layer_norms(
 
     Fused as the callbacks are (one ``_foreach_norm`` per device and dtype, one host transfer); frozen and unused
     parameters are left out; the layout is built once per model and reused while its parameters stay the same.
-    ``norm_type`` is any p > 0 or ``"inf"``; layers are the modules owning the parameters (``group_by="parameter"``
+    ``norm_type`` is any p >= 0.25 or ``"inf"``; layers are the modules owning the parameters (``group_by="parameter"``
     keeps parameters apart), by the user's names. Returns ``({}, 0.0)`` when no parameter has a gradient.
     """
     p = check_norm_type("norm_type", norm_type)

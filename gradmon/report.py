@@ -54,12 +54,14 @@ Lightning, so it works on logs from any loop that writes the same tags::
 from __future__ import annotations
 
 import fnmatch
+import logging
 import math
 import re
 import textwrap
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from matplotlib import colormaps
@@ -138,6 +140,12 @@ class Run:
     scalars: dict[str, Series]
     event_file: Path | None = None
     ignored_event_files: list[Path] = field(default_factory=list)
+    #: Older event files of the directory whose steps before the next file's first step are part of the run (a run
+    #: resumed from a checkpoint writes a second file into the same directory), oldest first.
+    merged_event_files: list[Path] = field(default_factory=list)
+    #: Event files that could not be read to their end: ``{file: (what tensorboard's reader said, last step read or
+    #: None when nothing was)}``.
+    damaged: dict[Path, tuple[str, int | None]] = field(default_factory=dict)
     #: ``diagnosis/<condition>`` text entries, as ``(step, markdown)`` in logged order, by tag.
     texts: dict[str, list[tuple[int, str]]] = field(default_factory=dict)
 
@@ -176,7 +184,8 @@ def find_runs(logdir: str | Path) -> list[Path]:
     """
     logdir = Path(logdir)
     if not logdir.is_dir():
-        raise FileNotFoundError(f"log directory {str(logdir)!r} does not exist")
+        what = "is a file, not a directory" if logdir.exists() else "does not exist"
+        raise FileNotFoundError(f"log directory {str(logdir)!r} {what}")
     runs = sorted({p.parent for p in logdir.rglob(EVENT_FILE_GLOB) if p.is_file()})
     if not runs:
         raise FileNotFoundError(
@@ -194,8 +203,15 @@ def event_files(run_dir: str | Path) -> list[Path]:
 
 
 def load_run(path: str | Path, logdir: str | Path | None = None) -> Run:
-    """Read every scalar of the run in ``path`` (a run directory: its latest event file, see :func:`event_files`;
-    or one event file); the run is named by its directory's path relative to ``logdir``.
+    """Read every scalar of the run in ``path`` (a run directory, see below; or one event file); the run is named by
+    its directory's path relative to ``logdir``.
+
+    A directory holding several event files (see :func:`event_files`) is read file by file, oldest first, and merged
+    by step: each file replaces what the earlier ones logged from its own first step on. A run resumed from a
+    checkpoint (its second file starts at the checkpoint's step) is thus read whole, the resumed steps winning over
+    those the first run logged after its checkpoint; a rerun from step 0 replaces the earlier files entirely (they are
+    listed in ``ignored_event_files``). A file tensorboard's reader cannot read to its end (truncated, corrupted) is
+    read as far as it can be and listed in ``damaged``.
 
     Raises:
         FileNotFoundError: ``path`` is neither an event file nor a directory holding one.
@@ -207,9 +223,88 @@ def load_run(path: str | Path, logdir: str | Path | None = None) -> Run:
         run_dir, files = path, event_files(path)
         if not files:
             raise FileNotFoundError(f"`path={str(path)!r}` holds no TensorBoard event file ({EVENT_FILE_GLOB})")
+    scalars: dict[str, Series] = {}
+    texts: dict[str, list[tuple[int, str]]] = {}
+    sources: dict[Path, bool] = {}  # file: whether any of its steps are still in the run
+    damaged: dict[Path, tuple[str, int | None]] = {}
+    for file in files:
+        file_scalars, file_texts, damage = _read_event_file(file)
+        steps = [int(step) for series in file_scalars.values() if len(series.steps)
+                 for step in (series.steps.min(), series.steps.max())]
+        steps += [step for entries in file_texts.values() for step, _ in entries]
+        if damage is not None:
+            damaged[file] = (damage, max(steps) if steps else None)
+        if not steps:
+            continue
+        start = min(steps)
+        for tag, series in scalars.items():
+            keep = series.steps < start
+            scalars[tag] = Series(series.steps[keep], series.values[keep])
+        texts = {tag: [(step, text) for step, text in entries if step < start] for tag, entries in texts.items()}
+        for earlier in sources:
+            sources[earlier] = _holds_steps_before(earlier, start, sources[earlier])
+        for tag, series in file_scalars.items():
+            old = scalars.get(tag)
+            scalars[tag] = series if old is None else Series(
+                np.concatenate([old.steps, series.steps]), np.concatenate([old.values, series.values])
+            )
+        for tag, entries in file_texts.items():
+            texts[tag] = texts.get(tag, []) + entries
+        sources[file] = start
+    scalars = {tag: series for tag, series in scalars.items() if len(series.steps)}
+    latest = files[-1]
+    merged = [f for f, kept in sources.items() if kept is not False and f != latest]
+    ignored = [f for f in files[:-1] if f not in merged]
+    name = run_dir.relative_to(logdir).as_posix() if logdir is not None else run_dir.name
+    scalars = _without_logger_prefix(scalars)
+    return Run(name if name != "." else run_dir.resolve().name, run_dir, scalars, latest, ignored,
+               merged_event_files=merged, damaged=damaged, texts=texts)
+
+
+def _holds_steps_before(file: Path, start: int, kept: Any) -> Any:
+    """Whether an earlier file still has steps in the run once a later file starts at ``start``: its own first step
+    (``kept``, an int) is before ``start``; ``False`` once it has none."""
+    return kept if kept is not False and kept < start else False
+
+
+_LOADER_LOGGER = "tensorboard"  # tensorboard's modules all log through this one
+
+
+class _DataLoss(logging.Handler):
+    """Catches what tensorboard's event file loader says, at debug level only, when it stops before the end of a file
+    (a truncated record, a failed crc32 check): the loader swallows the error and the accumulator reads on as if the
+    file had ended."""
+
+    def __init__(self, logger: logging.Logger) -> None:
+        super().__init__(logging.DEBUG)
+        self.messages: list[str] = []
+        self._passed_on = logger.getEffectiveLevel()  # what the user's handlers would have seen
+        self._parent = logger.parent
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if record.msg == "Truncated record in %s (%s)":
+            self.messages.append(str(record.args[-1]) if isinstance(record.args, tuple) else record.getMessage())
+        elif record.levelno >= self._passed_on and self._parent is not None:
+            self._parent.handle(record)
+
+
+def _read_event_file(file: Path) -> tuple[dict[str, Series], dict[str, list[tuple[int, str]]], str | None]:
+    """The scalars and diagnosis texts of one event file, and what stopped tensorboard's reader before the end of
+    the file (``None`` when it read it all)."""
     # One file only: EventAccumulator given the directory would read every file in it as one run.
-    accumulator = event_accumulator.EventAccumulator(str(files[-1]), size_guidance=_SIZE_GUIDANCE)
-    accumulator.Reload()
+    accumulator = event_accumulator.EventAccumulator(str(file), size_guidance=_SIZE_GUIDANCE)
+    logger = logging.getLogger(_LOADER_LOGGER)
+    catcher = _DataLoss(logger)
+    level, propagate = logger.level, logger.propagate
+    logger.addHandler(catcher)
+    logger.setLevel(logging.DEBUG)
+    logger.propagate = False  # the loader's debug lines are for us, not for the user's handlers
+    try:
+        accumulator.Reload()
+    finally:
+        logger.removeHandler(catcher)
+        logger.setLevel(level)
+        logger.propagate = propagate
     scalars = {}
     for tag in accumulator.Tags()[event_accumulator.SCALARS]:
         events = accumulator.Scalars(tag)
@@ -223,9 +318,10 @@ def load_run(path: str | Path, logdir: str | Path | None = None) -> Run:
                 (int(e.step), e.tensor_proto.string_val[0].decode("utf-8", "replace"))
                 for e in accumulator.Tensors(tag)
             ]
-    name = run_dir.relative_to(logdir).as_posix() if logdir is not None else run_dir.name
-    scalars = _without_logger_prefix(scalars)
-    return Run(name if name != "." else run_dir.resolve().name, run_dir, scalars, files[-1], files[:-1], texts)
+    damage = catcher.messages[0] if catcher.messages else None
+    if damage is not None and file.name in damage:  # "<path> failed event crc32 check": the path is said elsewhere
+        damage = damage.split(file.name, 1)[1].strip(" :'\"")
+    return scalars, texts, damage
 
 
 def _without_logger_prefix(scalars: dict[str, Series]) -> dict[str, Series]:
@@ -791,10 +887,40 @@ def _diagnosis_cell(run: Run) -> str:
     return "none" if run.modules else "-"
 
 
+#: How a note about a damaged event file begins (the command line exits with 1 after writing the report).
+DAMAGED = "damaged event file"
+
+
+def damage_notes(run: Run) -> list[str]:
+    """One line per event file of ``run`` that could not be read to its end, naming it and how far it was read."""
+    notes = []
+    for file, (what, last_step) in run.damaged.items():
+        if last_step is None:
+            read = "nothing in it could be read"
+        else:
+            read = f"read up to step {last_step}; the rest of the file is unreadable and left out of the report"
+        notes.append(f"{DAMAGED} `{file.name}` in `{run.name}`: {what}; {read}.")
+    return notes
+
+
+def merge_note(run: Run) -> str | None:
+    """What the report says about a run directory whose event files were merged (a resumed run)."""
+    if not run.merged_event_files or run.event_file is None:
+        return None
+    files = ", ".join(f"`{p.name}`" for p in [*run.merged_event_files, run.event_file])
+    return (
+        f"`{run.name}` holds {len(run.merged_event_files) + 1} event files (a run resumed into the same directory): "
+        f"merged by step, each file replacing the earlier ones from its first step on: {files}."
+    )
+
+
 def report_notes(runs: Sequence[Run], metric: str | None = None) -> list[str]:
-    """What the reader of the report should know about what was read: one line per run directory holding several
-    event files (:func:`rerun_note`), and one when no run logged the given ``metric``."""
-    notes = [note for note in map(rerun_note, runs) if note is not None]
+    """What the reader of the report should know about what was read: one line per damaged event file
+    (:func:`damage_notes`), per run directory whose event files were merged (:func:`merge_note`) or partly
+    ignored (:func:`rerun_note`), and one when no run logged the given ``metric``."""
+    notes = [note for run in runs for note in damage_notes(run)]
+    notes += [note for note in map(merge_note, runs) if note is not None]
+    notes += [note for note in map(rerun_note, runs) if note is not None]
     if metric is not None and not any(metric in run.scalars for run in runs):
         notes.append(f"`metric={metric!r}`: no run logged this tag.")
     return notes
@@ -824,6 +950,7 @@ def write_report(
         raise invalid("metric", metric, "a scalar tag such as 'val/acc', or None")
     out = Path(out)
     runs = load_runs(logdir)
+    _check_out(out)  # before any figure is drawn
     figures: dict[str, list[Path]] = {}
     for run in runs:
         if run.has_grad_norms:
@@ -853,6 +980,18 @@ def write_report(
         for text in report_notes(runs, metric):
             note(text)
     return [p for paths in figures.values() for p in paths] + [summary]
+
+
+def _check_out(out: Path) -> None:
+    """Raise ``NotADirectoryError`` when ``out``, or the first of its parents that exists, is not a directory."""
+    for folder in (out, *out.parents):
+        if folder.exists():
+            if not folder.is_dir():
+                raise NotADirectoryError(
+                    f"`out={str(out)!r}` cannot be a directory: {str(folder)!r} is a file; pass a directory to write "
+                    "the report into"
+                )
+            return
 
 
 def _flow_figure(

@@ -16,9 +16,11 @@ import torch
 from lightning.pytorch.strategies import DDPStrategy, ModelParallelStrategy
 
 sys.path.insert(0, str(Path(__file__).parent))
-from helpers import MLP, PlantNaN, ShardedMLP, fit, rank_loader  # noqa: E402
+from helpers import MLP, PlantNaN, ShardedMLP, fit, health_warnings, rank_loader  # noqa: E402
 
-from gradmon import GradHealthMonitor, GradNormMonitor, WeightInit  # noqa: E402
+from gradmon import GradCheck, GradHealthMonitor, GradNormMonitor, WeightInit  # noqa: E402
+from gradmon.callbacks import _ranks  # noqa: E402
+from gradmon.errors import GradientHealthError  # noqa: E402
 
 PER_DEVICE_BATCH = 16
 STEPS = 4
@@ -72,11 +74,44 @@ def main(scenario: str, out: Path) -> None:
         strategy = DDPStrategy()
         model = FusedMLP()
         callbacks = [GradHealthMonitor(on_nonfinite="skip", sync_free=True), PlantNaN(2, element=(0, 0), rank=1)]
+    elif scenario.startswith("ddp_local_"):
+        # A NaN on rank 1 only, after DDP's all-reduce, under action "warn", "stop" or "raise" (default mode, or
+        # sync-free with a suffix): every rank must learn of it, rank 0 must warn and log it naming rank 1, and
+        # every rank must act together.
+        strategy = DDPStrategy()
+        model = MLP()
+        action = scenario.split("_")[2]
+        callbacks = [GradHealthMonitor(on_nonfinite=action, sync_free=scenario.endswith("sync_free")),
+                     PlantNaN(2, element=(0, 0), rank=1)]
+    elif scenario in ("ddp_one_rank", "ddp_mismatch"):
+        # A GradHealthMonitor on rank 1 only (or a GradCheck on rank 0 besides it): a clear error at setup, not a
+        # hang in the first collective the other rank never joins.
+        _ranks.SETUP_CHECK_TIMEOUT_S = 5.0
+        strategy = DDPStrategy()
+        model = MLP()
+        rank = int(os.environ.get("LOCAL_RANK", 0))
+        callbacks = [GradHealthMonitor()] if rank == 1 or scenario == "ddp_mismatch" else []
+        if scenario == "ddp_mismatch" and rank == 0:
+            callbacks.append(GradCheck())
+        loader = rank_loader(rank, PER_DEVICE_BATCH, STEPS)
+        try:
+            fit(model, callbacks, steps=STEPS, tmp_path=out, loader=loader, devices=2, strategy=strategy,
+                use_distributed_sampler=False)
+            error = None
+        except Exception as e:  # noqa: BLE001 - what each rank saw is the result
+            error = f"{type(e).__name__}: {e}"
+        torch.save({"error": error}, out / f"rank{rank}.pt")
+        return
     else:
         raise SystemExit(f"unknown scenario {scenario!r}")
     loader = rank_loader(int(os.environ.get("LOCAL_RANK", 0)), PER_DEVICE_BATCH, STEPS)
-    trainer = fit(model, callbacks, steps=STEPS, tmp_path=out, loader=loader, devices=2, strategy=strategy,
-                  use_distributed_sampler=False)
+    error = None
+    with health_warnings() as warned:
+        try:
+            trainer = fit(model, callbacks, steps=STEPS, tmp_path=out, loader=loader, devices=2, strategy=strategy,
+                          use_distributed_sampler=False)
+        except GradientHealthError as e:
+            error, trainer = str(e), model.trainer
     health = next((c for c in callbacks if isinstance(c, GradHealthMonitor)), None)
     weights = {k: _full(v).detach().clone() for k, v in model.state_dict().items()}
     initial = next((c.weights for c in callbacks if isinstance(c, InitialWeights)), None)
@@ -87,6 +122,9 @@ def main(scenario: str, out: Path) -> None:
             "events": [(e.step, e.layer, e.condition) for e in health.events] if health else [],
             "weights": weights,
             "initial_weights": initial,
+            "warnings": warned,
+            "error": error,
+            "ranks": [e.rank for e in health.events] if health else [],
         },
         out / f"rank{trainer.global_rank}.pt",
     )

@@ -111,7 +111,62 @@ def test_sync_free_skip_is_taken_by_every_rank_when_one_rank_finds_a_nan(tmp_pat
     ranks = [torch.load(tmp_path / "ddp" / f"rank{r}.pt") for r in (0, 1)]
     assert [r["global_step"] for r in ranks] == [STEPS, STEPS]
     assert [r["skipped_steps"] for r in ranks] == [1, 1]
-    assert ranks[1]["events"] == [(2, "net.2", "nonfinite")] and ranks[0]["events"] == []  # rank 0's were finite
+    # Rank 0's gradients were finite: it records rank 1's event, attributed to rank 1.
+    assert [r["events"] for r in ranks] == [[(2, "net.2", "nonfinite")]] * 2
+    assert [r["ranks"] for r in ranks] == [[1], [1]]
     for name, weight in ranks[0]["weights"].items():
         assert torch.isfinite(weight).all()
         assert torch.equal(weight, ranks[1]["weights"][name])  # the replicas did not diverge
+
+
+@pytest.mark.parametrize("sync_free", [False, True], ids=["default", "sync_free"])
+def test_a_nan_on_one_rank_under_warn_is_warned_and_logged_by_rank_0_naming_the_rank(tmp_path: Path, sync_free) -> None:
+    # The NaN is written into rank 1's gradient after DDP's all-reduce: rank 0's own gradients are finite.
+    launch("ddp_local_warn" + ("_sync_free" if sync_free else ""), tmp_path / "ddp")
+    ranks = [torch.load(tmp_path / "ddp" / f"rank{r}.pt") for r in (0, 1)]
+    assert [r["global_step"] for r in ranks] == [STEPS, STEPS]
+    assert [r["events"][0] for r in ranks] == [(2, "net.2", "nonfinite")] * 2
+    assert [r["ranks"][0] for r in ranks] == [1, 1]
+    step2 = [w for w in ranks[0]["warnings"] if "at step 2" in w]
+    assert len(step2) == 1
+    assert step2[0].startswith("gradmon: non-finite gradients at step 2 on rank 1, first in layer net.2")
+    got = read_scalars(logdir(tmp_path / "ddp"))
+    assert got["grad_health/nonfinite"][2] == 1.0
+    assert got["grad_health_flag/net.2"][2] == 3.0
+
+
+@pytest.mark.parametrize("action", ["stop", "raise"])
+@pytest.mark.parametrize("sync_free", [False, True], ids=["default", "sync_free"])
+def test_stop_and_raise_on_a_nan_on_one_rank_are_taken_by_every_rank(tmp_path: Path, action, sync_free) -> None:
+    # Before the findings were shared, sync-free mode raised (or stopped) on rank 1 alone, and rank 0 died in its
+    # next collective ("Connection closed by peer"; a hang under NCCL).
+    launch(f"ddp_local_{action}" + ("_sync_free" if sync_free else ""), tmp_path / "ddp")
+    ranks = [torch.load(tmp_path / "ddp" / f"rank{r}.pt") for r in (0, 1)]
+    late = 1 if sync_free else 0  # sync-free mode judges a step's numbers at the next step
+    if action == "raise":
+        assert [r["global_step"] for r in ranks] == [2 + late] * 2
+        assert ranks[0]["error"].startswith("gradmon: non-finite gradients at step 2 on rank 1, first in layer net.2")
+        assert ranks[1]["error"].startswith("gradmon: non-finite gradients at step 2 on rank 1, first in layer net.2")
+    else:
+        assert [r["global_step"] for r in ranks] == [3 + late] * 2
+        assert [r["error"] for r in ranks] == [None, None]
+
+
+@pytest.mark.parametrize("scenario", ["ddp_one_rank", "ddp_mismatch"])
+def test_gradmon_callbacks_that_differ_between_ranks_are_an_error_at_setup_not_a_hang(tmp_path: Path, scenario) -> None:
+    out = tmp_path / "ddp"
+    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    # Without the check both ranks blocked in gloo until its 30-minute timeout.
+    subprocess.run([sys.executable, str(HERE / "distributed_runs.py"), scenario, str(out)], capture_output=True,
+                   text=True, timeout=120, env=env, cwd=HERE.parent)
+    errors = {r: torch.load(out / f"rank{r}.pt")["error"] for r in (0, 1) if (out / f"rank{r}.pt").exists()}
+    if scenario == "ddp_one_rank":
+        assert errors[1] == (
+            "RuntimeError: gradmon: rank 1 has the callbacks [GradHealthMonitor(sync_free=False, device_skips=[])], "
+            "but rank(s) 0 did not reach gradmon's setup within 5 s: give every rank the same gradmon callbacks (a "
+            "callback on some ranks only makes collectives the others never join, and the job hangs)."
+        )
+    else:
+        assert errors[0].startswith("RuntimeError: gradmon: the ranks have different gradmon callbacks (rank 0: "
+                                    "[GradHealthMonitor(sync_free=False, device_skips=[]); GradCheck(")
+        assert "rank 1: [GradHealthMonitor(sync_free=False, device_skips=[])]" in errors[0]

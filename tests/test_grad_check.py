@@ -444,3 +444,50 @@ def test_retries_are_the_callbacks_to_set_and_many_of_them_still_catch_a_doubled
         fit(Classifier(wrong_scale=2.0), [check], max_steps=1)
     assert seen == [retries]
     assert {r.layer: r.status for r in check.results}["net.3"] == "wrong"
+
+
+@pytest.mark.parametrize("eps", [1e-11, 1e-14, 1e-20, 1e-300, 1.5])
+def test_an_eps_where_rounding_swamps_the_difference_is_refused_naming_it_and_the_range(eps):
+    # At eps=1e-13 a gradient 10 times too large passed (rounding / eps hides the difference); at 1e-20, as "good".
+    with pytest.raises(ValueError, match=rf"`eps={eps!r}` is not valid: expected a finite number >= 1e-10 and <= 1"):
+        GradCheck(eps=eps)
+
+
+def test_a_wrong_gradient_fails_at_the_smallest_accepted_eps():
+    seed_everything(0)
+    check = GradCheck(every_n_steps=100, burn_in_steps=0, eps=grad_check_module.EPS_RANGE[0])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        fit(Classifier(wrong_scale=10.0), [check], max_steps=1)
+    assert [(r.layer, r.passed) for r in check.results] == [("net.0", True), ("net.3", False), ("net.5", True)]
+
+
+def test_results_are_capped_in_memory_and_checkpoints_while_the_counts_stay_whole(tmp_path):
+    seed_everything(0)
+    check = GradCheck(every_n_steps=1, burn_in_steps=0, num_samples=2, num_directions=1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        trainer = fit(Classifier(wrong_scale=10.0), [check], max_steps=40, limit_train_batches=4, max_epochs=None)
+    trainer.save_checkpoint(tmp_path / "last.ckpt")
+    assert check.checks == 40
+    assert check.failures["net.3"] == 40 and check.failures["net.0"] == check.failures["net.5"] == 0
+    assert len(check.results) == grad_check_module.RESULTS_KEPT  # 40 checks of 3 layers: 120 made
+    assert [r.step for r in check.results[-3:]] == [39, 39, 39] and check.results[0].step == 6
+    saved = torch.load(tmp_path / "last.ckpt", weights_only=False)["callbacks"]
+    state = next(v for k, v in saved.items() if k.startswith("GradCheck"))
+    assert len(state["results"]) == 100 and state["checks"] == 40 and state["failures"] == {"net.3": 40}
+    resumed = GradCheck(every_n_steps=1, burn_in_steps=0, num_samples=2, num_directions=1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        fit(Classifier(wrong_scale=10.0), [resumed], max_steps=42, limit_train_batches=4, max_epochs=None,
+            ckpt_path=tmp_path / "last.ckpt")
+    assert resumed.checks == 42 and resumed.failures["net.3"] == 42
+    assert len(resumed.results) == 100 and resumed.results[-1].step == 41
+
+
+def test_a_check_of_more_layers_than_the_cap_keeps_every_layer_of_the_latest_check():
+    check = GradCheck()
+    check._last_step = 7
+    layers = [{"step": 7, "layer": f"l{i}", "rel_error": 0.0, "passed": True} for i in range(150)]
+    check.load_state_dict({"last_step": 7, "results": layers})
+    assert len(check.results) == 150 and check.checks == 1

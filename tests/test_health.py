@@ -356,3 +356,15 @@ def test_tracker_per_parameter_flags_what_the_rules_with_the_sibling_rule_as_wri
         assert got == reference.update(step, norms), f"step {step}"
         assert tracker.cancelled == reference.cancelled, f"step {step}"
     assert tracker.state_dict()["mean_log"] == pytest.approx(reference.mean_log)
+
+
+@pytest.mark.parametrize("rules", [0, "", [], {}, False, 1, "strict", HealthRules, {"vanishing_threshold": 1e-3}])
+def test_the_tracker_refuses_rules_that_are_not_health_rules_naming_the_argument(rules) -> None:
+    with pytest.raises(TypeError, match=r"`rules=.*` is not valid: expected a HealthRules instance or None"):
+        HealthTracker(rules=rules)
+
+
+def test_a_dict_of_thresholds_is_refused_with_the_way_to_pass_it() -> None:
+    with pytest.raises(TypeError, match=r"pass HealthRules\(\*\*\{'vanishing_threshold': 0.001\}\)"):
+        HealthTracker(rules={"vanishing_threshold": 1e-3})
+    assert HealthTracker(rules=HealthRules(vanishing_threshold=1e-3)).rules.vanishing_threshold == 1e-3

@@ -4,13 +4,17 @@ construction with a ValueError or TypeError that names it; valid ones construct.
 from __future__ import annotations
 
 import math
+import warnings
 
 import pytest
+from helpers import MLP, fit
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from torch import nn
 
 from gradmon import GradHealthMonitor, GradNormMonitor
 from gradmon.health import HealthRules
+from gradmon.norms import layer_norms
 
 SETTINGS = settings(max_examples=40, deadline=None)
 
@@ -54,7 +58,8 @@ def assert_refused(factory, argument: str, value) -> None:
 
 
 @SETTINGS
-@given(st.one_of(st.floats(max_value=0.0, allow_nan=False), st.just(math.nan), st.booleans(), st.none(),
+@given(st.one_of(st.floats(max_value=0.25, exclude_max=True, allow_nan=False), st.just(math.nan), st.booleans(),
+                 st.none(), st.just(1e-300), st.just(5e-324), st.just("0.001"),
                  st.text(alphabet="xyz-", min_size=1, max_size=4), st.just(-(10**400))))
 def test_grad_norm_monitor_refuses_a_bad_norm_type(value) -> None:
     assert_refused(GradNormMonitor, "norm_type", value)
@@ -80,7 +85,7 @@ def test_grad_norm_monitor_refuses_an_unknown_group_by(value: str) -> None:
 
 @SETTINGS
 @given(
-    norm_type=st.one_of(st.floats(min_value=1e-3, max_value=1e3), st.just("inf")),
+    norm_type=st.one_of(st.floats(min_value=0.25, max_value=1e3), st.just("inf")),
     every=st.one_of(st.none(), st.integers(1, 2**53)),
     flag=st.booleans(),
 )
@@ -173,3 +178,22 @@ def test_grad_health_monitor_accepts_valid_arguments(vanishing, exploding, spike
                                 history_decay=decay, depth_ratio=ratio, warmup_steps=warmup,
                                 vanishing_patience=patience, exploding_patience=patience)
     assert monitor.rules.warmup_steps == warmup and monitor.rules.exploding_threshold == exploding
+
+
+@pytest.mark.parametrize("value", [0.2, 0.001, 1e-300, 5e-324])
+@pytest.mark.parametrize("factory", [GradNormMonitor, GradHealthMonitor, lambda norm_type: layer_norms(nn.Linear(2, 2),
+                                                                                                       norm_type)])
+def test_a_norm_type_so_small_that_healthy_norms_overflow_is_refused_naming_the_range(factory, value) -> None:
+    # At p=0.001 every healthy layer's norm was inf: flagged exploding and skipped at every step.
+    with pytest.raises(ValueError, match=rf'`norm_type={value!r}` is not valid: expected a number p >= 0.25 or "inf"'):
+        factory(norm_type=value)
+
+
+def test_the_smallest_accepted_norm_type_keeps_healthy_norms_finite(tmp_path) -> None:
+    monitor = GradHealthMonitor(norm_type=0.25, on_exploding="skip")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        fit(MLP(), [monitor], steps=3)
+    # Small p measure large norms by construction (n**(1/p) times an entry), but finite ones.
+    norms = monitor.tracker.state_dict()
+    assert not any(e.condition == "nonfinite" or not math.isfinite(e.value) for e in monitor.events), norms

@@ -242,3 +242,35 @@ def test_without_a_device_skip_only_the_norm_kernel_runs_each_step() -> None:
         assert counts == Counter({"aten._foreach_norm.Scalar": 1, "aten._local_scalar_dense.default": reads}), step
     assert monitor.tracker._history.keys() == {"net.0", "net.2", "net.4", "net.6"}
     assert all(seen == 6 for _, seen in monitor.tracker._history.values())  # every step judged, the last at the end
+
+
+class FusedAdamMLP(MLP):
+    def configure_optimizers(self):
+        return torch.optim.Adam(self.parameters(), lr=0.01, fused=True)
+
+
+class Overflow(pl.Callback):
+    """Finite gradient entries of 1e30 at step 2: their float32 2-norm overflows to inf."""
+
+    def on_after_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if trainer.global_step == 2:
+            pl_module.net[2].weight.grad.fill_(1e30)
+
+
+def test_both_modes_call_a_finite_gradient_whose_norm_overflows_non_finite_and_skip_it() -> None:
+    results = {}
+    for sync_free in (False, True):
+        torch.manual_seed(0)
+        model = FusedAdamMLP()
+        monitor = GradHealthMonitor(on_nonfinite="skip", on_exploding="warn", sync_free=sync_free)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            trainer(max_steps=5, callbacks=[monitor, Overflow()]).fit(model, make_loader(16, 5))
+        state = model.trainer.optimizers[0].state[model.net[2].weight]
+        assert torch.isfinite(state["exp_avg_sq"]).all()  # the 1e60 squares never reached Adam's moments
+        results[sync_free] = ([(e.step, e.layer, e.condition) for e in monitor.events], monitor.skipped_steps,
+                              {k: v.clone() for k, v in model.state_dict().items()})
+    assert results[False][0] == results[True][0] == [(2, "net.2", "nonfinite")]
+    assert results[False][1] == results[True][1] == 1
+    for name, weight in results[False][2].items():
+        assert torch.equal(weight, results[True][2][name]), name

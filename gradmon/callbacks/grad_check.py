@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections import Counter
 from collections.abc import Callable, Mapping
 from dataclasses import asdict, replace
 from functools import cached_property
@@ -14,6 +15,7 @@ from torch import Tensor
 
 from gradmon import tags
 from gradmon._validation import MAX_SEED, check_bool, check_choice, check_float, check_int, check_seed, invalid
+from gradmon.callbacks import _ranks
 from gradmon.callbacks._logging import log_scalars
 from gradmon.errors import GradientHealthError, warn_health
 from gradmon.numerical import (
@@ -26,6 +28,13 @@ from gradmon.numerical import (
 )
 
 OnFailure = Literal["warn", "stop", "raise"]
+#: The ``eps`` GradCheck takes. The central difference's rounding error is about ``1e-16 * |loss| / eps`` (float64),
+#: its truncation error ``eps**2`` times the third derivative: below ``1e-10`` the rounding floor is within a factor
+#: of 100 of the default ``fail_above`` and a wrong gradient can pass; above 1 the step is no longer local.
+EPS_RANGE = (1e-10, 1.0)
+#: Layer checks kept in :attr:`GradCheck.results` (and in checkpoints): the latest ones, and always every layer of the
+#: latest check. The counts of checks and failures are kept whole.
+RESULTS_KEPT = 100
 
 
 class GradCheck(Callback):
@@ -60,7 +69,9 @@ class GradCheck(Callback):
     :class:`~gradmon.errors.GradientHealthError`; each names the step, the layers and their errors. Under DDP each rank
     checks its own copy without collectives and the decision is shared, so every rank stops or raises together.
     Every layer at every check is appended to :attr:`results`, as a :class:`~gradmon.numerical.LayerCheck` whose
-    ``step`` is the check's ``trainer.global_step``.
+    ``step`` is the check's ``trainer.global_step``; only the latest :data:`RESULTS_KEPT` (100) are kept, and every
+    layer of the latest check, so memory and checkpoints stay bounded however long the run. :attr:`checks` counts
+    the checks made and :attr:`failures` how many each layer failed, over the whole run (resumes included).
 
     A new ``fit`` (``setup`` with ``stage="fit"``) starts afresh: :attr:`results` is emptied and the schedule starts
     over, so the same instance reused for a new model checks it like a new instance would. Resuming with
@@ -77,7 +88,9 @@ class GradCheck(Callback):
         every_n_steps: check every this many optimizer steps.
         num_samples: examples taken from the start of the batch.
         num_directions: random directions per layer.
-        eps: step length of the central difference, along a unit direction, in float64.
+        eps: step length of the central difference, along a unit direction, in float64: in ``[1e-10, 1]``
+            (:data:`EPS_RANGE`). Below, the loss's rounding divided by the step swamps the difference: at ``1e-13`` a
+            gradient 10 times too large passes, and at ``1e-20`` it is "good".
         fail_above: relative error above which a layer's gradient is wrong; in ``(0, 2)``, since a relative error
             never exceeds 2.
         good_below: relative error below which a layer's gradient is good; must be below ``fail_above``.
@@ -116,7 +129,7 @@ class GradCheck(Callback):
         self.every_n_steps = check_int("every_n_steps", every_n_steps, 1)
         self.num_samples = check_int("num_samples", num_samples, 1)
         self.num_directions = check_int("num_directions", num_directions, 1)
-        self.eps = check_float("eps", eps)
+        self.eps = check_float("eps", eps, minimum=EPS_RANGE[0], inclusive=True, maximum=EPS_RANGE[1])
         self.fail_above, self.good_below = check_thresholds(fail_above, good_below)
         self.check_at_start = check_bool("check_at_start", check_at_start)
         self.burn_in_steps = check_int("burn_in_steps", burn_in_steps, 0)
@@ -124,6 +137,10 @@ class GradCheck(Callback):
         self.seed = check_seed("seed", seed)
         self.retries = check_int("retries", retries, 0, maximum=max_retries(self.eps))
         self.results: list[LayerCheck] = []
+        #: Checks made (one per checked step) and, per layer, how many of them it failed: whole, however many
+        #: :attr:`results` are kept.
+        self.checks = 0
+        self.failures: Counter[str] = Counter()
         self._last_step: int | None = None
 
     @cached_property  # Lightning reads it around every hook call
@@ -142,7 +159,15 @@ class GradCheck(Callback):
         # A fit on a reused instance must not inherit the last one's schedule; a resume's checkpoint restores both
         # afterwards, since Lightning loads callback state after `setup`.
         self.results = []
+        self.checks = 0
+        self.failures = Counter()
         self._last_step = None
+        _ranks.check_at_setup(trainer, self)
+
+    def _ranks_signature(self) -> str:
+        """What must be the same on every rank for the collectives to line up."""
+        return (f"GradCheck(every_n_steps={self.every_n_steps}, check_at_start={self.check_at_start}, "
+                f"burn_in_steps={self.burn_in_steps})")
 
     def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int) -> None:
         step = trainer.global_step
@@ -163,6 +188,9 @@ class GradCheck(Callback):
             seed=(self.seed + step) % (MAX_SEED + 1),
         )
         self.results += [replace(check, step=step) for check in checks]
+        del self.results[: -max(RESULTS_KEPT, len(checks))]  # bounded memory and checkpoints, however long the run
+        self.checks += 1
+        self.failures.update(check.layer for check in checks if not check.passed)
         if trainer.is_global_zero and checks:
             scalars = {tags.tag(tags.GRADCHECK_REL_ERROR, check.layer): check.rel_error for check in checks}
             scalars[tags.GRADCHECK_MAX_REL_ERROR] = max(check.rel_error for check in checks)
@@ -172,11 +200,23 @@ class GradCheck(Callback):
             self._act(trainer, step, failures)
 
     def state_dict(self) -> dict[str, Any]:
-        return {"last_step": self._last_step, "results": [asdict(check) for check in self.results]}
+        return {
+            "last_step": self._last_step,
+            "results": [asdict(check) for check in self.results],
+            "checks": self.checks,
+            "failures": dict(self.failures),
+        }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self._last_step = state_dict["last_step"]
         self.results = [self._restored(saved) for saved in state_dict["results"]]
+        # Saved before the counts were kept: the results then held every check.
+        self.checks = int(state_dict.get("checks", len({check.step for check in self.results})))
+        self.failures = Counter(
+            state_dict.get("failures", Counter(check.layer for check in self.results if not check.passed))
+        )
+        latest = sum(check.step == self._last_step for check in self.results)
+        del self.results[: -max(RESULTS_KEPT, latest, 1)]
 
     def _restored(self, saved: dict[str, Any]) -> LayerCheck:
         if "status" in saved:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 from collections import Counter
 from dataclasses import asdict, dataclass
 from functools import cached_property
@@ -16,7 +15,7 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 
 from gradmon import tags
 from gradmon._validation import check_bool, check_choice, check_int, check_norm_type
-from gradmon.callbacks import _logging
+from gradmon.callbacks import _logging, _ranks
 from gradmon.callbacks._diagnosis import diagnosis_board
 from gradmon.callbacks._grad_source import (
     GradNormSource,
@@ -31,7 +30,6 @@ from gradmon.errors import GradientHealthError, warn_health
 from gradmon.health import (
     ACTIONS,
     BY_SEVERITY,
-    COLLECTIVE_ACTIONS,
     CONDITIONS,
     VANISHING_ACTIONS,
     Action,
@@ -40,7 +38,7 @@ from gradmon.health import (
     HealthRules,
     HealthTracker,
 )
-from gradmon.norms import GroupBy, HostCopy, Norms, has_nonfinite, read_host
+from gradmon.norms import GroupBy, HostCopy, Norms, read_host
 from gradmon.sharding import local_tensor
 from gradmon.tensorboard import markdown_table
 
@@ -92,11 +90,20 @@ class GradHealthMonitor(Callback):
     warnings, ``events``, stop, raise and logging) reads the step's numbers one step later, from a non-blocking copy
     into pinned memory: warnings, ``"stop"`` and ``"raise"`` come one step late, so the flagged step's update has been
     applied (and with ``"stop"`` one more step runs) unless a device skip discarded it; only ``"skip"`` protects the
-    weights at the flagged step. The spike rule's ``"skip"`` cannot act in time and is reported as not skipped. Host
-    decisions are taken from norms that are the same on every rank (after the gradients' all-reduce, or the sharded
-    norms' collective), so they need no collective of their own; a rank-local fault (written after the all-reduce) is
-    still skipped on every rank through the combined device flag, and the others report the skip as found on another
-    rank. An infinite norm counts as non-finite (there is no gradient left to inspect).
+    weights at the flagged step. The spike rule's ``"skip"`` cannot act in time and is reported as not skipped. A
+    rank-local fault (written after the all-reduce) is still skipped on every rank through the combined device flag.
+
+    Under DDP every rank shares what it found at every step (one all-reduce of a few integers per rank; the events
+    themselves are gathered only when the ranks disagree; in sync-free mode over a gloo group, from numbers already on
+    the host, so that it waits for no device): a fault on one rank only is warned about and logged by rank 0, naming
+    that rank (:attr:`HealthEvent.rank <gradmon.health.HealthEvent.rank>`), and every rank skips, stops or raises
+    together. Every rank must have the same gradmon callbacks; at setup a mismatch, or a rank without them, is a
+    ``RuntimeError`` (see :data:`gradmon.callbacks._ranks.SETUP_CHECK_TIMEOUT_S`) instead of a hang.
+
+    In both modes an infinite norm counts as non-finite, even when the gradient's entries are finite (entries of
+    1e30 overflow a float32 norm): such a gradient is beyond what float32 arithmetic on it survives (Adam's second
+    moment, ``clip_grad_norm_``, which calls it non-finite too), and sync-free mode has no gradient left to inspect
+    when it judges.
 
     With ``diagnose`` (the default) each warning and the end-of-fit summary end with one line from
     :mod:`gradmon.diagnosis`, "likely cause: ...; try: ...", from an :class:`~gradmon.ActivationMonitor` on the same
@@ -221,7 +228,6 @@ class GradHealthMonitor(Callback):
         self._own_source = GradNormSource(self.norm_type, self.group_by)
         self._source = self._own_source
         self._every = self.log_every_n_steps or 50
-        self._acts_on_all_ranks = any(a in COLLECTIVE_ACTIONS for a in self.actions.values())
         self._reset()
 
     def _reset(self) -> None:
@@ -247,6 +253,7 @@ class GradHealthMonitor(Callback):
         self._warned_host_skip = False
         self._scaled = False
         self._collective = False
+        self._group: Any = None
 
     @cached_property  # Lightning reads it around every hook call
     def state_key(self) -> str:
@@ -264,6 +271,15 @@ class GradHealthMonitor(Callback):
         if stage == "fit":
             self._reset()
             diagnosis_board(trainer).join(self)
+            _ranks.check_at_setup(trainer, self)
+            if self.sync_free and _ranks.distributed(trainer):
+                # Host decisions are shared one step late, from numbers already on the host: over gloo, so that
+                # sharing them waits for no device.
+                self._group = _ranks.host_group()
+
+    def _ranks_signature(self) -> str:
+        """What must be the same on every rank for the collectives to line up (thresholds may differ)."""
+        return f"GradHealthMonitor(sync_free={self.sync_free}, device_skips={sorted(self._device_skips)})"
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self.diagnose:
@@ -283,7 +299,9 @@ class GradHealthMonitor(Callback):
             self._own_source.reset(trainer)
         self._scaled = enabled_scaler(trainer) is not None  # the precision plugin does not change during a fit
         self._global_step = step_reader(trainer)
-        self._collective = self._acts_on_all_ranks and trainer.world_size > 1
+        # Every rank shares what it found at every step, whatever the actions: a fault on one rank after DDP's
+        # all-reduce is then warned about, logged and acted on by every rank.
+        self._collective = _ranks.distributed(trainer)
 
     def on_before_optimizer_step(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer
@@ -300,10 +318,11 @@ class GradHealthMonitor(Callback):
         if not overflow:
             norms = self._source.grad_norms(step, pl_module, optimizer)
             if norms is not None:
-                per_layer, total = norms.per_layer()  # the step's one host transfer
-                # Asked only about a layer whose norm is inf, and then the total is inf or NaN.
-                confirm = self._confirm_nonfinite(norms) if not total < math.inf else None
-                events = self.tracker.update(step, per_layer, confirm)
+                per_layer, _ = norms.per_layer()  # the step's one host transfer
+                # An inf norm is non-finite, as in sync-free mode, which cannot look at the gradient: a finite
+                # gradient whose norm overflows is beyond what float32 arithmetic on it (an optimizer's moments,
+                # clip_grad_norm_) survives.
+                events = self.tracker.update(step, per_layer, None)
                 if not events and not log_now and overflow is None and not self._collective:
                     return  # most steps: nothing flagged, nothing to log, count or agree on with other ranks
 
@@ -311,7 +330,7 @@ class GradHealthMonitor(Callback):
             self._skip(trainer, pl_module, optimizer)
             return True
 
-        self._judge(trainer, step, log_now, overflow, per_layer, confirm, skip, reduce=True, events=events)
+        self._judge(trainer, step, log_now, overflow, per_layer, confirm, skip, events=events)
 
     def _judge(
         self,
@@ -322,7 +341,6 @@ class GradHealthMonitor(Callback):
         per_layer: dict[str, float] | None,
         confirm_nonfinite: Any,
         skip: Any,
-        reduce: bool,
         events: list[HealthEvent] | None = None,
     ) -> None:
         """Apply the rules to one step's numbers on the host (unless ``events`` says what they found), record, act
@@ -336,9 +354,9 @@ class GradHealthMonitor(Callback):
             if events is None and per_layer is not None:
                 events = self.tracker.update(step, per_layer, confirm_nonfinite)
         events = events or []
+        if self._collective:
+            events = self._share(trainer, events)
         flagged = {e.condition for e in events}
-        if reduce and self._acts_on_all_ranks:
-            flagged = self._reduce(trainer, flagged)
         if flagged:
             self._record(step, events, flagged)
             self._act(trainer, step, flagged, events, skip)
@@ -489,12 +507,11 @@ class GradHealthMonitor(Callback):
             events = None
             if per_layer is not None and not overflow:
                 events = self.tracker.update(measured.step, per_layer, None)
-                if not events and not measured.log_now and not skipped and overflow is None:
-                    continue  # most steps: nothing flagged, skipped or logged
+                if not events and not measured.log_now and not skipped and overflow is None and not self._collective:
+                    continue  # most steps: nothing flagged, skipped, logged or shared with other ranks
             counted = self.skipped_steps
             self._judge(
-                trainer, measured.step, measured.log_now, overflow, per_layer, None, lambda s=skipped: s, reduce=False,
-                events=events,
+                trainer, measured.step, measured.log_now, overflow, per_layer, None, lambda s=skipped: s, events=events,
             )
             if skipped and self.skipped_steps == counted and not overflow:
                 # The device flag is combined across ranks: another rank's gradients made every rank skip.
@@ -528,25 +545,14 @@ class GradHealthMonitor(Callback):
                 "exp), or train with bf16-mixed."
             )
 
-    def _confirm_nonfinite(self, norms: Norms) -> Any:
-        layout = norms.layout
-        if layout.sharded:
-            return None  # an inf from a shard elsewhere cannot be told from overflow here: treat it as non-finite
-
-        def confirm(layer: str) -> bool:
-            return any(
-                has_nonfinite(p.grad) for p, name in zip(layout.params, layout.param_layers) if name == layer
-            )
-
-        return confirm
-
-    def _reduce(self, trainer: pl.Trainer, flagged: set[str]) -> set[str]:
-        """One collective so that every rank sees the conditions any rank found."""
-        if trainer.world_size == 1 or not (dist.is_available() and dist.is_initialized()):
-            return flagged
-        flags = torch.tensor([c in flagged for c in CONDITIONS], dtype=torch.int32, device=trainer.strategy.root_device)
-        dist.all_reduce(flags, op=dist.ReduceOp.MAX)
-        return {c for c, f in zip(CONDITIONS, flags.tolist()) if f}
+    def _share(self, trainer: pl.Trainer, events: list[HealthEvent]) -> list[HealthEvent]:
+        """Every rank's events of the step, on every rank (:func:`gradmon.callbacks._ranks.share_events`): in the
+        default mode over the default group; in sync-free mode over a host (gloo) group."""
+        if self.sync_free or dist.get_backend() == "gloo":
+            device = torch.device("cpu")
+        else:
+            device = trainer.strategy.root_device
+        return _ranks.share_events(events, self._group, device)
 
     def _record(self, step: int, events: list[HealthEvent], flagged: set[str]) -> None:
         room = self.max_events - len(self.events)
@@ -702,9 +708,13 @@ def _describe(condition: str, step: int, events: list[HealthEvent]) -> str:
         return f"gradmon: {condition} gradients at step {step} (found on another rank)."
     named = ", ".join(f"{e.layer} (norm {e.value:.3g}, {e.rule} rule)" for e in events[:_MAX_NAMED])
     more = f" and {len(events) - _MAX_NAMED} more" if len(events) > _MAX_NAMED else ""
+    ranks = sorted({e.rank for e in events if e.rank is not None})
+    # A fault found by some ranks only (written into one rank's gradients after DDP's all-reduce): say where.
+    where = f" on rank{'s' if len(ranks) > 1 else ''} {', '.join(map(str, ranks))}" if ranks else ""
     if condition == "nonfinite":
-        return f"gradmon: non-finite gradients at step {step}, first in layer {events[0].layer}; layers: {named}{more}."
-    return f"gradmon: {condition} gradients at step {step} in {len(events)} layer(s): {named}{more}."
+        return (f"gradmon: non-finite gradients at step {step}{where}, first in layer {events[0].layer}; "
+                f"layers: {named}{more}.")
+    return f"gradmon: {condition} gradients at step {step}{where} in {len(events)} layer(s): {named}{more}."
 
 
 
