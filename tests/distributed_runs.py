@@ -128,6 +128,11 @@ def main(scenario: str, out: Path) -> None:
         },
         out / f"rank{trainer.global_rank}.pt",
     )
+    # Tear the process group down before the interpreter exits: left to exit, its gloo threads were once destroyed
+    # while still joinable, and a loaded machine saw the process abort after its results were written.
+    if torch.distributed.is_initialized():
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":

@@ -252,6 +252,8 @@ rank = int(os.environ.get("LOCAL_RANK", 0))
 fit(MLP(), [monitor], steps=2, tmp_path={out!r} if rank == 0 else None, loader=rank_loader(rank, 16, 2), devices=2,
     strategy=DDPStrategy(), use_distributed_sampler=False)
 torch.save({{"found": sorted(monitor.found)}}, os.path.join({out!r}, f"rank{{rank}}.pt"))
+if torch.distributed.is_initialized():
+    torch.distributed.destroy_process_group()
 """
 
 
