@@ -158,7 +158,8 @@ class ActivationMonitor(Callback):
             self._reset()
             self._board = diagnosis_board(trainer)
             self._board.join(self)
-            self._board.refresh = self.current_findings
+            if self.diagnose:
+                self._board.refresh = self.current_findings
 
     @property
     def verdict(self) -> Verdict | None:
