@@ -4,8 +4,11 @@
     python -m experiments fit --config configs/vanishing_sigmoid.yaml --trainer.max_epochs=3 --model.depth=20
 
 ``configs/base.yaml`` holds what every experiment shares and is loaded first, as defaults; each variant's config
-states only what differs (its run's name and version, an activation, a WeightInit scheme, ...). The data module's
-feature and class counts are linked to the model's ``in_features`` and ``num_classes``, so configs never repeat them.
+states only what differs (its run's name and version, an activation, a WeightInit scheme, ...). Config files are read
+by :func:`experiments.configs.load`: a variant's ``trainer.callbacks`` given as a mapping changes the base's callback
+list entry by entry instead of replacing it, and its ``demo`` mapping (what the demo and the tests expect of the run)
+is removed. The data module's feature and class counts are linked to the model's ``in_features`` and
+``num_classes``, so configs never repeat them.
 
 Each variant is a TensorBoard run at ``runs/<experiment>/<variant>``. Running a variant again replaces that run (its
 event files are removed first, and a line says so), so TensorBoard and ``gradmon report`` never draw two runs as one;
@@ -18,9 +21,9 @@ import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
-import yaml
 from lightning.pytorch.cli import LightningCLI
 
+from experiments.configs import BASE_CONFIG, CONFIG_DIR, PARSER_MODE, read_variant
 from experiments.data import DigitsDataModule
 from experiments.models import MLP
 
@@ -30,9 +33,6 @@ warnings.filterwarnings("ignore", ".*does not have many workers.*")
 #: Intra-op threads for the experiments' runs. Their matrices are 64 wide, too small to split over threads; on a busy
 #: machine with few cores the threads' spin-waiting makes runs many times slower.
 THREADS = 1
-CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
-#: What every experiment's config shares, loaded before the variant's own.
-BASE_CONFIG = CONFIG_DIR / "base.yaml"
 
 
 class ExperimentCLI(LightningCLI):
@@ -62,7 +62,7 @@ def replace_earlier_run(logger) -> None:
 
 def cli_main(args: Sequence[str] | None = None, run: bool = True) -> ExperimentCLI:
     """Build the CLI from ``args`` (default: ``sys.argv``) and, with ``run``, run its subcommand."""
-    base = {"default_config_files": [str(BASE_CONFIG)]}
+    base = {"default_config_files": [str(BASE_CONFIG)], "parser_mode": PARSER_MODE}
     return ExperimentCLI(
         MLP,
         DigitsDataModule,
@@ -70,19 +70,27 @@ def cli_main(args: Sequence[str] | None = None, run: bool = True) -> ExperimentC
         # Rerunning a variant rewrites its run directory, config included.
         save_config_kwargs={"overwrite": True},
         # With subcommands each subcommand's parser takes the defaults; without (run=False), the one parser does.
-        parser_kwargs={name: base for name in ("fit", "validate", "test", "predict")} if run else base,
+        parser_kwargs=(
+            {"parser_mode": PARSER_MODE, **{name: base for name in ("fit", "validate", "test", "predict")}}
+            if run else base
+        ),
         args=args,
         run=run,
     )
 
 
-def fit_config(config: str, logdir: Path, *overrides: str) -> ExperimentCLI:
-    """``python -m experiments fit --config configs/<config>.yaml`` with its run under ``logdir`` and LightningCLI
-    ``overrides`` after the config, without the progress bar and the model summary."""
+def config_path(config: str | Path) -> Path:
+    """A config given by name (``vanishing_sigmoid``: ``configs/vanishing_sigmoid.yaml``) or as a path."""
+    return config if isinstance(config, Path) else CONFIG_DIR / f"{config}.yaml"
+
+
+def fit_config(config: str | Path, logdir: Path, *overrides: str) -> ExperimentCLI:
+    """``python -m experiments fit --config configs/<config>.yaml`` (or the file ``config``) with its run under
+    ``logdir`` and LightningCLI ``overrides`` after the config, without the progress bar and the model summary."""
     return cli_main(
         [
             "fit",
-            f"--config={CONFIG_DIR / f'{config}.yaml'}",
+            f"--config={config_path(config)}",
             f"--trainer.logger.init_args.save_dir={logdir}",
             "--trainer.enable_progress_bar=false",
             "--trainer.enable_model_summary=false",
@@ -91,16 +99,8 @@ def fit_config(config: str, logdir: Path, *overrides: str) -> ExperimentCLI:
     )
 
 
-def variant_configs() -> list[str]:
-    """The name of every variant's config: each file of ``configs/`` but the base, by name."""
-    return sorted(path.stem for path in CONFIG_DIR.glob("*.yaml") if path != BASE_CONFIG)
-
-
-def run_name(config: str) -> tuple[str, str]:
+def run_name(config: str | Path) -> tuple[str, str]:
     """The (experiment, variant) a config logs to, its run being ``<save_dir>/<experiment>/<variant>``: the logger's
     ``name`` and ``version``, from the config or else from the base."""
-    names = {}
-    for path in (BASE_CONFIG, CONFIG_DIR / f"{config}.yaml"):
-        logger = yaml.safe_load(path.read_text()).get("trainer", {}).get("logger", {})
-        names.update(logger.get("init_args", {}))
-    return names["name"], names["version"]
+    variant = read_variant(config_path(config))
+    return variant.experiment, variant.version

@@ -6,6 +6,9 @@
 relu), 4. initialisation (N(0, 0.01), N(0, 1), Xavier, Kaiming, PyTorch's default), 5. exploding (stopped by
 GradHealthMonitor) and 6. the gradient check (buggy, fixed), each variant a TensorBoard run at
 ``<logdir>/<experiment>/<variant>``; then ``gradmon report`` over all of them into ``<logdir>/report``.
+
+The training runs are every config in ``configs/`` but the base (:func:`experiments.configs.variants`), in the order
+their ``demo.order`` gives (the walkthrough's), then any without one by file name: a new variant is one YAML file.
 """
 
 from __future__ import annotations
@@ -22,24 +25,18 @@ import torch
 
 import gradmon
 from experiments import matrix_product, sigmoid
-from experiments.cli import THREADS, fit_config, run_name, variant_configs
+from experiments.cli import THREADS, fit_config
+from experiments.configs import variants
 from gradmon import GradCheck, GradHealthMonitor, GradientHealthWarning
 from gradmon.diagnosis import CAUSES
 from gradmon.report import write_report
 
-#: The trained experiments in the order docs/experiments.md walks through them; one not listed here runs after them.
-WALKTHROUGH = ("vanishing", "init", "exploding", "gradcheck")
-
-
-def walkthrough_order(config: str) -> tuple[int, str]:
-    experiment = run_name(config)[0]
-    return (WALKTHROUGH.index(experiment) if experiment in WALKTHROUGH else len(WALKTHROUGH), config)
-
-
-#: The training runs: every variant config, grouped by experiment in walkthrough order, by name within one.
-CONFIGS = tuple(sorted(variant_configs(), key=walkthrough_order))
+#: The training runs: every variant config, in the order the demo runs them.
+VARIANTS = tuple(variants())
+#: Their configs' names (``configs/<name>.yaml``).
+CONFIGS = tuple(v.name for v in VARIANTS)
 #: Every experiment the demo runs, as named by its runs' directory ``<logdir>/<experiment>``.
-EXPERIMENTS = (sigmoid.EXPERIMENT, matrix_product.EXPERIMENT, *dict.fromkeys(run_name(c)[0] for c in CONFIGS))
+EXPERIMENTS = (sigmoid.EXPERIMENT, matrix_product.EXPERIMENT, *dict.fromkeys(v.experiment for v in VARIANTS))
 
 
 def train(config: str, logdir: Path, *overrides: str) -> str:

@@ -16,8 +16,8 @@ from helpers import accumulator
 
 import gradmon
 from experiments import matrix_product, sigmoid
-from experiments.cli import CONFIG_DIR, cli_main, fit_config, run_name
-from experiments.demo import CONFIGS, EXPERIMENTS, quiet, train
+from experiments.cli import CONFIG_DIR, cli_main, fit_config
+from experiments.demo import CONFIGS, VARIANTS, quiet, train
 from experiments.gradcheck_bug import PLANTED_LAYER, LinearWrongWeightGrad
 from gradmon import GradHealthMonitor
 from gradmon.report import layer_norms, load_run
@@ -29,29 +29,6 @@ pytestmark = [
     pytest.mark.slow,  # the experiments train real models
     pytest.mark.filterwarnings("ignore::gradmon.GradientHealthWarning", "ignore:.*LightningCLI's args parameter.*"),
 ]
-
-
-def test_every_config_is_run_by_the_demo():
-    assert sorted(CONFIGS) == sorted(p.stem for p in CONFIG_DIR.glob("*.yaml") if p.stem != "base")
-
-
-def test_the_demo_runs_the_experiments_in_the_docs_order_named_as_their_runs():
-    assert EXPERIMENTS == ("sigmoid", "matrix_product", "vanishing", "init", "exploding", "gradcheck")
-    experiments = [run_name(config)[0] for config in CONFIGS]
-    assert experiments == ["vanishing"] * 3 + ["init"] * 5 + ["exploding"] + ["gradcheck"] * 2
-    assert run_name("init_normal_0.01") == ("init", "normal_0.01")
-
-
-def test_variant_configs_state_only_what_differs_from_the_base():
-    # The shared settings live in configs/base.yaml, loaded first by the CLI: no variant repeats the model's width.
-    for path in CONFIG_DIR.glob("*.yaml"):
-        if path.stem != "base":
-            assert "width: 64" not in path.read_text(), path
-    cli = cli_main(["--config", str(CONFIG_DIR / "vanishing_tanh.yaml")], run=False)
-    assert (cli.model.hparams.depth, cli.model.hparams.width, cli.model.hparams.activation) == (16, 64, "tanh")
-    assert [type(c).__name__ for c in cli.trainer.callbacks if type(c).__module__.startswith("gradmon")] == [
-        "WeightInit", "GradNormMonitor", "GradHealthMonitor", "ActivationMonitor"
-    ]
 
 
 def test_rerunning_a_variant_replaces_its_run_instead_of_adding_a_second_event_file(tmp_path, capsys):
@@ -182,30 +159,22 @@ def test_initialisations_order_the_first_layer_gradient_by_their_scale(runs):
     assert 1e-1 < kaiming_first / kaiming_last < 1e1  # the gain sqrt(2) keeps every layer's gradient alike
 
 
-#: The causes the diagnosis names for each demo run (its findings other than non-finite values), and for the healthy
-#: runs none: the issue's table. Each is found at the first step.
-EXPECTED_CAUSES = {
-    "vanishing_sigmoid": {"saturating_activation"},
-    "vanishing_relu": {"gain_mismatch"},  # silent for GradHealthMonitor: its gradients stay above the thresholds
-    "vanishing_tanh": set(),
-    "init_normal_0.01": {"init_too_small"},
-    "init_default": {"init_too_small"},
-    "init_xavier": {"gain_mismatch"},
-    "init_kaiming": set(),
-    "init_normal_1": {"init_too_large"},
-    "exploding_relu": {"init_too_large"},
-    "gradcheck_buggy": set(),
-    "gradcheck_fixed": set(),
-}
-
-
 def test_every_demo_run_gets_its_cause_and_the_healthy_ones_none(runs):
-    assert set(EXPECTED_CAUSES) == set(CONFIGS)
-    for config, expected in EXPECTED_CAUSES.items():
-        found = callback(runs[config][0], gradmon.ActivationMonitor).found
+    # The causes are each config's demo.diagnosis (its findings other than non-finite values; none for the healthy
+    # runs): the table. Each is found at the first step, and a single cause is the run's verdict.
+    assert [v.name for v in VARIANTS] == list(runs)
+    for variant in VARIANTS:
+        expected = variant.diagnosis
+        assert expected is not None, f"{variant.path} states no demo.diagnosis"
+        cli = runs[variant.name][0]
+        found = callback(cli, gradmon.ActivationMonitor).found
         causes = {cause for cause, f in found.items() if f.condition != "nonfinite"}
-        assert causes == expected, (config, [str(f) for f in found.values()])
-        assert all(found[cause].step == 0 for cause in expected), config
+        assert causes == expected, (variant.name, [str(f) for f in found.values()])
+        assert all(found[cause].step == 0 for cause in expected), variant.name
+        if len(expected) <= 1:
+            verdict = gradmon.verdict(cli.trainer)
+            assert (verdict.cause if verdict else None) == next(iter(expected), None), (variant.name, verdict)
+            assert verdict is None or verdict.finding.step == 0, variant.name
     # N(0, 1) turns non-finite after its first step: the forward pass overflows, then the weights are NaN.
     found = callback(runs["init_normal_1"][0], gradmon.ActivationMonitor).found
     assert {c for c, f in found.items() if f.condition == "nonfinite"} == {"activation_overflow", "gradient_spike"}
