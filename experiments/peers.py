@@ -28,6 +28,7 @@ variant tells you. The variants:
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import statistics
 import tempfile
@@ -181,21 +182,24 @@ def main(argv: list[str] | None = None) -> list[str]:
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    import logging
-
-    logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
     variants = [v for v in VARIANTS if not v.wandb or wandb_available()]
     lines = [f"device: {_device(args.device)}; torch {torch.__version__}, Lightning {pl.__version__}; "
              f"{args.repeats} repeats of {args.steps} steps ({WARMUP} untimed), interleaved"]
     if len(variants) < len(VARIANTS):
         lines.append("wandb.watch: skipped (wandb is not installed: pip install -e '.[peers]')")
-    with tempfile.TemporaryDirectory() as logdir:
-        for model in args.models.split(","):
-            times: dict[str, list[float]] = {v.name: [] for v in variants}
-            for _ in range(args.repeats):
-                for variant in variants:
-                    times[variant.name].append(run(variant, model, args.device, args.steps, logdir))
-            lines += ["", _title(model, args.device), *table(variants, times)]
+    lightning_log = logging.getLogger("lightning.pytorch")
+    level = lightning_log.level
+    lightning_log.setLevel(logging.ERROR)  # the runs' start-up notes; restored after
+    try:
+        with tempfile.TemporaryDirectory() as logdir:
+            for model in args.models.split(","):
+                times: dict[str, list[float]] = {v.name: [] for v in variants}
+                for _ in range(args.repeats):
+                    for variant in variants:
+                        times[variant.name].append(run(variant, model, args.device, args.steps, logdir))
+                lines += ["", _title(model, args.device), *table(variants, times)]
+    finally:
+        lightning_log.setLevel(level)
     for line in lines:
         print(line)
     return lines
