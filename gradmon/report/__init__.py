@@ -54,14 +54,12 @@ Lightning, so it works on logs from any loop that writes the same tags::
 from __future__ import annotations
 
 import fnmatch
-import logging
 import math
 import re
 import textwrap
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 from matplotlib import colormaps
@@ -71,15 +69,23 @@ from matplotlib.collections import PatchCollection
 from matplotlib.figure import Figure
 from matplotlib.patches import Rectangle
 from matplotlib.ticker import FixedLocator, FuncFormatter, MaxNLocator
-from tensorboard.backend.event_processing import event_accumulator, event_file_loader
 
 from gradmon import tags
 from gradmon._validation import invalid
 from gradmon.diagnosis import CLEARED
 from gradmon.health import CONDITIONS
+from gradmon.report.runs import (  # noqa: F401
+    _GRADMON_GROUPS,
+    EVENT_FILE_GLOB,
+    Run,
+    Series,
+    event_files,
+    find_runs,
+    load_run,
+    load_runs,
+)
 from gradmon.tensorboard import markdown_table
 
-EVENT_FILE_GLOB = "events.out.tfevents.*"
 #: The default ``metric``: a tag matching this (lower-cased) is an accuracy on validation data.
 DEFAULT_METRIC_PATTERN = "val*acc*"
 #: Per-layer flags: ``grad_health_flag/<layer>`` = 1 + the index of the condition in CONDITIONS, at flagged steps.
@@ -91,19 +97,6 @@ MAX_LABEL_CHARS = 28
 #: Heatmap columns beyond this are averaged in groups: a 1000-pixel-wide figure cannot show more.
 MAX_HEATMAP_COLUMNS = 1000
 
-# Tag groups that mark a run as watched by gradmon, and so as a row of the summary.
-_GRADMON_GROUPS = (tags.GRAD_NORM, tags.GRAD_HEALTH, tags.GRADCHECK, tags.ACTIVATION_RMS)
-# Text summaries are written under "<tag>/text_summary".
-_TEXT_SUFFIX = "/text_summary"
-# Keep every scalar (0 = no limit) and none of the heavy summaries the report does not draw.
-_SIZE_GUIDANCE = {
-    event_accumulator.SCALARS: 0,
-    event_accumulator.HISTOGRAMS: 1,
-    event_accumulator.COMPRESSED_HISTOGRAMS: 1,
-    event_accumulator.IMAGES: 1,
-    event_accumulator.TENSORS: 0,  # text summaries (the diagnosis) are tensors: keep them all
-    event_accumulator.AUDIO: 1,
-}
 _CONDITION_LABELS = {"vanishing": "vanishing", "exploding": "exploding", "nonfinite": "non-finite"}
 # Okabe-Ito colours: told apart by colour-blind readers, and visible on white as well as on viridis (white edges).
 _CONDITION_COLOURS = {"vanishing": "#56b4e9", "exploding": "#d55e00", "nonfinite": "#000000"}
@@ -113,234 +106,6 @@ _WIDTH = 10.0  # inches
 _MAX_HEIGHT = 14.0  # inches: taller than a screen is not read
 _TICK_FONT = 8.0  # points
 _CAPTION_FONT = 8.0  # points
-
-
-@dataclass
-class Series:
-    """One scalar tag of one run: its steps and values, in logged order."""
-
-    steps: np.ndarray
-    values: np.ndarray
-
-    @property
-    def last(self) -> float:
-        return float(self.values[-1])
-
-
-@dataclass
-class Run:
-    """The scalars of one run, by tag, in the order each tag was first logged.
-
-    ``event_file`` is the file they were read from; ``ignored_event_files`` are the older event files of the same
-    directory, which were not read.
-    """
-
-    name: str
-    path: Path
-    scalars: dict[str, Series]
-    event_file: Path | None = None
-    ignored_event_files: list[Path] = field(default_factory=list)
-    #: Older event files of the directory whose steps before the next file's first step are part of the run (a run
-    #: resumed from a checkpoint writes a second file into the same directory), oldest first.
-    merged_event_files: list[Path] = field(default_factory=list)
-    #: Event files that could not be read to their end: ``{file: (what tensorboard's reader said, last step read or
-    #: None when nothing was)}``.
-    damaged: dict[Path, tuple[str, int | None]] = field(default_factory=dict)
-    #: ``diagnosis/<condition>`` text entries, as ``(step, markdown)`` in logged order, by tag.
-    texts: dict[str, list[tuple[int, str]]] = field(default_factory=dict)
-
-    def layers(self, prefix: str = f"{tags.GRAD_NORM}/") -> list[str]:
-        """Layer names logged under ``prefix``, in first-logged order (``grad_norm/total`` and the per-optimizer
-        ``grad_norm/total-<optimizer>`` are not layers)."""
-        names = [tag[len(prefix) :] for tag in self.scalars if tag.startswith(prefix)]
-        return [name for name in names if not tags.is_total(name)]
-
-    @property
-    def has_grad_norms(self) -> bool:
-        return bool(self.layers())
-
-    @property
-    def modules(self) -> list[str]:
-        """The modules ActivationMonitor observed (``activation_rms/<module>``), in forward order."""
-        return self.layers(f"{tags.ACTIVATION_RMS}/")
-
-    def diagnosis(self) -> dict[str, list[tuple[int, str]]]:
-        """``{condition: [(step, markdown), ...]}`` from the ``diagnosis/<condition>`` texts, in logged order."""
-        prefix = f"{tags.DIAGNOSIS}/"
-        return {tag[len(prefix) :]: entries for tag, entries in self.texts.items()
-                if tag.startswith(prefix) and tag != tags.tag(tags.DIAGNOSIS, tags.VERDICT)}
-
-    def verdict(self) -> str | None:
-        """The run's latest verdict (``diagnosis/verdict``, markdown), or ``None``."""
-        entries = self.texts.get(tags.tag(tags.DIAGNOSIS, tags.VERDICT), [])
-        return entries[-1][1] if entries else None
-
-
-def find_runs(logdir: str | Path) -> list[Path]:
-    """Every directory under ``logdir`` (itself included) that holds an event file, sorted.
-
-    Raises:
-        FileNotFoundError: ``logdir`` does not exist or holds no event file.
-    """
-    logdir = Path(logdir)
-    if not logdir.is_dir():
-        what = "is a file, not a directory" if logdir.exists() else "does not exist"
-        raise FileNotFoundError(f"log directory {str(logdir)!r} {what}")
-    runs = sorted({p.parent for p in logdir.rglob(EVENT_FILE_GLOB) if p.is_file()})
-    if not runs:
-        raise FileNotFoundError(
-            f"no TensorBoard event files ({EVENT_FILE_GLOB}) under {str(logdir)!r}; "
-            "point at the save_dir of a TensorBoardLogger, e.g. `gradmon report runs`"
-        )
-    return runs
-
-
-def event_files(run_dir: str | Path) -> list[Path]:
-    """The event files directly in ``run_dir``, oldest first: by the wall time of each file's first event (written
-    when its writer opened it), then by name. The last one is the run :func:`load_run` reads."""
-    files = [p for p in Path(run_dir).glob(EVENT_FILE_GLOB) if p.is_file()]
-    return sorted(files, key=lambda p: (_opened_at(p), p.name))
-
-
-def load_run(path: str | Path, logdir: str | Path | None = None) -> Run:
-    """Read every scalar of the run in ``path`` (a run directory, see below; or one event file); the run is named by
-    its directory's path relative to ``logdir``.
-
-    A directory holding several event files (see :func:`event_files`) is read file by file, oldest first, and merged
-    by step: each file replaces what the earlier ones logged from its own first step on. A run resumed from a
-    checkpoint (its second file starts at the checkpoint's step) is thus read whole, the resumed steps winning over
-    those the first run logged after its checkpoint; a rerun from step 0 replaces the earlier files entirely (they are
-    listed in ``ignored_event_files``). A file tensorboard's reader cannot read to its end (truncated, corrupted) is
-    read as far as it can be and listed in ``damaged``.
-
-    Raises:
-        FileNotFoundError: ``path`` is neither an event file nor a directory holding one.
-    """
-    path = Path(path)
-    if path.is_file():
-        run_dir, files = path.parent, [path]
-    else:
-        run_dir, files = path, event_files(path)
-        if not files:
-            raise FileNotFoundError(f"`path={str(path)!r}` holds no TensorBoard event file ({EVENT_FILE_GLOB})")
-    scalars: dict[str, Series] = {}
-    texts: dict[str, list[tuple[int, str]]] = {}
-    sources: dict[Path, bool] = {}  # file: whether any of its steps are still in the run
-    damaged: dict[Path, tuple[str, int | None]] = {}
-    for file in files:
-        file_scalars, file_texts, damage = _read_event_file(file)
-        steps = [int(step) for series in file_scalars.values() if len(series.steps)
-                 for step in (series.steps.min(), series.steps.max())]
-        steps += [step for entries in file_texts.values() for step, _ in entries]
-        if damage is not None:
-            damaged[file] = (damage, max(steps) if steps else None)
-        if not steps:
-            continue
-        start = min(steps)
-        for tag, series in scalars.items():
-            keep = series.steps < start
-            scalars[tag] = Series(series.steps[keep], series.values[keep])
-        texts = {tag: [(step, text) for step, text in entries if step < start] for tag, entries in texts.items()}
-        for earlier in sources:
-            sources[earlier] = _holds_steps_before(earlier, start, sources[earlier])
-        for tag, series in file_scalars.items():
-            old = scalars.get(tag)
-            scalars[tag] = series if old is None else Series(
-                np.concatenate([old.steps, series.steps]), np.concatenate([old.values, series.values])
-            )
-        for tag, entries in file_texts.items():
-            texts[tag] = texts.get(tag, []) + entries
-        sources[file] = start
-    scalars = {tag: series for tag, series in scalars.items() if len(series.steps)}
-    latest = files[-1]
-    merged = [f for f, kept in sources.items() if kept is not False and f != latest]
-    ignored = [f for f in files[:-1] if f not in merged]
-    name = run_dir.relative_to(logdir).as_posix() if logdir is not None else run_dir.name
-    scalars = _without_logger_prefix(scalars)
-    return Run(name if name != "." else run_dir.resolve().name, run_dir, scalars, latest, ignored,
-               merged_event_files=merged, damaged=damaged, texts=texts)
-
-
-def _holds_steps_before(file: Path, start: int, kept: Any) -> Any:
-    """Whether an earlier file still has steps in the run once a later file starts at ``start``: its own first step
-    (``kept``, an int) is before ``start``; ``False`` once it has none."""
-    return kept if kept is not False and kept < start else False
-
-
-_LOADER_LOGGER = "tensorboard"  # tensorboard's modules all log through this one
-
-
-class _DataLoss(logging.Handler):
-    """Catches what tensorboard's event file loader says, at debug level only, when it stops before the end of a file
-    (a truncated record, a failed crc32 check): the loader swallows the error and the accumulator reads on as if the
-    file had ended."""
-
-    def __init__(self, logger: logging.Logger) -> None:
-        super().__init__(logging.DEBUG)
-        self.messages: list[str] = []
-        self._passed_on = logger.getEffectiveLevel()  # what the user's handlers would have seen
-        self._parent = logger.parent
-
-    def emit(self, record: logging.LogRecord) -> None:
-        if record.msg == "Truncated record in %s (%s)":
-            self.messages.append(str(record.args[-1]) if isinstance(record.args, tuple) else record.getMessage())
-        elif record.levelno >= self._passed_on and self._parent is not None:
-            self._parent.handle(record)
-
-
-def _read_event_file(file: Path) -> tuple[dict[str, Series], dict[str, list[tuple[int, str]]], str | None]:
-    """The scalars and diagnosis texts of one event file, and what stopped tensorboard's reader before the end of
-    the file (``None`` when it read it all)."""
-    # One file only: EventAccumulator given the directory would read every file in it as one run.
-    accumulator = event_accumulator.EventAccumulator(str(file), size_guidance=_SIZE_GUIDANCE)
-    logger = logging.getLogger(_LOADER_LOGGER)
-    catcher = _DataLoss(logger)
-    level, propagate = logger.level, logger.propagate
-    logger.addHandler(catcher)
-    logger.setLevel(logging.DEBUG)
-    logger.propagate = False  # the loader's debug lines are for us, not for the user's handlers
-    try:
-        accumulator.Reload()
-    finally:
-        logger.removeHandler(catcher)
-        logger.setLevel(level)
-        logger.propagate = propagate
-    scalars = {}
-    for tag in accumulator.Tags()[event_accumulator.SCALARS]:
-        events = accumulator.Scalars(tag)
-        scalars[tag] = Series(
-            np.array([e.step for e in events], dtype=np.int64), np.array([e.value for e in events], dtype=np.float64)
-        )
-    texts = {}
-    for tag in accumulator.Tags()[event_accumulator.TENSORS]:
-        if tag.startswith(f"{tags.DIAGNOSIS}/") and tag.endswith(_TEXT_SUFFIX):
-            texts[tag[: -len(_TEXT_SUFFIX)]] = [
-                (int(e.step), e.tensor_proto.string_val[0].decode("utf-8", "replace"))
-                for e in accumulator.Tensors(tag)
-            ]
-    damage = catcher.messages[0] if catcher.messages else None
-    if damage is not None and file.name in damage:  # "<path> failed event crc32 check": the path is said elsewhere
-        damage = damage.split(file.name, 1)[1].strip(" :'\"")
-    return scalars, texts, damage
-
-
-def _without_logger_prefix(scalars: dict[str, Series]) -> dict[str, Series]:
-    """A run logged through ``TensorBoardLogger(prefix="x")`` holds ``x-grad_norm/net.0`` and the like (Lightning
-    joins a logger's prefix with ``-``): read it as ``grad_norm/net.0``, so the report finds gradmon's tags. Only
-    when the run has no unprefixed gradmon tag; tags without that prefix (none of gradmon's) are kept as they are."""
-    groups = tuple(f"{group}/" for group in _GRADMON_GROUPS)
-    if any(tag.startswith(groups) for tag in scalars):
-        return scalars
-    found = [tag.split("-" + group, 1)[0] for tag in scalars for group in groups if "-" + group in tag]
-    if not found:
-        return scalars
-    start = max(set(found), key=found.count) + "-"  # the logger's prefix, with the join character
-    return {tag[len(start) :] if tag.startswith(start) else tag: series for tag, series in scalars.items()}
-
-
-def load_runs(logdir: str | Path) -> list[Run]:
-    """Every run under ``logdir`` (see :func:`find_runs`), each read by :func:`load_run`."""
-    return [load_run(path, logdir) for path in find_runs(logdir)]
 
 
 def rerun_note(run: Run) -> str | None:
@@ -1220,17 +985,6 @@ def _bin_columns(edges: np.ndarray, values: np.ndarray, columns: int) -> tuple[n
     sums, counts = np.where(finite, padded, 0.0).sum(axis=2), finite.sum(axis=2)
     means = np.divide(sums, counts, out=np.full(sums.shape, np.nan), where=counts > 0)
     return np.append(edges[0:m:every], edges[m]), means, every
-
-
-def _opened_at(path: Path) -> float:
-    """The wall time of the first event in an event file (its writer's start); from the name if it has none."""
-    try:
-        for event in event_file_loader.EventFileLoader(str(path)).Load():
-            return float(event.wall_time)
-    except Exception:  # an unreadable file still has a place in the order: by the time in its name
-        pass
-    match = re.match(r"events\.out\.tfevents\.(\d+)", path.name)
-    return float(match.group(1)) if match else 0.0
 
 
 def _abbreviable(piece: str) -> bool:
