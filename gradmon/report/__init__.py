@@ -53,7 +53,6 @@ Lightning, so it works on logs from any loop that writes the same tags::
 
 from __future__ import annotations
 
-import fnmatch
 import math
 import re
 import textwrap
@@ -74,6 +73,25 @@ from gradmon import tags
 from gradmon._validation import invalid
 from gradmon.diagnosis import CLEARED
 from gradmon.health import CONDITIONS
+from gradmon.report.data import (  # noqa: F401
+    DEFAULT_METRIC_PATTERN,
+    FLAG_PREFIX,
+    HealthSummary,
+    find_metric,
+    flagged_steps,
+    health_summary,
+    layer_flags,
+    layer_matrix,
+    layer_norms,
+)
+from gradmon.report.labels import (  # noqa: F401
+    MAX_LABEL_CHARS,
+    ShortNames,
+    _flag_caption,
+    _rerun_caption,
+    _thin_caption,
+    short_names,
+)
 from gradmon.report.runs import (  # noqa: F401
     _GRADMON_GROUPS,
     EVENT_FILE_GLOB,
@@ -86,14 +104,8 @@ from gradmon.report.runs import (  # noqa: F401
 )
 from gradmon.tensorboard import markdown_table
 
-#: The default ``metric``: a tag matching this (lower-cased) is an accuracy on validation data.
-DEFAULT_METRIC_PATTERN = "val*acc*"
-#: Per-layer flags: ``grad_health_flag/<layer>`` = 1 + the index of the condition in CONDITIONS, at flagged steps.
-FLAG_PREFIX = f"{tags.GRAD_HEALTH_FLAG}/"
 #: Curves drawn one line per layer up to this many layers; beyond it, percentile bands and a few picked layers.
 MAX_CURVES = 10
-#: Longest layer label before middle parts are abbreviated.
-MAX_LABEL_CHARS = 28
 #: Heatmap columns beyond this are averaged in groups: a 1000-pixel-wide figure cannot show more.
 MAX_HEATMAP_COLUMNS = 1000
 
@@ -118,181 +130,6 @@ def rerun_note(run: Run) -> str | None:
         f"`{run.name}` holds {count} event files (another run was logged into the same directory, e.g. a rerun "
         f"with the same version); reported only the latest, `{run.event_file.name}`; ignored: {ignored}."
     )
-
-
-def find_metric(run: Run, metric: str | None = None) -> str | None:
-    """The tag of the summary's metric in ``run``: ``metric`` itself if the run logged it; by default (``None``) the
-    shortest tag matching ``val*acc*`` case-insensitively (``val/acc`` before ``val/acc_top5``); else ``None``."""
-    if metric is not None:
-        return metric if metric in run.scalars else None
-    found = [tag for tag in run.scalars if fnmatch.fnmatchcase(tag.lower(), DEFAULT_METRIC_PATTERN)]
-    return min(found, key=lambda tag: (len(tag), tag)) if found else None
-
-
-def layer_matrix(
-    run: Run, prefix: str = f"{tags.GRAD_NORM_LOG10}/", index: str = f"{tags.GRAD_NORM}/"
-) -> tuple[list[str], np.ndarray, np.ndarray]:
-    """``(layers, steps, values)``: ``values[i, j]`` is layer ``i``'s ``prefix`` value at ``steps[j]``.
-
-    Layers and steps are those of the ``index`` tags (by default the gradient norms, ``grad_norm/<layer>``), so a
-    step at which a layer's value was left out (``grad_norm_log10`` skips a zero or non-finite norm) is a NaN rather
-    than a missing column. Layers of ``index`` that never logged ``prefix`` are left out, unless ``prefix`` is
-    ``index``'s own log10 (a layer whose norm was never finite keeps its grey row).
-    """
-    layers = run.layers(index)
-    steps = np.unique(np.concatenate([run.scalars[index + layer].steps for layer in layers]))
-    if prefix.rstrip("/").removesuffix("_log10") != index.rstrip("/"):
-        layers = [layer for layer in layers if prefix + layer in run.scalars]
-    values = np.full((len(layers), len(steps)), np.nan)
-    for i, layer in enumerate(layers):
-        series = run.scalars.get(prefix + layer)
-        if series is not None:
-            values[i, np.searchsorted(steps, series.steps)] = series.values
-    return layers, steps, values
-
-
-def layer_norms(run: Run, index: int = -1) -> tuple[int, dict[str, float]]:
-    """``(step, norms)``: every layer's gradient norm (``grad_norm/<layer>``) at its ``index``-th logged step, the
-    first (0) or the last (-1), in depth order."""
-    layers = run.layers()
-    step = int(run.scalars[tags.tag(tags.GRAD_NORM, layers[0])].steps[index])
-    return step, {layer: float(run.scalars[tags.tag(tags.GRAD_NORM, layer)].values[index]) for layer in layers}
-
-
-def flagged_steps(run: Run) -> dict[str, np.ndarray]:
-    """Per condition GradHealthMonitor logged, the steps it flagged at least one layer at, sorted: from the per-step
-    counts (``grad_health/<condition>`` > 0) and the per-layer flags (``grad_health_flag/<layer>``)."""
-    found: dict[str, list[np.ndarray]] = {}
-    for condition in CONDITIONS:
-        series = run.scalars.get(tags.health_count(condition))
-        if series is not None:
-            found.setdefault(condition, []).append(series.steps[series.values > 0])
-    for per_condition in layer_flags(run).values():
-        for condition, steps in per_condition.items():
-            found.setdefault(condition, []).append(steps)
-    return {c: np.unique(np.concatenate(found[c])) for c in CONDITIONS if c in found}
-
-
-def layer_flags(run: Run) -> dict[str, dict[str, np.ndarray]]:
-    """``{layer: {condition: steps}}`` from ``grad_health_flag/<layer>`` (1 vanishing, 2 exploding, 3 non-finite);
-    empty when the run did not log per-layer flags."""
-    flags: dict[str, dict[str, np.ndarray]] = {}
-    for layer in run.layers(FLAG_PREFIX):
-        series = run.scalars[FLAG_PREFIX + layer]
-        codes = np.rint(series.values)
-        per_condition = {c: series.steps[codes == i + 1] for i, c in enumerate(CONDITIONS)}
-        flags[layer] = {c: steps for c, steps in per_condition.items() if len(steps)}
-    return flags
-
-
-@dataclass
-class HealthSummary:
-    """What a run's health and gradient-check scalars say, for one row of ``summary.md``.
-
-    ``metric`` is the tag the ``metric_value`` (its last logged value) was read from, ``None`` when the run has none.
-    """
-
-    last_step: int | None
-    flagged_steps: dict[str, int]
-    first_flagged: dict[str, int | None]
-    skipped_steps: int | None
-    gradcheck_max_rel_error: float | None
-    metric: str | None = None
-    metric_value: float | None = None
-    #: Steps a GradScaler skipped for overflowing fp16 gradients (``grad_health/amp_overflow_steps``, its last value),
-    #: ``None`` when the run had no GradScaler.
-    amp_overflow_steps: int | None = None
-
-
-def health_summary(run: Run, metric: str | None = None) -> HealthSummary:
-    """The summary row of ``run``; ``metric`` as in :func:`find_metric`."""
-    flagged: dict[str, int] = {}
-    first: dict[str, int | None] = {}
-    for condition in CONDITIONS:
-        series = run.scalars.get(tags.health_count(condition))
-        hits = series.steps[series.values > 0] if series is not None else np.array([], dtype=np.int64)
-        flagged[condition] = len(hits)
-        first[condition] = int(hits[0]) if len(hits) else None
-    steps = [int(s.steps.max()) for tag, s in run.scalars.items() if tag.split("/", 1)[0] in _GRADMON_GROUPS]
-    skipped = run.scalars.get(tags.tag(tags.GRAD_HEALTH, tags.SKIPPED_STEPS))
-    gradcheck = run.scalars.get(tags.GRADCHECK_MAX_REL_ERROR)
-    overflows = run.scalars.get(tags.tag(tags.GRAD_HEALTH, tags.AMP_OVERFLOW_STEPS))
-    tag = find_metric(run, metric)
-    return HealthSummary(
-        last_step=max(steps) if steps else None,
-        flagged_steps=flagged,
-        first_flagged=first,
-        skipped_steps=int(skipped.last) if skipped is not None else None,
-        gradcheck_max_rel_error=float(np.nanmax(gradcheck.values)) if gradcheck is not None else None,
-        metric=tag,
-        metric_value=run.scalars[tag].last if tag is not None else None,
-        amp_overflow_steps=int(overflows.last) if overflows is not None else None,
-    )
-
-
-@dataclass(frozen=True)
-class ShortNames:
-    """Layer labels for the axes: ``labels[i]`` stands for ``names[i]`` without ``prefix``, with the pieces of
-    ``abbreviations`` (short -> full) shortened."""
-
-    labels: list[str]
-    prefix: str
-    abbreviations: dict[str, str]
-
-    def caption(self) -> list[str]:
-        """What a reader needs to map the labels back to the names."""
-        notes = []
-        if self.prefix:
-            notes.append(f'Layer names without their common prefix "{self.prefix}".')
-        if self.abbreviations:
-            pairs = ", ".join(f"{short} = {full}" for short, full in self.abbreviations.items())
-            notes.append(f"Abbreviated: {pairs}.")
-        return notes
-
-
-def short_names(names: Sequence[str], max_chars: int = MAX_LABEL_CHARS) -> ShortNames:
-    """Distinct labels of at most ``max_chars`` characters for ``names`` (dotted module names).
-
-    The dotted prefix all names share is dropped (each keeps at least its last piece). A label still too long gets
-    its pieces abbreviated from the left, never the last one nor a number (``transformer_encoder.layers.0.linear1``
-    to ``te.l.0.linear1``): the end of a module name and its indices are what tell layers apart. A label that is
-    still too long keeps its start and end around an ellipsis.
-    """
-    parts = [name.split(".") for name in names]
-    keep = 0
-    if parts:
-        limit = min(len(p) for p in parts) - 1
-        while keep < limit and all(p[keep] == parts[0][keep] for p in parts):
-            keep += 1
-    prefix = ".".join(parts[0][:keep]) + "." if keep else ""
-    rests = [p[keep:] for p in parts]
-    table = _abbreviation_table({piece for rest in rests for piece in rest[:-1] if _abbreviable(piece)})
-    # Greedy per name, then every chosen abbreviation applied to every name, so that one piece reads the same in all.
-    chosen: set[str] = set()
-    for rest in rests:
-        pieces = list(rest)
-        for i in range(len(pieces) - 1):
-            if len(".".join(pieces)) <= max_chars:
-                break
-            if pieces[i] in table:
-                chosen.add(pieces[i])
-                pieces[i] = table[pieces[i]]
-    used: dict[str, str] = {}
-    labels: list[str] = []
-    for rest in rests:
-        pieces = list(rest)
-        for i, piece in enumerate(rest[:-1]):
-            if piece in chosen:
-                used.setdefault(table[piece], piece)
-                pieces[i] = table[piece]
-        labels.append(_ellipsize(".".join(pieces), max_chars))
-    if len(set(labels)) < len(labels):
-        # Abbreviating can make two names one label; the unabbreviated ends tell them apart more often.
-        counts = {label: labels.count(label) for label in labels}
-        labels = [_ellipsize(".".join(r), max_chars) if counts[lab] > 1 else lab for lab, r in zip(labels, rests)]
-        if len(set(labels)) < len(labels):
-            labels = [f"{i}:{label}" for i, label in enumerate(labels)]
-    return ShortNames(labels, prefix, used)
 
 
 def plot_heatmap(run: Run) -> Figure:
@@ -901,16 +738,6 @@ def _strip_height(flags: dict[str, np.ndarray]) -> float:
     return 0.25 + 0.17 * len(flags) if any(len(steps) for steps in flags.values()) else 0.0
 
 
-def _flag_caption(flags: dict[str, np.ndarray], per_layer: bool, marked: str) -> list[str]:
-    if not flags:
-        return []
-    if not any(len(steps) for steps in flags.values()):
-        return ["GradHealthMonitor flagged nothing."]
-    if per_layer:
-        return [f"Top strip: steps GradHealthMonitor flagged; the flagged {marked} in the strip's colours."]
-    return ["Top strip: steps GradHealthMonitor flagged (not which layers: the logs hold no grad_health_flag/ tags)."]
-
-
 def _flag_style(condition: str, count: int, legend: bool) -> dict:
     return {
         "marker": _CONDITION_MARKERS[condition],
@@ -920,19 +747,6 @@ def _flag_style(condition: str, count: int, legend: bool) -> dict:
         "s": 25 if count <= 100 else 9,  # dense flags at full size would hide the line they mark
         "label": f"flagged {_CONDITION_LABELS[condition]}" if legend else "_nolegend_",
     }
-
-
-def _thin_caption(shown: list[int], n: int) -> list[str]:
-    return [f"1 in {shown[1] - shown[0]} of the {n} layers labelled."] if len(shown) < n else []
-
-
-def _rerun_caption(run: Run) -> list[str]:
-    if not run.ignored_event_files or run.event_file is None:
-        return []
-    return [
-        f"From {run.event_file.name}, the latest of {len(run.ignored_event_files) + 1} event files in this "
-        "directory (the others ignored)."
-    ]
 
 
 def _pick_layers(layers: list[str], log_norms: np.ndarray, per_layer: dict[str, dict[str, np.ndarray]]) -> dict:
@@ -985,41 +799,6 @@ def _bin_columns(edges: np.ndarray, values: np.ndarray, columns: int) -> tuple[n
     sums, counts = np.where(finite, padded, 0.0).sum(axis=2), finite.sum(axis=2)
     means = np.divide(sums, counts, out=np.full(sums.shape, np.nan), where=counts > 0)
     return np.append(edges[0:m:every], edges[m]), means, every
-
-
-def _abbreviable(piece: str) -> bool:
-    return len(piece) > 3 and not piece.isdigit()
-
-
-def _abbreviation_table(pieces: set[str]) -> dict[str, str]:
-    """A distinct abbreviation for each piece: the initials of its ``_``-parts, each keeping its trailing digits
-    (``transformer_encoder`` -> ``te``, ``linear1`` -> ``l1``); pieces that share one get more letters of each part
-    until they differ (``embedding_stack``, ``encoder_stack`` -> ``em_st``, ``en_st``). Pieces that would not get
-    shorter are left out."""
-    def abbreviate(piece: str, letters: int) -> str:
-        parts = [
-            part[:letters] + (m.group(0) if (m := re.search(r"\d+$", part)) and len(part) > letters else "")
-            for part in piece.split("_")
-            if part
-        ]
-        # Initials read as one word (te); longer stubs need their separator back (em_st).
-        return ("" if letters == 1 else "_").join(parts)
-
-    table: dict[str, str] = {}
-    pending, letters = sorted(pieces), 1
-    while pending and letters < 8:
-        short = {piece: abbreviate(piece, letters) for piece in pending}
-        clash = {s for s in short.values() if list(short.values()).count(s) > 1}
-        table.update({p: s for p, s in short.items() if s not in clash and len(s) < len(p)})
-        pending, letters = [p for p, s in short.items() if s in clash], letters + 1
-    return table
-
-
-def _ellipsize(label: str, max_chars: int) -> str:
-    if len(label) <= max_chars:
-        return label
-    head = (max_chars - 1) // 3  # the end of a name says more than its start
-    return label[:head] + "…" + label[len(label) - (max_chars - 1 - head) :]
 
 
 def _depth_colours(n: int) -> list:
