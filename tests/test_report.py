@@ -207,10 +207,13 @@ def test_one_event_file_per_directory_gets_no_note(tmp_path):
         (["valid/accuracy"], "valid/accuracy"),
         (["Val_Acc"], "Val_Acc"),
         (["val/acc_top5", "val/acc", "hp/val_acc"], "val/acc"),  # the shortest of those that match
-        (["train/acc", "hp/val_acc", "val/loss"], None),
+        (["train/acc", "hp/val_acc", "val/loss"], "val/loss"),  # no accuracy: the validation loss
+        (["train/loss", "val/perplexity", "val/loss_lm"], "val/loss_lm"),
+        (["train/loss", "val/perplexity"], "val/perplexity"),  # else any validation scalar
+        (["train/acc", "hp/val_acc"], None),
     ],
 )
-def test_the_default_metric_is_a_val_acc_like_tag(tmp_path, tags, expected):
+def test_the_default_metric_is_a_val_acc_like_tag_else_a_val_loss_else_any_val_scalar(tmp_path, tags, expected):
     run = load_run(write_run(tmp_path / "run", {0: dict.fromkeys(tags, 0.5)}))
     assert find_metric(run) == expected
 
@@ -227,6 +230,16 @@ def test_summary_shows_the_last_value_of_the_metric_given_or_found(tmp_path):
     assert [given[r]["test/f1 (last)"] for r in "abc"] == ["0.500", "-", "-"]
     assert table(summary_markdown(runs[:1]))["a"]["valid/accuracy (last)"] == "0.750"  # one tag: it heads the column
     assert "(last)" not in summary_markdown(runs[2:])  # no run has one: no column
+
+
+def test_without_an_accuracy_the_column_says_which_validation_scalar_it_shows(tmp_path):
+    write_run(tmp_path / "lm", {0: {**health(), "val/loss": 3.5}, 9: {"val/loss": 2.25}})
+    write_run(tmp_path / "clf", {0: {**health(), "val/acc": 0.5}})
+    runs = load_runs(tmp_path)
+    assert table(summary_markdown(runs[1:]))["lm"]["val/loss (last)"] == "2.250"
+    mixed = table(summary_markdown(runs))
+    assert mixed["lm"]["validation metric (last)"] == "2.250 (`val/loss`)"
+    assert mixed["clf"]["validation metric (last)"] == "0.500 (`val/acc`)"
 
 
 def test_a_metric_no_run_logged_is_a_note_and_an_empty_one_an_error(tmp_path, capsys):

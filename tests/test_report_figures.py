@@ -331,3 +331,17 @@ def test_activation_heatmaps_keep_the_heatmaps_readability(activation_runs, name
         assert mesh.get_array().shape[0] == len(activation_runs[name].modules)
         caption = "\n".join(t.get_text() for t in fig.texts)
         assert "dead fraction" in caption and "saturated fraction" in caption
+
+
+def test_a_run_non_finite_after_its_first_steps_says_so_and_lists_only_drawn_lines(tmp_path):
+    writer = SummaryWriter(str(tmp_path / "nan" / "run"))
+    for step in range(0, 40, 5):
+        norms = {f"grad_norm/net.{i}": (1.0 + i if step < 10 else float("nan")) for i in range(3)}
+        norms["grad_norm/net.3"] = float("nan")  # never finite: no line, so no legend entry
+        write_scalars(writer, norms, step)
+    writer.close()
+    (run,) = load_runs(tmp_path / "nan")
+    fig = draw(plot_norm_curves, run)
+    caption = "\n".join(t.get_text() for t in fig.texts)
+    assert "non-finite or zero from step 10 on (6 of 8 logged steps): the curves end at step 5" in caption
+    assert "net.3" not in legend_entries(fig) and len(legend_entries(fig)) == 3

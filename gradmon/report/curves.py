@@ -55,7 +55,7 @@ def plot_norm_curves(run: Run) -> Figure:
     log_norms = np.log10(_finite_positive(norms))
     picks, colours, chosen = _curve_picks(layers, names, log_norms, per_layer)
     caption = names.caption() + chosen + _flag_caption(flags, bool(per_layer), "points are marked")
-    caption += _rerun_caption(run)
+    caption += _rerun_caption(run) + _nonfinite_caption(steps, log_norms)
 
     strip_height = _strip_height(flags)
     fig = _figure(_WIDTH, 4.6 + strip_height + _caption_height(caption))
@@ -68,10 +68,10 @@ def plot_norm_curves(run: Run) -> Figure:
     in_legend: set[str] = set()
     for i, label in picks.items():
         series = run.scalars[tags.tag(tags.GRAD_NORM, layers[i])]
-        ax.plot(
-            series.steps, _finite_positive(series.values), color=colours[i], label=label, marker=marker, markersize=3,
-            zorder=3,
-        )
+        values = _finite_positive(series.values)
+        if not np.isfinite(values).any():
+            continue  # nothing of it can be drawn: no line, and no legend entry for one
+        ax.plot(series.steps, values, color=colours[i], label=label, marker=marker, markersize=3, zorder=3)
         _mark_flags(ax, series, per_layer.get(layers[i], {}), in_legend)
     _norm_axis(ax, steps, drawable)
     if strip_height:
@@ -184,6 +184,24 @@ def _mark_flags(ax: Axes, series: Series, flags: dict[str, np.ndarray], in_legen
             style["label"] = "_nolegend_"
             ax.scatter(series.steps[at][bottom], np.zeros(bottom.sum()), clip_on=False, zorder=2,
                        transform=ax.get_xaxis_transform(), **style)
+
+
+def _nonfinite_caption(steps: np.ndarray, log_norms: np.ndarray) -> list[str]:
+    """A caption line when every layer's norm is non-finite (or zero) from some logged step to the end: the curves
+    stop there, and the figure says so rather than leaving the reader an axis that ends early or is empty."""
+    if len(steps) == 0:
+        return []
+    finite = np.isfinite(log_norms).any(axis=0)
+    if finite.all():
+        return []
+    if not finite.any():
+        return [f"Every gradient norm is non-finite or zero, at all {len(steps)} logged steps: nothing to draw."]
+    last = int(np.flatnonzero(finite)[-1])
+    if last == len(steps) - 1:
+        return []
+    gone = len(steps) - 1 - last
+    return [f"Every gradient norm is non-finite or zero from step {int(steps[last + 1])} on ({gone} of {len(steps)} "
+            f"logged steps): the curves end at step {int(steps[last])}."]
 
 
 def _norm_axis(ax: Axes, steps: np.ndarray, drawable: bool) -> None:

@@ -14,6 +14,9 @@ from gradmon.report.runs import _GRADMON_GROUPS, Run
 
 #: The default ``metric``: a tag matching this (lower-cased) is an accuracy on validation data.
 DEFAULT_METRIC_PATTERN = "val*acc*"
+#: Without one, the first of these that a run logged (lower-cased): a validation loss (a language model's usual
+#: measure), else any validation scalar.
+FALLBACK_METRIC_PATTERNS = ("val*loss*", "val*")
 #: Per-layer flags: ``grad_health_flag/<layer>`` = 1 + the index of the condition in CONDITIONS, at flagged steps.
 FLAG_PREFIX = f"{tags.GRAD_HEALTH_FLAG}/"
 
@@ -24,15 +27,18 @@ def find_metric(run: Run, metric: str | None = None) -> str | None:
     Args:
         run: The run.
         metric: The tag asked for; ``None`` for the default, the shortest tag matching ``val*acc*``
-            case-insensitively (``val/acc`` before ``val/acc_top5``).
+            case-insensitively (``val/acc`` before ``val/acc_top5``), else ``val*loss*``, else ``val*``.
 
     Returns:
         ``metric`` itself if the run logged it, else the default's match, else ``None``.
     """
     if metric is not None:
         return metric if metric in run.scalars else None
-    found = [tag for tag in run.scalars if fnmatch.fnmatchcase(tag.lower(), DEFAULT_METRIC_PATTERN)]
-    return min(found, key=lambda tag: (len(tag), tag)) if found else None
+    for pattern in (DEFAULT_METRIC_PATTERN, *FALLBACK_METRIC_PATTERNS):
+        found = [tag for tag in run.scalars if fnmatch.fnmatchcase(tag.lower(), pattern)]
+        if found:
+            return min(found, key=lambda tag: (len(tag), tag))
+    return None
 
 
 def layer_matrix(

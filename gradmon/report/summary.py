@@ -4,6 +4,7 @@ files, a ``metric`` no run logged) and links to the figures."""
 
 from __future__ import annotations
 
+import fnmatch
 import math
 import re
 from collections.abc import Sequence
@@ -12,7 +13,7 @@ from pathlib import Path
 from gradmon import tags
 from gradmon.diagnosis import CLEARED
 from gradmon.health import CONDITIONS
-from gradmon.report.data import HealthSummary, health_summary
+from gradmon.report.data import DEFAULT_METRIC_PATTERN, HealthSummary, health_summary
 from gradmon.report.runs import _GRADMON_GROUPS, Run
 from gradmon.tensorboard import markdown_table
 
@@ -203,7 +204,11 @@ def _metric_header(metric: str | None, found: set[str]) -> str | None:
         return f"{metric} (last)"
     if len(found) == 1:
         return f"{next(iter(found))} (last)"
-    return "val accuracy (last)" if found else None  # several tags matched in different runs: each cell names its own
+    if not found:
+        return None
+    # Several tags in different runs: each cell names its own.
+    accuracies = all(fnmatch.fnmatchcase(tag.lower(), DEFAULT_METRIC_PATTERN) for tag in found)
+    return "val accuracy (last)" if accuracies else "validation metric (last)"
 
 
 def _metric_cell(summary: HealthSummary, named: bool) -> str:
