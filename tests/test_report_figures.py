@@ -345,3 +345,21 @@ def test_a_run_non_finite_after_its_first_steps_says_so_and_lists_only_drawn_lin
     caption = "\n".join(t.get_text() for t in fig.texts)
     assert "non-finite or zero from step 10 on (6 of 8 logged steps): the curves end at step 5" in caption
     assert "net.3" not in legend_entries(fig) and len(legend_entries(fig)) == 3
+
+
+def test_layers_are_drawn_in_forward_order_when_activation_monitor_saw_it_and_the_caption_says_which(tmp_path):
+    writer = SummaryWriter(str(tmp_path / "order" / "run"))
+    # Registered decoder first, called encoder first: ActivationMonitor logs in call order.
+    write_scalars(writer, {"grad_norm/decoder": 1.0, "grad_norm/encoder": 2.0, "grad_norm/head": 3.0}, 0)
+    write_scalars(writer, {"activation_rms/encoder": 1.0, "activation_rms/decoder": 1.0}, 0)
+    writer.close()
+    writer = SummaryWriter(str(tmp_path / "plain" / "run"))
+    write_scalars(writer, {"grad_norm/decoder": 1.0, "grad_norm/encoder": 2.0}, 0)
+    writer.close()
+    (ordered,) = load_runs(tmp_path / "order")
+    (plain,) = load_runs(tmp_path / "plain")
+    assert ordered.layers() == ["encoder", "decoder", "head"] and plain.layers() == ["decoder", "encoder"]
+    for run, words in ((ordered, "Layers in forward order"), (plain, "in the order the model registers them")):
+        for plot in (plot_heatmap, plot_norm_curves, plot_gradient_flow):
+            fig = draw(plot, run)
+            assert words in "\n".join(t.get_text() for t in fig.texts), plot.__name__

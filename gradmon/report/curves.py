@@ -28,7 +28,14 @@ from gradmon.report.figures import (
     _thin,
     _titles,
 )
-from gradmon.report.labels import ShortNames, _flag_caption, _rerun_caption, _thin_caption, short_names
+from gradmon.report.labels import (
+    ShortNames,
+    _flag_caption,
+    _order_caption,
+    _rerun_caption,
+    _thin_caption,
+    short_names,
+)
 from gradmon.report.runs import Run, Series
 
 #: Curves drawn one line per layer up to this many layers; beyond it, percentile bands and a few picked layers.
@@ -55,7 +62,7 @@ def plot_norm_curves(run: Run) -> Figure:
     log_norms = np.log10(_finite_positive(norms))
     picks, colours, chosen = _curve_picks(layers, names, log_norms, per_layer)
     caption = names.caption() + chosen + _flag_caption(flags, bool(per_layer), "points are marked")
-    caption += _rerun_caption(run) + _nonfinite_caption(steps, log_norms)
+    caption += _rerun_caption(run) + _order_caption(run) + _nonfinite_caption(steps, log_norms)
 
     strip_height = _strip_height(flags)
     fig = _figure(_WIDTH, 4.6 + strip_height + _caption_height(caption))
@@ -92,7 +99,7 @@ def plot_gradient_flow(run: Run) -> Figure:
     step, norms = layer_norms(run, -1)
     return _flow_figure(
         f"{run.name}: gradient flow at step {step}", list(norms), [np.array(list(norms.values()))], None,
-        _rerun_caption(run),
+        _rerun_caption(run) + _order_caption(run),
     )
 
 

@@ -37,7 +37,7 @@ from gradmon.report.figures import (
     _thin,
     _titles,
 )
-from gradmon.report.labels import _flag_caption, _rerun_caption, _thin_caption, short_names
+from gradmon.report.labels import _flag_caption, _order_caption, _rerun_caption, _thin_caption, short_names
 from gradmon.report.runs import Run
 
 #: Heatmap columns beyond this are averaged in groups: a 1000-pixel-wide figure cannot show more.
@@ -171,7 +171,7 @@ def _heatmap(
     main = min(max(0.2 * len(layers), 1.0), _MAX_HEIGHT - 1.2 - strip_height - _caption_height(caption) - 0.3)
     shown = _thin(len(layers), main * 72)
     caption += _thin_caption(shown, len(layers))
-    caption += _rerun_caption(run)
+    caption += _rerun_caption(run) + _order_caption(run)
 
     fig = _figure(_WIDTH, 1.2 + strip_height + _caption_height(caption) + main)
     grid = fig.add_gridspec(2, 2, height_ratios=[strip_height or 1e-3, main], width_ratios=[40, 1])

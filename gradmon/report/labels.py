@@ -99,6 +99,14 @@ def _thin_caption(shown: list[int], n: int) -> list[str]:
     return [f"1 in {shown[1] - shown[0]} of the {n} layers labelled."] if len(shown) < n else []
 
 
+def _order_caption(run: Run) -> list[str]:
+    """The caption line that says in which order the layers are drawn."""
+    if run.forward_order:
+        return ["Layers in forward order, as ActivationMonitor saw the forward call them (input first)."]
+    return ["Layers in the order the model registers them (for an nn.Sequential, the forward order); with "
+            "ActivationMonitor attached they are drawn in the order the forward calls them."]
+
+
 def _rerun_caption(run: Run) -> list[str]:
     """The caption line of a run read from the latest of several event files (none for a run read whole)."""
     if not run.ignored_event_files or run.event_file is None:

@@ -77,7 +77,21 @@ class Run:
         """Layer names logged under ``prefix``, in first-logged order (``grad_norm/total`` and the per-optimizer
         ``grad_norm/total-<optimizer>`` are not layers)."""
         names = [tag[len(prefix) :] for tag in self.scalars if tag.startswith(prefix)]
-        return [name for name in names if not tags.is_total(name)]
+        names = [name for name in names if not tags.is_total(name)]
+        if prefix == f"{tags.GRAD_NORM}/" and self.forward_order:
+            # Forward order where ActivationMonitor saw it; layers it did not observe keep their place after them.
+            position = {module: i for i, module in enumerate(self.modules)}
+            registered = {name: i for i, name in enumerate(names)}
+            names.sort(key=lambda name: position.get(name, len(position) + registered[name]))
+        return names
+
+    @property
+    def forward_order(self) -> bool:
+        """Whether the layers can be put in forward order: ActivationMonitor logged the modules in the order the
+        forward called them, and observed at least one layer."""
+        observed = set(self.modules)
+        return any(tag[len(tags.GRAD_NORM) + 1:] in observed for tag in self.scalars
+                   if tag.startswith(f"{tags.GRAD_NORM}/"))
 
     @property
     def has_grad_norms(self) -> bool:
