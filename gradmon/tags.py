@@ -62,6 +62,8 @@ DIAGNOSIS = "diagnosis"
 #: Text: ``diagnosis/verdict``, the run's verdict (the root cause and its consequences), at the steps it is set or
 #: replaced.
 VERDICT = "verdict"
+#: Weights & Biases: the texts (findings, verdicts, init records) as one table of (step, tag, text).
+WANDB_TEXTS = "gradmon/texts"
 
 
 def tag(metric: str, name: str) -> str:

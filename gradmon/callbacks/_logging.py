@@ -1,5 +1,6 @@
 """Hand numbers to every logger in ``trainer.loggers``, TensorBoard ones through the cheap paths of
-:mod:`gradmon.tensorboard`, the others through ``Logger.log_metrics``.
+:mod:`gradmon.tensorboard`, the others through ``Logger.log_metrics``; Weights & Biases ones also get histograms
+(``wandb.Histogram``) and the texts as one table (``gradmon/texts``: step, tag, text).
 
 Never goes through ``LightningModule.log``: that path costs a metric object per key and a sync per value.
 Call from rank 0 only (``trainer.is_global_zero``); the loggers are rank-zero objects.
@@ -44,6 +45,10 @@ def log_histograms(trainer: Trainer, tensors: Mapping[str, torch.Tensor], step: 
     for logger in trainer.loggers:
         if isinstance(logger, TensorBoardLogger):
             tb.write_histograms(logger.experiment, _prefixed(logger, tensors), step)
+        elif _is_wandb(logger):
+            import wandb
+
+            logger.log_metrics({tag: wandb.Histogram(_finite(t)) for tag, t in tensors.items()}, step=step)
         elif id(logger) not in warned:
             warned.add(id(logger))
             rank_zero_info(f"gradmon: {type(logger).__name__} has no histograms; logging only its scalars.")
@@ -57,10 +62,26 @@ def _nonfinite_tag(tag: str) -> str:
 
 
 def log_text(trainer: Trainer, tag: str, text: str, step: int = 0) -> None:
-    """Text goes to TensorBoard loggers only (the others have no text channel)."""
+    """Text goes to TensorBoard loggers, and to Weights & Biases ones as a row of the table ``gradmon/texts`` (step,
+    tag, text; logged whole each time a row is added: a W&B table cannot grow once logged); the others have no text
+    channel."""
     for logger in trainer.loggers:
         if isinstance(logger, TensorBoardLogger):
             tb.write_text(logger.experiment, tag, text, step)
+        elif _is_wandb(logger):
+            rows = logger.__dict__.setdefault("_gradmon_texts", [])  # this logger's rows so far
+            rows.append([step, tag, text])
+            logger.log_table(tags.WANDB_TEXTS, columns=["step", "tag", "text"], data=list(rows), step=step)
+
+
+def _is_wandb(logger: object) -> bool:
+    """A Lightning ``WandbLogger``, told by its class name so that wandb stays an optional import."""
+    return type(logger).__name__ == "WandbLogger"
+
+
+def _finite(tensor: torch.Tensor) -> list[float]:
+    values = tensor.detach().float().flatten()
+    return values[torch.isfinite(values)].cpu().tolist()
 
 
 def write_layout(trainer: Trainer, charts: Mapping[str, list[tuple[str, str]]] = tags.LAYOUT_CHARTS) -> None:
