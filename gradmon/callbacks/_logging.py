@@ -18,6 +18,7 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_info
 
 from gradmon import tags
 from gradmon import tensorboard as tb
+from gradmon.callbacks._images import figure_board
 
 
 def _prefixed(logger: TensorBoardLogger, values: Mapping[str, object]) -> Mapping[str, object]:
@@ -27,6 +28,7 @@ def _prefixed(logger: TensorBoardLogger, values: Mapping[str, object]) -> Mappin
 
 
 def log_scalars(trainer: Trainer, values: Mapping[str, float], step: int) -> None:
+    figure_board(trainer).keep(values, step)
     for logger in trainer.loggers:
         if isinstance(logger, TensorBoardLogger):
             tb.write_scalars(logger.experiment, _prefixed(logger, values), step)

@@ -16,6 +16,7 @@ from gradmon import tags
 from gradmon._validation import check_bool, check_choice, check_int, check_norm_type
 from gradmon.callbacks import _logging
 from gradmon.callbacks._grad_source import GradNormSource, OptimizerSteps, global_step, optimizer_names, step_reader
+from gradmon.callbacks._images import figure_board
 from gradmon.norms import (
     GroupBy,
     HostCopy,
@@ -119,6 +120,7 @@ class GradNormMonitor(Callback):
         histogram_every_n_steps: int | None = None,
         log_weight_norms: bool = True,
         log_update_ratios: bool = True,
+        images_every_n_logs: int | None = 10,
     ) -> None:
         self.norm_type = check_norm_type("norm_type", norm_type)
         self.group_by: GroupBy = check_choice("group_by", group_by, ("layer", "parameter"))
@@ -126,6 +128,8 @@ class GradNormMonitor(Callback):
         self.histogram_every_n_steps = check_int("histogram_every_n_steps", histogram_every_n_steps, 1, allow_none=True)
         self.log_weight_norms = check_bool("log_weight_norms", log_weight_norms)
         self.log_update_ratios = check_bool("log_update_ratios", log_update_ratios)
+        self.images_every_n_logs = check_int("images_every_n_logs", images_every_n_logs, 1, allow_none=True)
+        self._logs = 0
         self.source = GradNormSource(self.norm_type, self.group_by)
         self._every = self.log_every_n_steps or 50
         self._steps = OptimizerSteps()
@@ -164,6 +168,8 @@ class GradNormMonitor(Callback):
         self._pending = []
         self._in_flight = []
         self._layout_written = False
+        self._logs = 0
+        figure_board(trainer).enabled = self.images_every_n_logs is not None
         if not any(p.requires_grad for p in pl_module.parameters()):
             rank_zero_warn("GradNormMonitor: the model has no trainable parameters; there are no gradients to log.")
 
@@ -218,6 +224,10 @@ class GradNormMonitor(Callback):
         arrived, self._in_flight = self._in_flight, []
         for sent in arrived:
             self._log(trainer, sent)
+        if self.images_every_n_logs is not None and trainer.is_global_zero:
+            board = figure_board(trainer)
+            board.draw(trainer, self._global_step(trainer))
+            board.finish()
 
     def _send(self) -> _Sent:
         """Finish the captured steps on the device (weight and update norms) and start one non-blocking copy of all
@@ -245,6 +255,9 @@ class GradNormMonitor(Callback):
             self._layout_written = True
         for record, update in zip(sent.records, sent.updates):
             _logging.log_scalars(trainer, self._metrics(record, update), record.step)
+            self._logs += 1
+            if self.images_every_n_logs is not None and self._logs % self.images_every_n_logs == 0:
+                figure_board(trainer).draw(trainer, record.step)
 
     def _metrics(self, record: _Pending, update: Norms | None) -> dict[str, float]:
         grad_layers, total = record.grads.per_layer()
