@@ -31,7 +31,7 @@ def test_the_heatmaps_and_the_gradient_flow_are_tensorboard_images_at_the_cadenc
             "gradmon/dead_or_saturated_heatmap"} <= set(found)
     # Logging steps 0, 2, ..., 10: the 3rd and 6th logs (steps 4 and 10), then the end of fit (step 12).
     assert [step for step, _ in found["gradmon/grad_norm_heatmap"]] == [4, 10, 12]
-    for step, image in found["gradmon/gradient_flow"]:
+    for _, image in found["gradmon/gradient_flow"]:
         assert image.ndim == 3 and image.shape[0] > 200 and image.shape[1] > 400 and image.std() > 0
 
 
