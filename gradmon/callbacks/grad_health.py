@@ -134,25 +134,15 @@ class GradHealthMonitor(Callback):
 
     Example::
 
-        from gradmon import GradHealthMonitor
+        from gradmon import GradHealthMonitor, HealthRules
         trainer = Trainer(callbacks=[GradHealthMonitor(on_exploding="skip", on_nonfinite="skip")])
+        strict = GradHealthMonitor(HealthRules(vanishing_threshold=1e-6, vanishing_patience=5), on_vanishing="stop")
 
     Args:
-        vanishing_threshold: a layer's norm below this is vanishing (1e-7: an update of lr * 1e-7 is below
-            float32's resolution for usual weights); at least 0 and below ``exploding_threshold``.
-        exploding_threshold: a layer's norm above this is exploding (1e4); ``math.inf`` for none.
-        spike_factor: exploding when a layer's norm jumps this many times above its own running geometric mean
-            (100); above 1, or None to turn the rule off.
-        warmup_steps: steps a layer is seen before the spike rule judges it (20).
-        history_decay: decay of the running mean, in [0, 1) (0.9: a memory of about ten steps).
-        depth_ratio: vanishing when the first layers' norms are this far below the last layers' (1e-3); in (0, 1),
-            or None to turn the rule off.
-        depth_window: how many first and last layers the depth rule compares (2).
-        depth_min_layers: the fewest layers the depth rule applies to (4); at least ``2 * depth_window``.
-        sibling_ratio: with ``group_by="parameter"``, a parameter more than ``1 / sibling_ratio`` times below
-            another parameter of its layer is not judged vanishing (1e-2); in (0, 1), or None to turn it off.
-        vanishing_patience: consecutive vanishing steps before a layer is flagged (10).
-        exploding_patience: consecutive exploding steps before a layer is flagged (1).
+        rules: the thresholds, a :class:`~gradmon.HealthRules` (None: ``HealthRules()``, whose defaults it explains):
+            ``vanishing_threshold``, ``exploding_threshold``, ``spike_factor``, ``warmup_steps``, ``history_decay``,
+            ``depth_ratio``, ``depth_window``, ``depth_min_layers``, ``sibling_ratio``, ``vanishing_patience``,
+            ``exploding_patience``. In a LightningCLI config: ``init_args: {rules: {vanishing_threshold: 1e-6}}``.
         on_vanishing: ``"ignore"``, ``"warn"``, ``"stop"`` or ``"raise"``.
         on_exploding: ``"ignore"``, ``"warn"``, ``"skip"``, ``"stop"`` or ``"raise"``.
         on_nonfinite: ``"ignore"``, ``"warn"``, ``"skip"``, ``"stop"`` or ``"raise"``.
@@ -168,23 +158,15 @@ class GradHealthMonitor(Callback):
 
     Raises:
         ValueError: naming the argument, for a value out of its range or not among its choices (``on_vanishing=
-            "skip"`` included), or ``vanishing_threshold`` not below ``exploding_threshold``.
-        TypeError: for ``summary``, ``sync_free`` or ``diagnose`` other than ``True`` or ``False``.
+            "skip"`` included); :class:`~gradmon.HealthRules` raises it for its own fields where it is written.
+        TypeError: for ``rules`` other than a ``HealthRules`` or None; for ``summary``, ``sync_free`` or
+            ``diagnose`` other than ``True`` or ``False``.
     """
 
     def __init__(
         self,
-        vanishing_threshold: float = HealthRules.vanishing_threshold,
-        exploding_threshold: float = HealthRules.exploding_threshold,
-        spike_factor: float | None = HealthRules.spike_factor,
-        warmup_steps: int = HealthRules.warmup_steps,
-        history_decay: float = HealthRules.history_decay,
-        depth_ratio: float | None = HealthRules.depth_ratio,
-        depth_window: int = HealthRules.depth_window,
-        depth_min_layers: int = HealthRules.depth_min_layers,
-        sibling_ratio: float | None = HealthRules.sibling_ratio,
-        vanishing_patience: int = HealthRules.vanishing_patience,
-        exploding_patience: int = HealthRules.exploding_patience,
+        rules: HealthRules | None = None,
+        *,
         on_vanishing: Action = "warn",
         on_exploding: Action = "warn",
         on_nonfinite: Action = "warn",
@@ -197,19 +179,12 @@ class GradHealthMonitor(Callback):
         sync_free: bool = False,
         diagnose: bool = True,
     ) -> None:
-        self.rules = HealthRules(
-            vanishing_threshold=vanishing_threshold,
-            exploding_threshold=exploding_threshold,
-            spike_factor=spike_factor,
-            warmup_steps=warmup_steps,
-            history_decay=history_decay,
-            depth_ratio=depth_ratio,
-            depth_window=depth_window,
-            depth_min_layers=depth_min_layers,
-            sibling_ratio=sibling_ratio,
-            vanishing_patience=vanishing_patience,
-            exploding_patience=exploding_patience,
-        )
+        if rules is not None and not isinstance(rules, HealthRules):
+            raise TypeError(
+                f"`rules={rules!r}` is not valid: expected a gradmon.HealthRules (the thresholds, e.g. "
+                "HealthRules(vanishing_threshold=1e-6)) or None for the defaults."
+            )
+        self.rules = rules if rules is not None else HealthRules()
         self.actions: dict[Condition, str] = {
             "vanishing": check_choice("on_vanishing", on_vanishing, VANISHING_ACTIONS),
             "exploding": check_choice("on_exploding", on_exploding, ACTIONS),
