@@ -294,3 +294,29 @@ def test_a_warning_and_the_summary_end_with_the_likely_cause(caplog) -> None:
     with health_warnings() as quiet:
         fit(deep("sigmoid", None), [GradHealthMonitor(diagnose=False)], steps=12)
     assert quiet and "Likely cause" not in quiet[0]
+
+
+def test_the_checkpointed_state_keeps_the_keys_older_checkpoints_have() -> None:
+    monitor = GradHealthMonitor()
+    fit(MLP(depth=2), [monitor], steps=2)
+    old_keys = {"tracker", "skipped_steps", "amp_overflow_steps", "optimizer_steps", "flagged_steps", "first_step",
+                "layer_counts", "last_report", "events"}
+    assert set(monitor.state_dict()) == old_keys
+    # A checkpoint from before amp_overflow_steps and optimizer_steps were kept still loads.
+    older = {k: v for k, v in monitor.state_dict().items() if k not in ("amp_overflow_steps", "optimizer_steps")}
+    GradHealthMonitor().load_state_dict(older)
+
+
+def test_no_callback_module_imports_another() -> None:
+    import ast
+
+    import gradmon.callbacks
+
+    folder = Path(gradmon.callbacks.__file__).parent
+    public = {p.stem for p in folder.glob("*.py") if not p.stem.startswith("_")}
+    for path in folder.glob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = [node.module or ""] if isinstance(node, ast.ImportFrom) else []
+            names += [a.name for a in node.names] if isinstance(node, ast.Import) else []
+            for name in names:
+                assert name.split(".")[-1] not in public - {path.stem} or not name.startswith("gradmon"), (path, name)

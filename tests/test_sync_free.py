@@ -55,7 +55,8 @@ class HostReads(pl.Callback):
             self.reads[self.step] += 1
             return original(tensor)
 
-        for module in ("gradmon.norms", "gradmon.callbacks.grad_health"):
+        # Every module that imports it: the norms, the sync-free mode and the GradScaler helpers.
+        for module in ("gradmon.norms", "gradmon.callbacks._health_modes", "gradmon.callbacks._grad_source"):
             monkeypatch.setattr(f"{module}.read_host", counted)
 
     def on_train_batch_start(self, trainer, *args) -> None:
