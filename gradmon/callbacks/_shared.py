@@ -17,7 +17,7 @@ Callbacks join at ``setup`` of every fit: the first to join again starts a new f
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from typing import Any
+from typing import Any, TypeVar
 
 import lightning.pytorch as pl
 import torch
@@ -27,6 +27,7 @@ from gradmon.callbacks import _logging
 #: Called with ``(trainer, pl_module, optimizer)`` before a step's gradients are discarded.
 BeforeDiscard = Callable[[pl.Trainer, pl.LightningModule, torch.optim.Optimizer], None]
 Charts = Mapping[str, list[tuple[str, str]]]
+T = TypeVar("T")
 
 
 class SharedBoard:
@@ -59,13 +60,18 @@ class SharedBoard:
             hook(trainer, pl_module, optimizer)
 
 
+def trainer_board(trainer: pl.Trainer, attribute: str, make: Callable[[], T]) -> T:
+    """The board kept on ``trainer`` as ``attribute``, made by ``make`` on first use."""
+    board = getattr(trainer, attribute, None)
+    if board is None:
+        board = make()
+        setattr(trainer, attribute, board)
+    return board
+
+
 def shared_board(trainer: pl.Trainer) -> SharedBoard:
     """The Trainer's board, made on first use."""
-    board = getattr(trainer, "_gradmon_shared", None)
-    if board is None:
-        board = SharedBoard()
-        trainer._gradmon_shared = board  # type: ignore[attr-defined]
-    return board
+    return trainer_board(trainer, "_gradmon_shared", SharedBoard)
 
 
 def write_layout(trainer: pl.Trainer, charts: Charts) -> None:
