@@ -18,7 +18,8 @@ from gradmon.errors import GradientHealthError, warn_health
 from gradmon.health import BY_SEVERITY, CONDITIONS, Condition, HealthEvent, HealthRules, HealthTracker
 from gradmon.naming import GroupBy
 
-_MAX_NAMED = 5
+#: How many layers a warning or note names before "and N more".
+MAX_NAMED = 5
 #: A GradScaler whose scale is below this when it overflows again is shrinking the loss, not just fitting it to fp16:
 #: the gradients overflow unscaled, or are NaN/inf at any scale. Healthy runs overflow only at scales far above 1
 #: (routinely at the start, from the default 65536 or a larger ``init_scale``, and when the scale grows again).
@@ -155,8 +156,8 @@ class HealthJudge:
 def describe(condition: str, step: int, events: list[HealthEvent]) -> str:
     if not events:
         return f"gradmon: {condition} gradients at step {step} (found on another rank)."
-    named = ", ".join(f"{e.layer} (norm {e.value:.3g}, {e.rule} rule)" for e in events[:_MAX_NAMED])
-    more = f" and {len(events) - _MAX_NAMED} more" if len(events) > _MAX_NAMED else ""
+    named = ", ".join(f"{e.layer} (norm {e.value:.3g}, {e.rule} rule)" for e in events[:MAX_NAMED])
+    more = f" and {len(events) - MAX_NAMED} more" if len(events) > MAX_NAMED else ""
     ranks = sorted({e.rank for e in events if e.rank is not None})
     # A fault found by some ranks only (written into one rank's gradients after DDP's all-reduce): say where.
     where = f" on rank{'s' if len(ranks) > 1 else ''} {', '.join(map(str, ranks))}" if ranks else ""

@@ -14,7 +14,7 @@ from gradmon._validation import check_bool, check_choice, check_int, check_norm_
 from gradmon.callbacks import _ranks
 from gradmon.callbacks._diagnosis import diagnosis_board
 from gradmon.callbacks._grad_source import GradNormSource, OptimizerSteps, global_step, step_reader
-from gradmon.callbacks._health_judge import AMP_SCALE_FLOOR, NO_CAUSE, HealthJudge
+from gradmon.callbacks._health_judge import AMP_SCALE_FLOOR, MAX_NAMED, NO_CAUSE, HealthJudge
 from gradmon.callbacks._health_ledger import EVENTS_IN_CHECKPOINT, HealthLedger
 from gradmon.callbacks._health_modes import HealthMode, Immediate, SyncFree
 from gradmon.callbacks._shared import shared_board
@@ -31,7 +31,6 @@ from gradmon.health import (
 from gradmon.norms import GroupBy
 
 __all__ = ["AMP_SCALE_FLOOR", "EVENTS_IN_CHECKPOINT", "GradHealthMonitor", "HealthLedger"]
-_MAX_NAMED = 5
 
 
 class GradHealthMonitor(Callback):
@@ -309,8 +308,8 @@ class GradHealthMonitor(Callback):
         """One line on the parameters the sibling rule spared (``sibling_ratio``, with ``group_by="parameter"``):
         printed at the end of fit, after the summary table when there is one."""
         cancelled = self.tracker.cancelled
-        named = ", ".join(f"{name} (from step {step})" for name, step in list(cancelled.items())[:_MAX_NAMED])
-        more = f" and {len(cancelled) - _MAX_NAMED} more" if len(cancelled) > _MAX_NAMED else ""
+        named = ", ".join(f"{name} (from step {step})" for name, step in list(cancelled.items())[:MAX_NAMED])
+        more = f" and {len(cancelled) - MAX_NAMED} more" if len(cancelled) > MAX_NAMED else ""
         factor = f"{1 / self.rules.sibling_ratio:g}" if self.rules.sibling_ratio else "many"
         return (
             f"gradmon: not judged vanishing: {named}{more}. Their gradients are over {factor}x below another "
