@@ -38,10 +38,6 @@ class HealthMode:
         self._collective = False
         self._group: Any = None
 
-    def signature(self) -> str:
-        """What must be the same on every rank for the collectives to line up."""
-        raise NotImplementedError
-
     def setup(self, trainer: pl.Trainer) -> None:
         """At setup of a fit, on every rank."""
 
@@ -88,9 +84,6 @@ def discard_update(trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer
 
 class Immediate(HealthMode):
     """The default mode: one host read of the step's norms, judged before ``optimizer.step``."""
-
-    def signature(self) -> str:
-        return "sync_free=False"
 
     def before_optimizer_step(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer, step: int,
@@ -165,9 +158,6 @@ class SyncFree(HealthMode):
         self._handed: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         self._hooked: dict[int, list[Any]] = {}
         self._warned_host_skip = False
-
-    def signature(self) -> str:
-        return f"sync_free=True, device_skips={sorted(self.device_skips)}"
 
     def setup(self, trainer: pl.Trainer) -> None:
         self._in_flight, self._device_streaks, self._handed, self._hooked = [], {}, {}, {}

@@ -184,8 +184,10 @@ class GradHealthMonitor(Callback):
             self.rules, self.group_by, actions, self.warn_every_n_steps, self.max_events, self.diagnose
         )
         # Conditions the device itself must skip in sync-free mode (before optimizer.step, without a host read).
-        device_skips = {c for c in ("nonfinite", "exploding") if actions[c] == "skip"}
-        self._mode: HealthMode = SyncFree(self._judge, device_skips) if self.sync_free else Immediate(self._judge)
+        self._device_skips = {c for c in ("nonfinite", "exploding") if actions[c] == "skip"}
+        self._mode: HealthMode = (
+            SyncFree(self._judge, self._device_skips) if self.sync_free else Immediate(self._judge)
+        )
         self._own_source = GradNormSource(self.norm_type, self.group_by)
         self._every = self.log_every_n_steps or 50
         self._steps = OptimizerSteps()
@@ -249,7 +251,7 @@ class GradHealthMonitor(Callback):
 
     def _ranks_signature(self) -> str:
         """What must be the same on every rank for the collectives to line up (thresholds may differ)."""
-        return f"GradHealthMonitor({self._mode.signature()})"
+        return f"GradHealthMonitor(sync_free={self.sync_free}, device_skips={sorted(self._device_skips)})"
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self.diagnose:
