@@ -19,6 +19,7 @@ _EXPORTS = {
     "WeightInit": "gradmon.callbacks.weight_init",
     "GradCheck": "gradmon.callbacks.grad_check",
     "ActivationMonitor": "gradmon.callbacks.activation_monitor",
+    "HealthRules": "gradmon.health",
     "GradientHealthWarning": "gradmon.errors",
     "GradientHealthError": "gradmon.errors",
     "verdict": "gradmon.callbacks._diagnosis",

@@ -94,7 +94,7 @@ class HealthRules:
 
     @classmethod
     def names(cls) -> tuple[str, ...]:
-        """The rules' field names, which GradHealthMonitor takes as arguments of the same names and defaults."""
+        """The rules' field names (GradHealthMonitor takes them as one ``rules`` value, nested in a CLI config)."""
         return tuple(f.name for f in fields(cls))
 
     def __post_init__(self) -> None:

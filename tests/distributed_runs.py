@@ -18,7 +18,7 @@ from lightning.pytorch.strategies import DDPStrategy, ModelParallelStrategy
 sys.path.insert(0, str(Path(__file__).parent))
 from helpers import MLP, PlantNaN, ShardedMLP, fit, health_warnings, rank_loader  # noqa: E402
 
-from gradmon import GradCheck, GradHealthMonitor, GradNormMonitor, WeightInit  # noqa: E402
+from gradmon import GradCheck, GradHealthMonitor, GradNormMonitor, HealthRules, WeightInit  # noqa: E402
 from gradmon.callbacks import _ranks  # noqa: E402
 from gradmon.errors import GradientHealthError  # noqa: E402
 
@@ -67,7 +67,8 @@ def main(scenario: str, out: Path) -> None:
         model = MLP()
         rank = int(os.environ.get("LOCAL_RANK", 0))
         threshold = 1e-30 if rank == 1 else 1e4
-        callbacks = [GradHealthMonitor(exploding_threshold=threshold, vanishing_threshold=0.0, on_exploding="stop")]
+        rules = HealthRules(exploding_threshold=threshold, vanishing_threshold=0.0)
+        callbacks = [GradHealthMonitor(rules, on_exploding="stop")]
     elif scenario == "ddp_sync_free":
         # A NaN on rank 1 only, after DDP's all-reduce: the device skip flag, combined across ranks with one
         # collective, must make both ranks skip that step, so the replicas stay identical.

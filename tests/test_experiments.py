@@ -107,6 +107,39 @@ def test_cli_overrides_reach_the_model_and_the_data_sizes_are_linked(tmp_path):
     assert (cli.trainer.logger.name, cli.trainer.logger.version) == ("vanishing", "sigmoid")
 
 
+
+def health_config(tmp_path: Path, init_args: str) -> str:
+    """A config whose only callback is a GradHealthMonitor with ``init_args`` (YAML flow mapping)."""
+    path = tmp_path / "health.yaml"
+    path.write_text(f"trainer:\n  callbacks:\n    - class_path: gradmon.GradHealthMonitor\n"
+                    f"      init_args: {init_args}\n")
+    return str(path)
+
+
+def test_grad_health_monitors_rules_are_nested_init_args_in_a_cli_config(tmp_path):
+    config = health_config(tmp_path, "{rules: {vanishing_threshold: 1.0e-6}, on_exploding: stop}")
+    cli = cli_main(["--config", config, f"--trainer.logger.init_args.save_dir={tmp_path}"], run=False)
+    (monitor,) = [c for c in cli.trainer.callbacks if isinstance(c, GradHealthMonitor)]
+    assert monitor.rules == gradmon.HealthRules(vanishing_threshold=1e-6)
+    assert monitor.actions == {"vanishing": "warn", "exploding": "stop", "nonfinite": "warn"}
+    # Overridden on the command line too, one rule at a time.
+    cli = cli_main(["--config", config, f"--trainer.logger.init_args.save_dir={tmp_path}",
+                    "--trainer.callbacks.rules.exploding_threshold=1e3"], run=False)
+    (monitor,) = [c for c in cli.trainer.callbacks if isinstance(c, GradHealthMonitor)]
+    assert monitor.rules == gradmon.HealthRules(vanishing_threshold=1e-6, exploding_threshold=1e3)
+
+
+def test_a_bad_rule_in_a_cli_config_is_refused_naming_the_rule_and_what_is_accepted(tmp_path):
+    config = health_config(tmp_path, "{rules: {vanishing_threshold: -1.0}}")
+    with pytest.raises(ValueError) as error:
+        cli_main(["--config", config, f"--trainer.logger.init_args.save_dir={tmp_path}"], run=False)
+    chain = []
+    cause: BaseException | None = error.value
+    while cause is not None:
+        chain.append(str(cause))
+        cause = cause.__cause__ or cause.__context__
+    assert any("`vanishing_threshold=-1.0` is not valid: expected a finite number >= 0" in m for m in chain), chain
+
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory) -> dict[str, tuple[object, Path]]:
     """Every config, two epochs of three batches with every step logged: config name -> (CLI, run directory)."""

@@ -15,6 +15,7 @@ from helpers import MLP, PlantNaN, health_warnings, logdir, read_scalars
 from torch import nn
 
 from gradmon import GradHealthMonitor, GradientHealthError, GradientHealthWarning, GradNormMonitor
+from gradmon.health import HealthRules
 
 fit = functools.partial(helpers.fit, batch_size=32)
 
@@ -83,7 +84,7 @@ def test_a_bias_feeding_batchnorm_is_not_flagged_vanishing_per_parameter_and_the
 
     model = NormedNet(conv)
     norms = GradNormMonitor(group_by="parameter", log_every_n_steps=1)
-    monitor = GradHealthMonitor(group_by="parameter", vanishing_patience=1, on_vanishing="raise")
+    monitor = GradHealthMonitor(HealthRules(vanishing_patience=1), group_by="parameter", on_vanishing="raise")
     with health_warnings() as messages, caplog.at_level(logging.INFO):
         fit(model, [norms, monitor], steps=30)
     assert messages == [] and monitor.events == [] and not monitor.flagged_steps
@@ -95,7 +96,8 @@ def test_a_bias_feeding_batchnorm_is_not_flagged_vanishing_per_parameter_and_the
     )
     # Without the rule the same run is flagged at its first step, by the threshold rule, naming both biases.
     model = NormedNet(conv)
-    off = GradHealthMonitor(group_by="parameter", vanishing_patience=1, on_vanishing="ignore", sibling_ratio=None)
+    off = GradHealthMonitor(HealthRules(vanishing_patience=1, sibling_ratio=None), group_by="parameter",
+                            on_vanishing="ignore")
     fit(model, [off], steps=3)
     first = [(e.layer, e.rule) for e in off.events if e.step == 0]
     assert first == [("net.0.bias", "threshold"), ("net.3.bias", "threshold")]
@@ -240,11 +242,11 @@ def test_a_monitor_with_another_norm_type_is_not_shared(tmp_path: Path, norm_com
 
 def test_history_survives_a_resume_from_checkpoint(tmp_path: Path) -> None:
     torch.manual_seed(0)
-    monitor = GradHealthMonitor(warmup_steps=2)
+    monitor = GradHealthMonitor(HealthRules(warmup_steps=2))
     t = fit(MLP(depth=3), [monitor], steps=6)
     path = tmp_path / "run.ckpt"
     t.save_checkpoint(path)
-    resumed = GradHealthMonitor(warmup_steps=2)
+    resumed = GradHealthMonitor(HealthRules(warmup_steps=2))
     torch.manual_seed(0)
     fit(MLP(depth=3), [resumed], steps=8, ckpt_path=path)
     state = torch.load(path, weights_only=False)["callbacks"][monitor.state_key]
@@ -259,8 +261,6 @@ def test_history_survives_a_resume_from_checkpoint(tmp_path: Path) -> None:
         ({"on_exploding": "explode"}, "on_exploding"),
         ({"on_nonfinite": None}, "on_nonfinite"),
         ({"norm_type": 0}, "norm_type"),
-        ({"vanishing_threshold": -1e-3}, "vanishing_threshold"),
-        ({"vanishing_threshold": 1.0, "exploding_threshold": 0.5}, "vanishing_threshold"),
         ({"warn_every_n_steps": 0}, "warn_every_n_steps"),
         ({"group_by": "module"}, "group_by"),
     ],
@@ -268,6 +268,18 @@ def test_history_survives_a_resume_from_checkpoint(tmp_path: Path) -> None:
 def test_bad_arguments_raise_in_the_constructor(kwargs: dict, argument: str) -> None:
     with pytest.raises(ValueError, match=f"`{argument}="):
         GradHealthMonitor(**kwargs)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "argument"),
+    [
+        ({"vanishing_threshold": -1e-3}, "vanishing_threshold"),
+        ({"vanishing_threshold": 1.0, "exploding_threshold": 0.5}, "vanishing_threshold"),
+    ],
+)
+def test_bad_rules_raise_where_they_are_written(kwargs: dict, argument: str) -> None:
+    with pytest.raises(ValueError, match=f"`{argument}="):
+        GradHealthMonitor(HealthRules(**kwargs))
 
 
 def test_a_warning_and_the_summary_end_with_the_likely_cause(caplog) -> None:
@@ -282,3 +294,29 @@ def test_a_warning_and_the_summary_end_with_the_likely_cause(caplog) -> None:
     with health_warnings() as quiet:
         fit(deep("sigmoid", None), [GradHealthMonitor(diagnose=False)], steps=12)
     assert quiet and "Likely cause" not in quiet[0]
+
+
+def test_the_checkpointed_state_keeps_the_keys_older_checkpoints_have() -> None:
+    monitor = GradHealthMonitor()
+    fit(MLP(depth=2), [monitor], steps=2)
+    old_keys = {"tracker", "skipped_steps", "amp_overflow_steps", "optimizer_steps", "flagged_steps", "first_step",
+                "layer_counts", "last_report", "events"}
+    assert set(monitor.state_dict()) == old_keys
+    # A checkpoint from before amp_overflow_steps and optimizer_steps were kept still loads.
+    older = {k: v for k, v in monitor.state_dict().items() if k not in ("amp_overflow_steps", "optimizer_steps")}
+    GradHealthMonitor().load_state_dict(older)
+
+
+def test_no_callback_module_imports_another() -> None:
+    import ast
+
+    import gradmon.callbacks
+
+    folder = Path(gradmon.callbacks.__file__).parent
+    public = {p.stem for p in folder.glob("*.py") if not p.stem.startswith("_")}
+    for path in folder.glob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = [node.module or ""] if isinstance(node, ast.ImportFrom) else []
+            names += [a.name for a in node.names] if isinstance(node, ast.Import) else []
+            for name in names:
+                assert name.split(".")[-1] not in public - {path.stem} or not name.startswith("gradmon"), (path, name)

@@ -111,7 +111,9 @@ INT_ARGUMENTS = {
 @given(st.data())
 def test_grad_health_monitor_refuses_bad_integers(data) -> None:
     argument = data.draw(st.sampled_from(sorted(INT_ARGUMENTS)))
-    assert_refused(GradHealthMonitor, argument, data.draw(bad_ints(INT_ARGUMENTS[argument])))
+    # The rules' integers are HealthRules' arguments, the monitor's own are its.
+    factory = HealthRules if argument in HealthRules.names() else GradHealthMonitor
+    assert_refused(factory, argument, data.draw(bad_ints(INT_ARGUMENTS[argument])))
 
 
 @SETTINGS
@@ -123,7 +125,7 @@ def test_grad_health_monitor_refuses_a_bad_log_interval(value) -> None:
 @SETTINGS
 @given(st.one_of(bad_ints(4), st.integers(2, 3)))
 def test_depth_min_layers_must_cover_both_windows(value) -> None:
-    assert_refused(GradHealthMonitor, "depth_min_layers", value)  # at least 2 * depth_window = 4
+    assert_refused(HealthRules, "depth_min_layers", value)  # at least 2 * depth_window = 4
 
 
 @SETTINGS
@@ -138,9 +140,7 @@ def test_grad_health_monitor_refuses_bad_numbers(data) -> None:
         ("depth_ratio", bad_floats(0.0, inclusive=False, maximum=1.0, allow_none=True)),
         ("sibling_ratio", bad_floats(0.0, inclusive=False, maximum=1.0, allow_none=True)),
     ]))
-    value = data.draw(strategy)
-    assert_refused(GradHealthMonitor, argument, value)
-    assert_refused(HealthRules, argument, value)
+    assert_refused(HealthRules, argument, data.draw(strategy))
 
 
 @SETTINGS
@@ -174,10 +174,18 @@ def test_grad_health_monitor_refuses_a_non_boolean_summary(value) -> None:
 )
 def test_grad_health_monitor_accepts_valid_arguments(vanishing, exploding, spike, decay, ratio, warmup, patience
                                                      ) -> None:
-    monitor = GradHealthMonitor(vanishing_threshold=vanishing, exploding_threshold=exploding, spike_factor=spike,
-                                history_decay=decay, depth_ratio=ratio, warmup_steps=warmup,
-                                vanishing_patience=patience, exploding_patience=patience)
+    rules = HealthRules(vanishing_threshold=vanishing, exploding_threshold=exploding, spike_factor=spike,
+                        history_decay=decay, depth_ratio=ratio, warmup_steps=warmup, vanishing_patience=patience,
+                        exploding_patience=patience)
+    monitor = GradHealthMonitor(rules)
     assert monitor.rules.warmup_steps == warmup and monitor.rules.exploding_threshold == exploding
+
+
+@pytest.mark.parametrize("value", [{"vanishing_threshold": 1e-6}, 1e-6, "strict", HealthRules])
+def test_grad_health_monitor_takes_its_rules_as_a_health_rules_value(value) -> None:
+    with pytest.raises(TypeError, match=r"`rules=.*` is not valid: expected a gradmon.HealthRules"):
+        GradHealthMonitor(value)
+    assert GradHealthMonitor().rules == HealthRules()
 
 
 @pytest.mark.parametrize("value", [0.2, 0.001, 1e-300, 5e-324])

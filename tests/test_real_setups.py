@@ -31,6 +31,7 @@ from torch import nn
 
 from gradmon import GradHealthMonitor, GradientHealthError, GradNormMonitor
 from gradmon.callbacks.grad_health import EVENTS_IN_CHECKPOINT
+from gradmon.health import HealthRules
 
 
 class Grads(pl.Callback):
@@ -172,8 +173,8 @@ def gan_loader(batches: int) -> torch.utils.data.DataLoader:
 def test_with_two_optimizers_each_layer_keeps_its_own_vanishing_streak() -> None:
     # Every layer "vanishes" at every step (threshold 100); with patience 10, each network is flagged from its own
     # 10th step on: 20 global steps = 10 steps of each, so each network's 2 layers are flagged at its 10th step.
-    monitor = GradHealthMonitor(vanishing_threshold=100.0, exploding_threshold=1e6, on_vanishing="ignore",
-                                depth_ratio=None)
+    monitor = GradHealthMonitor(HealthRules(vanishing_threshold=100.0, exploding_threshold=1e6, depth_ratio=None),
+                                on_vanishing="ignore")
     fit(GAN(), [monitor], steps=24, loader=gan_loader(12))
     flagged = sorted({(e.step, e.layer) for e in monitor.events})
     generator_steps, discriminator_steps = range(0, 24, 2), range(1, 24, 2)
@@ -184,8 +185,8 @@ def test_with_two_optimizers_each_layer_keeps_its_own_vanishing_streak() -> None
 
 
 def test_with_two_optimizers_exploding_patience_counts_each_layers_own_steps() -> None:
-    monitor = GradHealthMonitor(vanishing_threshold=0.0, exploding_threshold=1e-9, exploding_patience=3,
-                                on_exploding="ignore", spike_factor=None, depth_ratio=None)
+    monitor = GradHealthMonitor(HealthRules(vanishing_threshold=0.0, exploding_threshold=1e-9, exploding_patience=3,
+                                            spike_factor=None, depth_ratio=None), on_exploding="ignore")
     fit(GAN(), [monitor], steps=8, loader=gan_loader(4))
     # Generator at global steps 0, 2, 4, 6: its third step is 4. Discriminator at 1, 3, 5, 7: third is 5.
     assert sorted({e.step for e in monitor.events if e.layer.startswith("generator")}) == [4, 6]
@@ -312,7 +313,7 @@ def test_warmup_steps_zero_judges_spikes_from_the_second_step() -> None:
                     p.grad.mul_(1e4)
 
     torch.manual_seed(0)
-    monitor = GradHealthMonitor(warmup_steps=0, on_exploding="ignore", exploding_threshold=1e9)
+    monitor = GradHealthMonitor(HealthRules(warmup_steps=0, exploding_threshold=1e9), on_exploding="ignore")
     fit(MLP(depth=2), [Spike(), monitor], steps=5)
     first = monitor.events[0]
     assert (first.step, first.condition, first.rule) == (3, "exploding", "spike")
@@ -325,7 +326,7 @@ def test_a_compiled_submodule_keeps_the_users_layer_names(tmp_path: Path) -> Non
     torch.manual_seed(0)
     model = MLP(depth=2)
     model.net = torch.compile(model.net, backend="eager")
-    monitor = GradHealthMonitor(vanishing_threshold=100.0, exploding_threshold=1e6, vanishing_patience=1,
+    monitor = GradHealthMonitor(HealthRules(vanishing_threshold=100.0, exploding_threshold=1e6, vanishing_patience=1),
                                 on_vanishing="ignore")
     fit(model, [GradNormMonitor(log_every_n_steps=1), monitor], steps=1, tmp_path=tmp_path)
     tags = set(read_scalars(logdir(tmp_path)))
@@ -366,11 +367,11 @@ def test_callbacks_reused_for_a_fresh_fit_start_fresh(tmp_path: Path) -> None:
 
 def test_a_resume_with_changed_thresholds_keeps_the_history_and_applies_the_new_thresholds(tmp_path: Path) -> None:
     torch.manual_seed(0)
-    first = GradHealthMonitor(on_nonfinite="skip", warmup_steps=2)
+    first = GradHealthMonitor(HealthRules(warmup_steps=2), on_nonfinite="skip")
     t = fit(MLP(depth=2), [PlantNaN(2), first], steps=6, batches=8)
     t.save_checkpoint(tmp_path / "run.ckpt")
-    resumed = GradHealthMonitor(on_nonfinite="skip", warmup_steps=2, exploding_threshold=1e-9,
-                                on_exploding="ignore", vanishing_threshold=0.0)
+    resumed = GradHealthMonitor(HealthRules(warmup_steps=2, exploding_threshold=1e-9, vanishing_threshold=0.0),
+                                on_nonfinite="skip", on_exploding="ignore")
     assert resumed.state_key == first.state_key
     torch.manual_seed(0)
     fit(MLP(depth=2), [resumed], steps=8, ckpt_path=tmp_path / "run.ckpt")
@@ -383,8 +384,8 @@ def test_a_resume_with_changed_thresholds_keeps_the_history_and_applies_the_new_
 
 def test_checkpointed_state_stays_small_however_many_events(tmp_path: Path) -> None:
     torch.manual_seed(0)
-    monitor = GradHealthMonitor(vanishing_threshold=100.0, exploding_threshold=1e6, vanishing_patience=1,
-                                on_vanishing="ignore", depth_ratio=None)
+    monitor = GradHealthMonitor(HealthRules(vanishing_threshold=100.0, exploding_threshold=1e6, vanishing_patience=1,
+                                            depth_ratio=None), on_vanishing="ignore")
     t = fit(MLP(depth=6), [monitor], steps=300, batch_size=4)
     assert len(monitor.events) == 7 * 300
     state = monitor.state_dict()

@@ -13,6 +13,7 @@ import pytest
 from torch.utils.tensorboard import SummaryWriter
 
 from gradmon.cli import main
+from gradmon.health import HealthRules
 from gradmon.report import (
     event_files,
     find_metric,
@@ -361,8 +362,9 @@ def test_a_run_logged_through_a_logger_prefix_is_read_as_gradmons_tags(tmp_path)
     logger = pl.loggers.TensorBoardLogger(tmp_path / "runs", name="prefixed", version=0, prefix="x")
     pl.Trainer(accelerator="cpu", max_steps=6, log_every_n_steps=2, logger=logger, enable_progress_bar=False,
                enable_model_summary=False, enable_checkpointing=False,
-               callbacks=[GradNormMonitor(), GradHealthMonitor(vanishing_threshold=100.0, vanishing_patience=1,
-                                                               on_vanishing="ignore")],
+               callbacks=[GradNormMonitor(),
+                          GradHealthMonitor(HealthRules(vanishing_threshold=100.0, vanishing_patience=1),
+                                            on_vanishing="ignore")],
                ).fit(MLP(depth=2), make_loader(16, 6))
     run = load_run(tmp_path / "runs" / "prefixed" / "version_0")
     assert "x-grad_norm/net.0" not in run.scalars

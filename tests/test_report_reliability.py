@@ -13,6 +13,7 @@ from test_report import grad_norms, health, write_run
 
 from gradmon import GradHealthMonitor, GradNormMonitor
 from gradmon.cli import main
+from gradmon.health import HealthRules
 from gradmon.report import event_files, health_summary, load_run
 
 CKPT_STEP = 10
@@ -30,7 +31,7 @@ class SaveAt(pl.Callback):
 def monitors():
     # Every step flagged vanishing: the counts show whether both files' steps were read.
     return [GradNormMonitor(log_every_n_steps=1),
-            GradHealthMonitor(vanishing_threshold=1e3, exploding_threshold=1e9, vanishing_patience=1,
+            GradHealthMonitor(HealthRules(vanishing_threshold=1e3, exploding_threshold=1e9, vanishing_patience=1),
                               on_vanishing="ignore")]
 
 

@@ -17,6 +17,7 @@ from helpers import MLP, PlantNaN, make_loader, read_scalars, trainer
 
 import gradmon.norms as gradmon_norms
 from gradmon import GradHealthMonitor, GradientHealthError, GradientHealthWarning, GradNormMonitor
+from gradmon.health import HealthRules
 
 
 @pytest.fixture(autouse=True)
@@ -54,7 +55,8 @@ class HostReads(pl.Callback):
             self.reads[self.step] += 1
             return original(tensor)
 
-        for module in ("gradmon.norms", "gradmon.callbacks.grad_health"):
+        # Every module that imports it: the norms, the sync-free mode and the GradScaler helpers.
+        for module in ("gradmon.norms", "gradmon.callbacks._health_modes", "gradmon.callbacks._grad_source"):
             monkeypatch.setattr(f"{module}.read_host", counted)
 
     def on_train_batch_start(self, trainer, *args) -> None:
@@ -144,8 +146,8 @@ def test_exploding_patience_is_counted_on_the_device(monkeypatch) -> None:
 
     torch.manual_seed(0)
     snapshot, reads = Snapshot(), HostReads(monkeypatch)
-    monitor = GradHealthMonitor(on_exploding="skip", exploding_patience=2, spike_factor=None, sync_free=True,
-                                diagnose=False)
+    monitor = GradHealthMonitor(HealthRules(exploding_patience=2, spike_factor=None), on_exploding="skip",
+                                sync_free=True, diagnose=False)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", GradientHealthWarning)
         fit(FusedMLP(depth=2), [Blow(), monitor, snapshot, reads], steps=7)
@@ -196,7 +198,8 @@ def test_the_flag_is_or_ed_with_a_grad_scalers_own_and_never_replaces_it() -> No
     torch.manual_seed(0)
     scaler = torch.amp.GradScaler("cpu", init_scale=2.0**8)
     snapshot = Snapshot()
-    monitor = GradHealthMonitor(on_exploding="skip", exploding_threshold=1e3, spike_factor=None, sync_free=True)
+    monitor = GradHealthMonitor(HealthRules(exploding_threshold=1e3, spike_factor=None), on_exploding="skip",
+                                sync_free=True)
     t = trainer(None, max_steps=4, callbacks=[Blow(), monitor, snapshot],
                 plugins=[MixedPrecision("16-mixed", "cpu", scaler=scaler)])
     with warnings.catch_warnings():

@@ -15,6 +15,7 @@ from typing import Any
 import lightning.pytorch as pl
 from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 
+from gradmon.callbacks._shared import trainer_board
 from gradmon.diagnosis import (
     Diagnosis,
     Evidence,
@@ -125,11 +126,7 @@ class DiagnosisBoard:
 
 def diagnosis_board(trainer: pl.Trainer) -> DiagnosisBoard:
     """The Trainer's board, made on first use."""
-    board = getattr(trainer, "_gradmon_diagnosis", None)
-    if board is None:
-        board = DiagnosisBoard()
-        trainer._gradmon_diagnosis = board  # type: ignore[attr-defined]
-    return board
+    return trainer_board(trainer, "_gradmon_diagnosis", DiagnosisBoard)
 
 
 def init_records(trainer: pl.Trainer) -> dict[str, InitRecord] | None:

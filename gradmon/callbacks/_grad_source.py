@@ -1,5 +1,6 @@
 """Per-step gradient norms shared by the callbacks of one Trainer, computed at most once per optimizer step; and the
-per-optimizer bookkeeping (names, step counts) both monitors use when a module has several optimizers."""
+per-optimizer bookkeeping (names, step counts) both monitors use when a module has several optimizers; and what a
+GradScaler did at the step (its pending scale, whether it overflowed)."""
 
 from __future__ import annotations
 
@@ -11,7 +12,8 @@ from typing import Any
 import lightning.pytorch as pl
 import torch
 
-from gradmon.norms import GradientNorms, GroupBy, Norms, ParamLayout
+from gradmon.norms import GradientNorms, GroupBy, Norms, ParamLayout, read_host
+from gradmon.sharding import local_tensor
 
 
 def optimizer_layout(pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer, group_by: GroupBy) -> ParamLayout:
@@ -182,3 +184,29 @@ def enabled_scaler(trainer: pl.Trainer) -> Any:
     """The precision plugin's GradScaler when it has an enabled one (fp16 mixed precision), else ``None``."""
     scaler = getattr(trainer.precision_plugin, "scaler", None)
     return scaler if scaler is not None and scaler.is_enabled() else None
+
+
+def amp_overflow_on_device(trainer: pl.Trainer, optimizer: torch.optim.Optimizer) -> torch.Tensor | None:
+    """Whether the precision plugin's GradScaler found inf/NaN when it unscaled this step's gradients (it then skips
+    ``optimizer.step`` and lowers its scale), as a device scalar (nonzero: yes); ``None`` when no enabled scaler has
+    unscaled this optimizer."""
+    scaler = enabled_scaler(trainer)
+    if scaler is None:
+        return None
+    # Lightning unscales before on_before_optimizer_step; the scaler keeps what it found per optimizer until update().
+    found_inf = scaler._per_optimizer_states.get(id(optimizer), {}).get("found_inf_per_device")
+    if not found_inf:
+        if pending_loss_scale(trainer, optimizer) is not None:
+            # An optimizer that unscales inside its step: the scaler has not looked yet, and will skip the step iff
+            # a gradient is non-finite, which is what an overflow is.
+            grads = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+            return (~torch.stack([torch.isfinite(local_tensor(g)).all() for g in grads]).all()).float()
+        return None
+    values = list(found_inf.values())
+    return torch.stack([v.reshape(()).to(values[0].device) for v in values]).sum()
+
+
+def amp_overflow(trainer: pl.Trainer, optimizer: torch.optim.Optimizer) -> bool | None:
+    """:func:`amp_overflow_on_device`, read on the host."""
+    flag = amp_overflow_on_device(trainer, optimizer)
+    return None if flag is None else read_host(flag.reshape(1))[0] > 0

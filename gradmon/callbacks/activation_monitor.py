@@ -17,9 +17,8 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from gradmon import tags
 from gradmon._validation import check_bool, check_int
 from gradmon.activations import ActivationRecorder, ModuleStats, RecordedBatch
-from gradmon.callbacks import _logging
+from gradmon.callbacks import _logging, _shared
 from gradmon.callbacks._diagnosis import diagnosis_board, init_records
-from gradmon.callbacks.grad_norm import GradNormMonitor
 from gradmon.diagnosis import (
     CLEARED,
     CONDITIONS,
@@ -418,12 +417,9 @@ class ActivationMonitor(Callback):
                 del self._written[condition]
 
     def _write_layout(self, trainer: pl.Trainer) -> None:
-        """GradNormMonitor's charts (when it is on the Trainer) and this monitor's, as one layout: TensorBoard shows
-        only the last layout a run wrote, and this one comes after GradNormMonitor's."""
-        charts = dict(tags.ACTIVATION_CHARTS)
-        if any(isinstance(c, GradNormMonitor) for c in trainer.callbacks):
-            charts = {**tags.LAYOUT_CHARTS, **charts}
-        _logging.write_layout(trainer, charts)
+        """This monitor's charts with every chart the Trainer's other callbacks registered (GradNormMonitor's), as
+        one layout: TensorBoard shows only the last layout a run wrote."""
+        _shared.write_layout(trainer, tags.ACTIVATION_CHARTS)
 
     # --- now, for a health warning -------------------------------------------------------------------------------
 

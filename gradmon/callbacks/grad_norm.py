@@ -14,7 +14,7 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 
 from gradmon import tags
 from gradmon._validation import check_bool, check_choice, check_int, check_norm_type
-from gradmon.callbacks import _logging
+from gradmon.callbacks import _logging, _shared
 from gradmon.callbacks._grad_source import GradNormSource, OptimizerSteps, global_step, optimizer_names, step_reader
 from gradmon.callbacks._images import figure_board
 from gradmon.norms import (
@@ -153,6 +153,13 @@ class GradNormMonitor(Callback):
         # Before Lightning restores callback state: a fresh fit counts from zero, a resumed one gets its counts back.
         if stage == "fit":
             self._steps.reset()
+            # Offered to the Trainer's other callbacks: the norms (a GradHealthMonitor with the same settings reuses
+            # them), a look at the gradients before a GradHealthMonitor discards them, and the layout's charts.
+            board = _shared.shared_board(trainer)
+            board.join(self)
+            board.offer_norms(self.source)
+            board.before_discard.append(self.on_before_optimizer_step)
+            board.charts.update(tags.LAYOUT_CHARTS)
 
     def state_dict(self) -> dict[str, Any]:
         return {"optimizer_steps": self._steps.state_dict()}
@@ -251,7 +258,7 @@ class GradNormMonitor(Callback):
         if not trainer.is_global_zero:
             return
         if not self._layout_written:
-            _logging.write_layout(trainer)
+            _shared.write_layout(trainer, tags.LAYOUT_CHARTS)
             self._layout_written = True
         for record, update in zip(sent.records, sent.updates):
             _logging.log_scalars(trainer, self._metrics(record, update), record.step)
