@@ -59,7 +59,7 @@ def test_a_variants_callbacks_change_the_bases_entry_by_entry():
     weight_init = cli.config.trainer.callbacks[0].init_args
     assert (weight_init.scheme, weight_init.seed) == ("normal(std=1)", 0)  # the seed from the base
     health = cli.config.trainer.callbacks[2].init_args
-    assert (health.exploding_threshold, health.on_exploding, health.on_nonfinite) == (1e4, "stop", "stop")
+    assert (health.rules.exploding_threshold, health.on_exploding, health.on_nonfinite) == (1e4, "stop", "stop")
     cli = cli_main(["--config", str(CONFIG_DIR / "gradcheck_buggy.yaml")], run=False)
     assert gradmon_callbacks(cli) == ["GradNormMonitor", "ActivationMonitor", "GradCheck"]
     assert cli.config.trainer.callbacks[2].init_args.num_samples == 8
