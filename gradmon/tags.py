@@ -10,6 +10,7 @@ This module never imports Lightning.
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
 
 # --- GradNormMonitor: per layer, at logging steps -----------------------------------------------------------------
 #: p-norm of a layer's gradient; ``grad_norm/total`` (or ``grad_norm/total-<optimizer>``) over all of them.
@@ -125,3 +126,48 @@ def prefixed_charts(
     """``charts`` (by default :data:`LAYOUT_CHARTS`) for tags written behind a logger's prefix (``"x-"``)."""
     start = re.escape(prefix)
     return {category: [(title, start + regex) for title, regex in group] for category, group in charts.items()}
+
+
+#: A custom-scalars chart draws at most this many lines: beyond it, the lines cannot be told apart.
+MAX_CHART_LINES = 12
+# A layer inside a repeated structure: the name up to its block's number, with more of the name after it.
+_BLOCK = re.compile(r"^(.*?\.\d+)\.")
+
+
+def banded_charts(charts: dict[str, list[tuple[str, str]]], logged: Sequence[str]) -> dict[str, list[tuple[str, str]]]:
+    """``charts`` for a run that logged the tags ``logged`` (in logged order): a chart that matches none of them is
+    left out, and one that matches more than :data:`MAX_CHART_LINES` is split into bands: per block for a repeated
+    structure (``blocks.0``, ``blocks.1``, ... with the layers outside blocks in charts of their own), else into
+    consecutive groups of layers in logged order, each titled by its first and last layer."""
+    banded: dict[str, list[tuple[str, str]]] = {}
+    for category, group in charts.items():
+        rows = []
+        for title, regex in group:
+            pattern = re.compile(regex)
+            matched = [tag for tag in logged if pattern.match(tag)]
+            if len(matched) <= MAX_CHART_LINES:
+                rows += [(title, regex)] if matched else []
+                continue
+            for label, members in _bands(matched):
+                rows.append((f"{title}: {label}", "(?:" + "|".join(re.escape(tag) for tag in members) + ")$"))
+        if rows:
+            banded[category] = rows
+    return banded
+
+
+def _bands(tags_: list[str]) -> list[tuple[str, list[str]]]:
+    """Groups of at most :data:`MAX_CHART_LINES` tags, by block where the layers repeat one, else by position."""
+    blocks: dict[str, list[str]] = {}
+    for tag in tags_:
+        found = _BLOCK.match(tag.partition("/")[2])
+        blocks.setdefault(found.group(1) if found else "", []).append(tag)
+    outside = blocks.pop("", [])
+    if len(blocks) >= 2 and all(len(members) <= MAX_CHART_LINES for members in blocks.values()):
+        return list(blocks.items()) + _chunks(outside)
+    return _chunks(tags_)
+
+
+def _chunks(tags_: list[str]) -> list[tuple[str, list[str]]]:
+    chunks = [tags_[i:i + MAX_CHART_LINES] for i in range(0, len(tags_), MAX_CHART_LINES)]
+    return [(f"{c[0].partition('/')[2]} to {c[-1].partition('/')[2]}" if len(c) > 1 else c[0].partition("/")[2], c)
+            for c in chunks]

@@ -392,7 +392,7 @@ class ActivationMonitor(Callback):
         if not trainer.is_global_zero or not trainer.loggers:
             return
         if not self._layout_written:
-            self._write_layout(trainer)
+            self._write_layout(trainer, list(_scalars(stats)))
             self._layout_written = True
         _logging.log_scalars(trainer, _scalars(stats), step)
         if self.diagnose:
@@ -416,10 +416,11 @@ class ActivationMonitor(Callback):
             else:
                 del self._written[condition]
 
-    def _write_layout(self, trainer: pl.Trainer) -> None:
-        """This monitor's charts with every chart the Trainer's other callbacks registered (GradNormMonitor's), as
-        one layout: TensorBoard shows only the last layout a run wrote."""
-        _shared.write_layout(trainer, tags.ACTIVATION_CHARTS)
+    def _write_layout(self, trainer: pl.Trainer, logged: list[str]) -> None:
+        """This monitor's charts for the statistics it logs (none for a statistic without data, a dozen lines at
+        most each) with every chart the Trainer's other callbacks registered, as one layout: TensorBoard shows only
+        the last layout a run wrote."""
+        _shared.write_layout(trainer, tags.banded_charts(tags.ACTIVATION_CHARTS, logged))
 
     # --- now, for a health warning -------------------------------------------------------------------------------
 

@@ -257,11 +257,12 @@ class GradNormMonitor(Callback):
             hand_out(sent.norms, sent.copy.values())
         if not trainer.is_global_zero:
             return
-        if not self._layout_written:
-            _shared.write_layout(trainer, tags.LAYOUT_CHARTS)
-            self._layout_written = True
         for record, update in zip(sent.records, sent.updates):
-            _logging.log_scalars(trainer, self._metrics(record, update), record.step)
+            values = self._metrics(record, update)
+            if not self._layout_written:  # the charts of the layers this run logs, a dozen lines at most each
+                _shared.write_layout(trainer, tags.banded_charts(tags.LAYOUT_CHARTS, list(values)))
+                self._layout_written = True
+            _logging.log_scalars(trainer, values, record.step)
             self._logs += 1
             if self.images_every_n_logs is not None and self._logs % self.images_every_n_logs == 0:
                 figure_board(trainer).draw(trainer, record.step)
