@@ -33,6 +33,11 @@ def test_the_heatmaps_and_the_gradient_flow_are_tensorboard_images_at_the_cadenc
     assert [step for step, _ in found["gradmon/grad_norm_heatmap"]] == [4, 10, 12]
     for _, image in found["gradmon/gradient_flow"]:
         assert image.ndim == 3 and image.shape[0] > 200 and image.shape[1] > 400 and image.std() > 0
+    # The heatmap's cells are coloured, not the light grey of a missing value (it once drew a grey field).
+    _, heatmap = found["gradmon/grad_norm_heatmap"][-1]
+    grey = np.all(heatmap[..., :3] == (211, 211, 211), axis=-1).mean()
+    viridis = ((heatmap[..., 2] > heatmap[..., 0] + 40) | (heatmap[..., 1] > heatmap[..., 0] + 80)).mean()
+    assert grey < 0.02 and viridis > 0.1, (grey, viridis)
 
 
 @pytest.mark.parametrize("every", [None])

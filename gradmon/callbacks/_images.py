@@ -24,8 +24,8 @@ from matplotlib.figure import Figure
 from gradmon import tags
 
 #: The tag groups the figures draw: only these are kept.
-KEPT = (tags.GRAD_NORM, tags.GRAD_HEALTH_FLAG, tags.GRAD_HEALTH, tags.ACTIVATION_RMS_LOG10, tags.ACTIVATION_RMS,
-        tags.DEAD_FRACTION, tags.SATURATED_FRACTION)
+KEPT = (tags.GRAD_NORM, tags.GRAD_NORM_LOG10, tags.GRAD_HEALTH_FLAG, tags.GRAD_HEALTH, tags.ACTIVATION_RMS_LOG10,
+        tags.ACTIVATION_RMS, tags.DEAD_FRACTION, tags.SATURATED_FRACTION)
 #: Where the images go in TensorBoard's Images tab.
 IMAGE_PREFIX = "gradmon"
 
