@@ -65,6 +65,8 @@ DIAGNOSIS = "diagnosis"
 VERDICT = "verdict"
 #: Weights & Biases: the texts (findings, verdicts, init records) as one table of (step, tag, text).
 WANDB_TEXTS = "gradmon/texts"
+#: Weights & Biases: GradHealthMonitor's latest events, at the end of fit, as a table.
+WANDB_HEALTH_EVENTS = "gradmon/health_events"
 
 
 def tag(metric: str, name: str) -> str:

@@ -63,9 +63,12 @@ class FigureBoard:
         for logger in trainer.loggers:
             if isinstance(logger, TensorBoardLogger):
                 writers.append(logger.experiment)
+            elif type(logger).__name__ == "WandbLogger":
+                writers.append(_WandbImages(logger))
             elif id(logger) not in self._told:
                 self._told.add(id(logger))
-                rank_zero_info(f"gradmon: {type(logger).__name__} takes no images; the figures go to TensorBoard only.")
+                rank_zero_info(f"gradmon: {type(logger).__name__} takes no images; the figures go to TensorBoard and "
+                               "W&B loggers only.")
         if not writers or f"{tags.GRAD_NORM}/" not in "".join(self.scalars):
             return
         with self._lock:
@@ -86,6 +89,19 @@ class FigureBoard:
         if self._pool is not None:
             self._pool.shutdown(wait=True)
             self._pool = None
+
+
+class _WandbImages:
+    """A WandbLogger taking images as a SummaryWriter does: ``wandb.Image`` under the same tag."""
+
+    def __init__(self, logger: object) -> None:
+        self.logger = logger
+
+    def add_image(self, tag: str, image: np.ndarray, step: int, dataformats: str = "HWC") -> None:
+        self.logger.log_image(tag, [image], step=step)  # type: ignore[attr-defined]
+
+    def flush(self) -> None:
+        return None
 
 
 def figure_board(trainer: pl.Trainer) -> FigureBoard:

@@ -76,6 +76,13 @@ def log_text(trainer: Trainer, tag: str, text: str, step: int = 0) -> None:
             logger.log_table(tags.WANDB_TEXTS, columns=["step", "tag", "text"], data=list(rows), step=step)
 
 
+def log_table(trainer: Trainer, key: str, columns: list[str], rows: list[list[object]], step: int) -> None:
+    """A table to the Weights & Biases loggers (the others have no table channel)."""
+    for logger in trainer.loggers:
+        if _is_wandb(logger) and rows:
+            logger.log_table(key, columns=columns, data=rows, step=step)
+
+
 def _is_wandb(logger: object) -> bool:
     """A Lightning ``WandbLogger``, told by its class name so that wandb stays an optional import."""
     return type(logger).__name__ == "WandbLogger"

@@ -10,8 +10,9 @@ import torch
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities.rank_zero import rank_zero_info
 
+from gradmon import tags
 from gradmon._validation import check_bool, check_choice, check_int, check_norm_type
-from gradmon.callbacks import _ranks
+from gradmon.callbacks import _logging, _ranks
 from gradmon.callbacks._diagnosis import diagnosis_board
 from gradmon.callbacks._grad_source import GradNormSource, OptimizerSteps, global_step, step_reader
 from gradmon.callbacks._health_judge import AMP_SCALE_FLOOR, MAX_NAMED, NO_CAUSE, HealthJudge
@@ -283,6 +284,11 @@ class GradHealthMonitor(Callback):
     # --- the summary -------------------------------------------------------------------------------------------------
 
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if trainer.is_global_zero and self.events:
+            latest = self.events[-EVENTS_IN_CHECKPOINT:]
+            rows = [[e.step, e.layer, e.condition, e.value, e.rule, e.rank] for e in latest]
+            columns = ["step", "layer", "condition", "norm", "rule", "rank"]
+            _logging.log_table(trainer, tags.WANDB_HEALTH_EVENTS, columns, rows, trainer.global_step)
         if not self.summary:
             return
         lines = []
