@@ -6,7 +6,8 @@
 #    the sync-free skip, 16-mixed with a GradScaler and bf16-mixed, GradCheck's CUDA RNG fork, WeightInit on the
 #    generator's device, FSDPStrategy and ModelParallelStrategy on one device),
 # 3. trains every experiment config for a few steps on accelerator=gpu,
-# 4. runs the overhead benchmark on the GPU (20x64, 4x512 and a large MLP),
+# 4. runs the overhead benchmark on the GPU (20x64, 4x512 and a large MLP), and gradmon beside its peers on a
+#    GPT-2-small-shaped decoder (python -m experiments.peers),
 # and prints a short table. Everything it prints also goes to OUTDIR (default: gpu_check_out).
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -56,12 +57,16 @@ with tempfile.TemporaryDirectory() as logdir:
         print(f"{config}: {cli.trainer.global_step} steps on {cli.trainer.strategy.root_device}")
 PYEOF
 run benchmark "$PY" -m experiments.benchmark --device cuda --repeats 5
+# gradmon beside its peers on the GPT-2-small-shaped decoder (bf16-mixed): the table docs/performance.md shows.
+run peers "$PY" -m experiments.peers --device cuda --models gpt --repeats 3 --steps 40
 
 echo
 echo "| check | result |"
 echo "|---|---|"
-for name in cuda_tests experiments benchmark; do echo "| $name | ${RESULT[$name]} |"; done
+for name in cuda_tests experiments benchmark peers; do echo "| $name | ${RESULT[$name]} |"; done
 echo
 echo "benchmark (GPU: $(cat "$OUT/gpu.txt")):"
 grep -A20 "^model" "$OUT/benchmark.log" || true
+echo
+grep -A12 "^device:" "$OUT/peers.log" || true
 [[ "${RESULT[*]}" != *FAIL* ]]
