@@ -323,3 +323,12 @@ def test_on_cuda_no_hook_syncs_the_device_and_the_numbers_arrive_one_step_later(
                          enable_model_summary=False, enable_checkpointing=False, callbacks=[monitor])
     trainer.fit(SyncCheckedMLP(depth=3, init="normal1"), make_loader(16, 5))
     assert monitor.found["init_too_large"].step == 0
+
+
+def test_the_verdict_is_written_even_when_a_health_warning_formed_it_first(tmp_path: Path) -> None:
+    # GradHealthMonitor warns at step 0, before the monitor's report of step 0: the warning forms the verdict.
+    fit(MLP(depth=6, width=32, init="normal1"), [GradHealthMonitor(on_exploding="stop"),
+                                                 ActivationMonitor(log_every_n_steps=1)], steps=3, tmp_path=tmp_path)
+    (event,) = accumulator(logdir(tmp_path)).Tensors(f"{tags.DIAGNOSIS}/{tags.VERDICT}/text_summary")
+    assert event.step == 0 and b"**Verdict** (found at step 0" in event.tensor_proto.string_val[0]
+    assert b"init scale too large" in event.tensor_proto.string_val[0]

@@ -144,6 +144,7 @@ class ActivationMonitor(Callback):
         self._current: _Observed | None = None
         self._pending: list[_Observed] = []
         self._written: dict[str, str] = {}
+        self._verdict_written = ""
         self._board = None
         self._layout_written = False
 
@@ -166,12 +167,14 @@ class ActivationMonitor(Callback):
         return self._board.diagnosis.verdict if self._board is not None else None
 
     def state_dict(self) -> dict[str, Any]:
-        return {"board": self._board.state_dict() if self._board is not None else {}, "written": dict(self._written)}
+        return {"board": self._board.state_dict() if self._board is not None else {}, "written": dict(self._written),
+                "verdict_written": self._verdict_written}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         if self._board is not None:
             self._board.load_state_dict(state_dict.get("board", {}))
         self._written = dict(state_dict.get("written", {}))
+        self._verdict_written = str(state_dict.get("verdict_written", ""))
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self._board is not None:
@@ -386,7 +389,6 @@ class ActivationMonitor(Callback):
         for finding in findings:
             self.found.setdefault(finding.cause, finding)
         board = self._board or diagnosis_board(trainer)
-        before = board.diagnosis.verdict.finding if board.diagnosis.verdict is not None else None
         board.observe(evidence, findings)
         verdict = board.diagnosis.verdict
         if not trainer.is_global_zero or not trainer.loggers:
@@ -397,8 +399,12 @@ class ActivationMonitor(Callback):
         _logging.log_scalars(trainer, _scalars(stats), step)
         if self.diagnose:
             self._write_findings(trainer, step, findings)
-            if verdict is not None and verdict.finding is not before:
+            # Written when it is set or replaced, whoever formed it (a health warning may have, before this step's
+            # report): the key names it by cause and step.
+            key = f"{verdict.cause}@{verdict.finding.step}" if verdict is not None else ""
+            if key and key != self._verdict_written:
                 _logging.log_text(trainer, tags.tag(tags.DIAGNOSIS, tags.VERDICT), verdict.markdown(), step)
+                self._verdict_written = key
 
     def _write_findings(self, trainer: pl.Trainer, step: int, findings: list[Finding]) -> None:
         """Text under ``diagnosis/<condition>`` when a finding appears, changes its cause, or clears: a few entries
