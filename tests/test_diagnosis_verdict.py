@@ -185,3 +185,12 @@ def test_the_verdict_survives_a_checkpoint():
     restored = Diagnosis()
     restored.load_state_dict(diagnosis.state_dict())
     assert restored.verdict.line() == diagnosis.verdict.line() and restored.verdict.cleared == 4
+
+
+def test_weights_grown_after_an_exploding_init_stay_the_inits_consequence():
+    # A too-large init explodes at step 0; the update it makes grows the weights, which at step 1 reads as a too-high
+    # learning rate: that is the init's consequence, not a cause that explains the init.
+    diagnosis = Diagnosis()
+    diagnosis.observe(0, [finding(0, "init_too_large", "forward_growth")])
+    diagnosis.observe(1, [finding(1, "lr_too_high", "forward_growth")])
+    assert diagnosis.verdict.cause == "init_too_large" and "lr_too_high" in diagnosis.verdict.consequences

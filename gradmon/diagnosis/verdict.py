@@ -27,8 +27,9 @@ _EXCESS = frozenset({"dead_relu", "saturating_activation", "activation_overflow"
 #: For each root cause, the causes it explains when they are found with it or after it.
 CONSEQUENCES: dict[str, frozenset[str]] = {
     "bad_op": _AFTER_NAN,
-    "no_warmup": _EXCESS | {"lr_too_high", "init_too_large"},
-    "lr_too_high": _EXCESS | {"init_too_large", "no_warmup"},
+    # Not init_too_large: init findings judge the weights at the start, which no learning rate made.
+    "no_warmup": _EXCESS | {"lr_too_high"},
+    "lr_too_high": _EXCESS | {"no_warmup"},
     "init_too_large": _EXCESS | {"lr_too_high"},
     "init_too_small": frozenset({"dead_relu", "lr_too_low", "saturating_activation", "unknown"}),
     "gain_mismatch": frozenset({"dead_relu", "lr_too_low", "saturating_activation", "unknown", "init_too_small",
