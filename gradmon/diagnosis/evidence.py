@@ -155,10 +155,11 @@ class Evidence:
             return math.nan
         return math.sqrt(sum(v * v for v in self.grad_norms.values()))
 
-    def weight_growth(self) -> float:
-        """The median over layers of the weights' RMS now over their RMS at the start (``nan`` when unknown)."""
+    def weight_growth(self, layers: Sequence[LayerInfo] | None = None) -> float:
+        """The median over ``layers`` (by default every weight layer) of the weights' RMS now over their RMS at the
+        start (``nan`` when unknown)."""
         initial = self.initial_weight_rms or {}
-        moves = [layer.weight_rms / initial[layer.name] for layer in self.layers
+        moves = [layer.weight_rms / initial[layer.name] for layer in (self.layers if layers is None else layers)
                  if initial.get(layer.name, 0) > 0 and math.isfinite(initial[layer.name])
                  and math.isfinite(layer.weight_rms)]
         return statistics.median(moves) if moves else math.nan

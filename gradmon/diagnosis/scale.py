@@ -190,10 +190,9 @@ def _init_finding(
     right (then the cause is not the init)."""
     initial = [at_start(evidence, layer) for layer in hidden]
     gain = statistics.median(layer.gain for layer in initial)
-    needs_known = [layer.needed_gain for layer in initial if layer.needed_gain]
-    need = statistics.median(needs_known) if needs_known else 1.0  # type: ignore[type-var]
+    need = median_needed_gain(initial)
     activation = Counter(layer.activation for layer in initial).most_common(1)[0][0] or "no activation"
-    fan_in = int(statistics.median(layer.fan_in for layer in initial))
+    fan_in = median_fan_in(initial)
     numbers.update({"initial weight gain": gain, "needed gain": need, "initial weight RMS / needed": gain / need})
     scheme = _scheme(evidence, initial)
     weights = (

@@ -199,14 +199,9 @@ def _warmup_finding(
 
 
 def weight_drift(evidence: Evidence, layers: Sequence[LayerInfo]) -> float | None:
-    """The median factor the weights' RMS moved by since the start, when beyond :data:`DRIFT`."""
-    initial = evidence.initial_weight_rms or {}
-    moves = [layer.weight_rms / initial[layer.name] for layer in layers
-             if initial.get(layer.name, 0) > 0 and math.isfinite(initial[layer.name])]
-    if not moves:
-        return None
-    move = statistics.median(moves)
-    return move if not 1 / DRIFT <= move <= DRIFT else None
+    """The median factor the weights' RMS of ``layers`` moved by since the start, when beyond :data:`DRIFT`."""
+    move = evidence.weight_growth(layers)
+    return move if math.isfinite(move) and not 1 / DRIFT <= move <= DRIFT else None
 
 
 def lr_finding(
