@@ -450,7 +450,8 @@ def test_csv_and_tensorboard_loggers_both_get_the_scalars_and_only_tensorboard_t
     assert_logged(gradmon_scalars(logdir(tmp_path)), rec, [0, 2, 4])
     csv_values = read_csv(tmp_path / "csv" / "version_0" / "metrics.csv")
     assert_logged({tag: v for tag, v in csv_values.items() if tag.split("/")[0] in PER_LAYER}, rec, [0, 2, 4])
-    assert messages == ["gradmon: CSVLogger has no histograms; logging only its scalars."]
+    assert messages == ["gradmon: CSVLogger has no histograms; logging only its scalars.",
+                        "gradmon: CSVLogger takes no images; the figures go to TensorBoard and W&B loggers only."]
     assert set(accumulator(logdir(tmp_path)).Tags()["histograms"]) == tags("grad_hist", LAYERS) | tags(
         "weight_hist", LAYERS
     )

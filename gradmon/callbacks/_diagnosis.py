@@ -15,7 +15,7 @@ from typing import Any
 import lightning.pytorch as pl
 from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 
-from gradmon.callbacks._shared import trainer_board
+from gradmon.callbacks._boards import trainer_board
 from gradmon.diagnosis import (
     Diagnosis,
     Evidence,
@@ -138,7 +138,6 @@ def init_records(trainer: pl.Trainer) -> dict[str, InitRecord] | None:
         for r in getattr(c, "records", ()) if isinstance(r, InitRecord) and r.weight in ("weight", "")
     }
     return records or None
-
 
 
 def verdict(trainer: pl.Trainer) -> Verdict | None:

@@ -16,12 +16,13 @@ from pathlib import Path
 
 import lightning.pytorch as pl
 import numpy as np
-from lightning.pytorch.loggers import TensorBoardLogger
-from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
+from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
 from gradmon import tags
+from gradmon.callbacks import _logging
+from gradmon.callbacks._boards import FIGURE_BOARD, trainer_board
 
 #: The tag groups the figures draw: only these are kept.
 KEPT = (tags.GRAD_NORM, tags.GRAD_NORM_LOG10, tags.GRAD_HEALTH_FLAG, tags.GRAD_HEALTH, tags.ACTIVATION_RMS_LOG10,
@@ -57,18 +58,9 @@ class FigureBoard:
                         kept.append(value)
 
     def draw(self, trainer: pl.Trainer, step: int) -> None:
-        """Draw the figures of what was kept so far, for the Trainer's TensorBoard loggers, at ``step``, on the
-        background thread (other loggers are named once: they take no images)."""
-        writers = []
-        for logger in trainer.loggers:
-            if isinstance(logger, TensorBoardLogger):
-                writers.append(logger.experiment)
-            elif type(logger).__name__ == "WandbLogger":
-                writers.append(_WandbImages(logger))
-            elif id(logger) not in self._told:
-                self._told.add(id(logger))
-                rank_zero_info(f"gradmon: {type(logger).__name__} takes no images; the figures go to TensorBoard and "
-                               "W&B loggers only.")
+        """Draw the figures of what was kept so far at ``step``, on the background thread, for the Trainer's loggers
+        that take images (:func:`gradmon.callbacks._logging.image_writers`)."""
+        writers = _logging.image_writers(trainer, self._told)
         if not writers or f"{tags.GRAD_NORM}/" not in "".join(self.scalars):
             return
         with self._lock:
@@ -91,26 +83,9 @@ class FigureBoard:
             self._pool = None
 
 
-class _WandbImages:
-    """A WandbLogger taking images as a SummaryWriter does: ``wandb.Image`` under the same tag."""
-
-    def __init__(self, logger: object) -> None:
-        self.logger = logger
-
-    def add_image(self, tag: str, image: np.ndarray, step: int, dataformats: str = "HWC") -> None:
-        self.logger.log_image(tag, [image], step=step)  # type: ignore[attr-defined]
-
-    def flush(self) -> None:
-        return None
-
-
 def figure_board(trainer: pl.Trainer) -> FigureBoard:
     """The Trainer's figure board, made on first use."""
-    board = getattr(trainer, "_gradmon_figures", None)
-    if board is None:
-        board = FigureBoard()
-        trainer._gradmon_figures = board  # type: ignore[attr-defined]
-    return board
+    return trainer_board(trainer, FIGURE_BOARD, FigureBoard)
 
 
 def _draw_all(snapshot: dict[str, tuple[np.ndarray, np.ndarray]], writers: list, step: int) -> None:

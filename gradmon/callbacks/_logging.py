@@ -9,6 +9,7 @@ Call from rank 0 only (``trainer.is_global_zero``); the loggers are rank-zero ob
 from __future__ import annotations
 
 from collections.abc import Mapping
+from typing import Any
 
 import torch
 from lightning.fabric.utilities.logger import _add_prefix
@@ -18,7 +19,7 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_info
 
 from gradmon import tags
 from gradmon import tensorboard as tb
-from gradmon.callbacks._images import figure_board
+from gradmon.callbacks._boards import FIGURE_BOARD
 
 
 def _prefixed(logger: TensorBoardLogger, values: Mapping[str, object]) -> Mapping[str, object]:
@@ -28,7 +29,9 @@ def _prefixed(logger: TensorBoardLogger, values: Mapping[str, object]) -> Mappin
 
 
 def log_scalars(trainer: Trainer, values: Mapping[str, float], step: int) -> None:
-    figure_board(trainer).keep(values, step)
+    figures = getattr(trainer, FIGURE_BOARD, None)  # made by a callback that draws figures
+    if figures is not None:
+        figures.keep(values, step)
     for logger in trainer.loggers:
         if isinstance(logger, TensorBoardLogger):
             tb.write_scalars(logger.experiment, _prefixed(logger, values), step)
@@ -81,6 +84,36 @@ def log_table(trainer: Trainer, key: str, columns: list[str], rows: list[list[ob
     for logger in trainer.loggers:
         if _is_wandb(logger) and rows:
             logger.log_table(key, columns=columns, data=rows, step=step)
+
+
+def image_writers(trainer: Trainer, told: set[int]) -> list[Any]:
+    """Where images go, each taking ``add_image(tag, image, step, dataformats)`` and ``flush()``: the writer of each
+    TensorBoard logger and each Weights & Biases logger (as ``wandb.Image``); each other logger is named once in
+    ``told``."""
+    writers: list[Any] = []
+    for logger in trainer.loggers:
+        if isinstance(logger, TensorBoardLogger):
+            writers.append(logger.experiment)
+        elif _is_wandb(logger):
+            writers.append(_WandbImages(logger))
+        elif id(logger) not in told:
+            told.add(id(logger))
+            rank_zero_info(f"gradmon: {type(logger).__name__} takes no images; the figures go to TensorBoard and W&B "
+                           "loggers only.")
+    return writers
+
+
+class _WandbImages:
+    """A WandbLogger taking images as a SummaryWriter does: ``wandb.Image`` under the same tag."""
+
+    def __init__(self, logger: Any) -> None:
+        self.logger = logger
+
+    def add_image(self, tag: str, image: Any, step: int, dataformats: str = "HWC") -> None:
+        self.logger.log_image(tag, [image], step=step)
+
+    def flush(self) -> None:
+        return None
 
 
 def _is_wandb(logger: object) -> bool:

@@ -17,17 +17,17 @@ Callbacks join at ``setup`` of every fit: the first to join again starts a new f
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from typing import Any, TypeVar
+from typing import Any
 
 import lightning.pytorch as pl
 import torch
 
 from gradmon.callbacks import _logging
+from gradmon.callbacks._boards import trainer_board
 
 #: Called with ``(trainer, pl_module, optimizer)`` before a step's gradients are discarded.
 BeforeDiscard = Callable[[pl.Trainer, pl.LightningModule, torch.optim.Optimizer], None]
 Charts = Mapping[str, list[tuple[str, str]]]
-T = TypeVar("T")
 
 
 class SharedBoard:
@@ -58,15 +58,6 @@ class SharedBoard:
         """Call every before-discard hook: the step's gradients are about to be discarded."""
         for hook in self.before_discard:
             hook(trainer, pl_module, optimizer)
-
-
-def trainer_board(trainer: pl.Trainer, attribute: str, make: Callable[[], T]) -> T:
-    """The board kept on ``trainer`` as ``attribute``, made by ``make`` on first use."""
-    board = getattr(trainer, attribute, None)
-    if board is None:
-        board = make()
-        setattr(trainer, attribute, board)
-    return board
 
 
 def shared_board(trainer: pl.Trainer) -> SharedBoard:
