@@ -38,12 +38,16 @@ def write_histograms(writer: Any, tensors: Mapping[str, torch.Tensor], step: int
     tensor with no finite value at all gets no histogram at that step. :func:`count_nonfinite` says how many.
     """
     for tag, tensor in tensors.items():
-        values = tensor.detach().float().cpu().reshape(-1)
-        finite = torch.isfinite(values)
-        if not bool(finite.all()):
-            values = values[finite]
+        values = finite_values(tensor)
         if values.numel():
             writer.add_histogram(tag, values, step)
+
+
+def finite_values(tensor: torch.Tensor) -> torch.Tensor:
+    """The finite entries of ``tensor``, flattened, as float32 on the CPU: what a histogram can bin."""
+    values = tensor.detach().float().cpu().reshape(-1)
+    finite = torch.isfinite(values)
+    return values if bool(finite.all()) else values[finite]
 
 
 def count_nonfinite(tensor: torch.Tensor) -> int:

@@ -10,7 +10,7 @@ ActivationMonitor logged them, ``gradmon/activation_rms_heatmap`` and ``gradmon/
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
@@ -29,6 +29,8 @@ KEPT = (tags.GRAD_NORM, tags.GRAD_NORM_LOG10, tags.GRAD_HEALTH_FLAG, tags.GRAD_H
         tags.ACTIVATION_RMS, tags.DEAD_FRACTION, tags.SATURATED_FRACTION)
 #: Where the images go in TensorBoard's Images tab.
 IMAGE_PREFIX = "gradmon"
+#: The report's figures drawn as images during the run (the norm curves are left to the report).
+IMAGES = ("grad_norm_heatmap", "gradient_flow", "activation_rms_heatmap", "dead_or_saturated_heatmap")
 
 
 class FigureBoard:
@@ -89,26 +91,16 @@ def figure_board(trainer: pl.Trainer) -> FigureBoard:
 
 
 def _draw_all(snapshot: dict[str, tuple[np.ndarray, np.ndarray]], writers: list, step: int) -> None:
-    from gradmon.report import Run, Series
-    from gradmon.report.heatmaps import REPORT_ACTIVATION_HEATMAPS, has_activation_heatmap
+    from gradmon.report import Run, Series, run_figures
 
     run = Run("this run", Path("."), {tag: Series(s, v) for tag, (s, v) in snapshot.items()})
-    for name, plot in _figures(run, REPORT_ACTIVATION_HEATMAPS, has_activation_heatmap):
-        image = render(plot(run))
-        for writer in writers:
-            writer.add_image(f"{IMAGE_PREFIX}/{name}", image, step, dataformats="HWC")
+    for name, plot in run_figures(run):
+        if name in IMAGES:
+            image = render(plot(run))
+            for writer in writers:
+                writer.add_image(f"{IMAGE_PREFIX}/{name}", image, step, dataformats="HWC")
     for writer in writers:
         writer.flush()
-
-
-def _figures(run, activation_figures: tuple[str, ...], has: Callable) -> list[tuple[str, Callable]]:
-    from gradmon.report import plot_activation_heatmap, plot_gradient_flow, plot_heatmap
-
-    figures: list[tuple[str, Callable]] = [("grad_norm_heatmap", plot_heatmap), ("gradient_flow", plot_gradient_flow)]
-    for name in activation_figures:
-        if has(run, name):
-            figures.append((name, lambda r, n=name: plot_activation_heatmap(r, n)))
-    return figures
 
 
 def render(fig: Figure) -> np.ndarray:

@@ -53,7 +53,8 @@ def log_histograms(trainer: Trainer, tensors: Mapping[str, torch.Tensor], step: 
         elif _is_wandb(logger):
             import wandb
 
-            logger.log_metrics({tag: wandb.Histogram(_finite(t)) for tag, t in tensors.items()}, step=step)
+            histograms = {tag: wandb.Histogram(tb.finite_values(t).tolist()) for tag, t in tensors.items()}
+            logger.log_metrics(histograms, step=step)
         elif id(logger) not in warned:
             warned.add(id(logger))
             rank_zero_info(f"gradmon: {type(logger).__name__} has no histograms; logging only its scalars.")
@@ -119,11 +120,6 @@ class _WandbImages:
 def _is_wandb(logger: object) -> bool:
     """A Lightning ``WandbLogger``, told by its class name so that wandb stays an optional import."""
     return type(logger).__name__ == "WandbLogger"
-
-
-def _finite(tensor: torch.Tensor) -> list[float]:
-    values = tensor.detach().float().flatten()
-    return values[torch.isfinite(values)].cpu().tolist()
 
 
 def write_layout(trainer: Trainer, charts: Mapping[str, list[tuple[str, str]]] = tags.LAYOUT_CHARTS) -> None:

@@ -90,7 +90,7 @@ from gradmon.report.summary import (
     rerun_note,
     summary_markdown,
 )
-from gradmon.report.write import write_report
+from gradmon.report.write import run_figures, write_report
 
 __all__ = [
     "ACTIVATION_HEATMAPS",
@@ -130,5 +130,6 @@ __all__ = [
     "rerun_note",
     "short_names",
     "summary_markdown",
+    "run_figures",
     "write_report",
 ]

@@ -4,7 +4,10 @@ writes them (see :mod:`gradmon.cli`)."""
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from functools import partial
 from pathlib import Path
+
+from matplotlib.figure import Figure
 
 from gradmon._validation import invalid
 from gradmon.report.curves import plot_flow_comparison, plot_gradient_flow, plot_norm_curves
@@ -67,22 +70,28 @@ def write_report(
     return [p for paths in figures.values() for p in paths] + [summary]
 
 
-def _run_figures(run: Run, out: Path) -> list[Path]:
-    """Draw and save the figures of one run: its gradient figures, then its activation heatmaps."""
-    written = []
+def run_figures(run: Run) -> list[tuple[str, Callable[[Run], Figure]]]:
+    """The figures of one run, by name: its gradient figures, then its activation heatmaps.
+
+    Args:
+        run: The run.
+
+    Returns:
+        ``(name, plot)`` pairs, ``plot(run)`` drawing the figure saved as ``<name>.png``.
+    """
+    figures: list[tuple[str, Callable[[Run], Figure]]] = []
     if run.has_grad_norms:
-        written += [
-            _save(plot_heatmap(run), out / run.name / "grad_norm_heatmap.png"),
-            _save(plot_norm_curves(run), out / run.name / "grad_norm_curves.png"),
-            _save(plot_gradient_flow(run), out / run.name / "gradient_flow.png"),
-        ]
+        figures += [("grad_norm_heatmap", plot_heatmap), ("grad_norm_curves", plot_norm_curves),
+                    ("gradient_flow", plot_gradient_flow)]
     if run.modules:
-        written += [
-            _save(plot_activation_heatmap(run, figure), out / run.name / f"{figure}.png")
-            for figure in REPORT_ACTIVATION_HEATMAPS
-            if has_activation_heatmap(run, figure)
-        ]
-    return written
+        figures += [(figure, partial(plot_activation_heatmap, figure=figure))
+                    for figure in REPORT_ACTIVATION_HEATMAPS if has_activation_heatmap(run, figure)]
+    return figures
+
+
+def _run_figures(run: Run, out: Path) -> list[Path]:
+    """Draw and save the figures of one run (:func:`run_figures`)."""
+    return [_save(plot(run), out / run.name / f"{name}.png") for name, plot in run_figures(run)]
 
 
 def _comparisons(runs: Sequence[Run], out: Path) -> dict[str, list[Path]]:
