@@ -15,7 +15,7 @@ from torch import nn
 from gradmon.activations import ACTIVATION_TYPES, DEAD_TYPES, ModuleStats, is_compiled, observed_modules
 from gradmon.init import InitRecord
 from gradmon.init_schemes import compute_fans
-from gradmon.sharding import DTensor
+from gradmon.sharding import local_tensor
 
 # Activations whose output scales with their input: the signal's change per layer follows from the weights alone.
 _HOMOGENEOUS = (nn.ReLU, nn.LeakyReLU, nn.RReLU, nn.PReLU)
@@ -311,7 +311,7 @@ def recurrent_layers(model: nn.Module) -> list[RecurrentInfo]:
     infos = []
     for name, module in observed_modules(model):
         if isinstance(module, RECURRENT):
-            weight = _local(module.weight_hh_l0)
+            weight = local_tensor(module.weight_hh_l0).detach()
             rms = float(torch.linalg.vector_norm(weight, dtype=torch.float32)) / math.sqrt(max(weight.numel(), 1))
             infos.append(RecurrentInfo(name, type(module).__name__, module.hidden_size, rms))
     return infos
@@ -324,10 +324,11 @@ def measure_layers(model: nn.Module, layers: Sequence[LayerInfo]) -> list[LayerI
     values: list[torch.Tensor] = []
     for info in layers:
         module = modules[info.name]
-        weight = _local(module.weight)
+        weight = local_tensor(module.weight).detach()
         values.append(torch.linalg.vector_norm(weight, dtype=torch.float32) / math.sqrt(max(weight.numel(), 1)))
         bias = getattr(module, "bias", None)
-        values.append(_local(bias).float().mean() if isinstance(bias, torch.Tensor) else weight.new_full((), math.nan))
+        values.append(local_tensor(bias).detach().float().mean() if isinstance(bias, torch.Tensor)
+                      else weight.new_full((), math.nan))
     if not values:
         return []
     device = values[0].device
@@ -336,10 +337,6 @@ def measure_layers(model: nn.Module, layers: Sequence[LayerInfo]) -> list[LayerI
         replace(info, weight_rms=host[2 * i], bias_mean=None if math.isnan(host[2 * i + 1]) else host[2 * i + 1])
         for i, info in enumerate(layers)
     ]
-
-
-def _local(t: torch.Tensor) -> torch.Tensor:
-    return t.to_local() if isinstance(t, DTensor) else t.detach()
 
 
 # ---------------------------------------------------------------------------------------------------------------
