@@ -32,7 +32,7 @@ from gradmon.diagnosis import (
     layer_structure,
     post_norm,
 )
-from gradmon.diagnosis.evidence import RECURRENT
+from gradmon.diagnosis.evidence import RECURRENT, weight_rms
 from gradmon.naming import clean_name
 from gradmon.norms import (
     GradientNorms,
@@ -289,11 +289,8 @@ class ActivationMonitor(Callback):
             else torch.full((), math.nan, device=device)
             for b in biases
         ]) if biases else torch.zeros(0, device=device)
-        current.recurrent = torch.stack([
-            torch.linalg.vector_norm(m.weight_hh_l0.detach(), dtype=torch.float32).to(device)
-            / math.sqrt(max(m.weight_hh_l0.numel(), 1))
-            for _, m in self._recurrent
-        ]) if self._recurrent else None
+        current.recurrent = torch.stack([weight_rms(m.weight_hh_l0).to(device) for _, m in self._recurrent]
+                                        ) if self._recurrent else None
         current.snapshot = WeightSnapshot(layout)
 
     def _finish_current(self) -> None:

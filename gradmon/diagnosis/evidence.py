@@ -306,13 +306,18 @@ def post_norm(model: nn.Module, order: Sequence[str] | None = None) -> bool | No
     return not isinstance(after, NORMS)
 
 
+def weight_rms(weight: torch.Tensor) -> torch.Tensor:
+    """The RMS of this rank's piece of ``weight``, as a float32 scalar on its device (no host transfer)."""
+    piece = local_tensor(weight).detach()
+    return torch.linalg.vector_norm(piece, dtype=torch.float32) / math.sqrt(max(piece.numel(), 1))
+
+
 def recurrent_layers(model: nn.Module) -> list[RecurrentInfo]:
     """The recurrent modules of ``model`` with the RMS of their first layer's hidden-to-hidden weights."""
     infos = []
     for name, module in observed_modules(model):
         if isinstance(module, RECURRENT):
-            weight = local_tensor(module.weight_hh_l0).detach()
-            rms = float(torch.linalg.vector_norm(weight, dtype=torch.float32)) / math.sqrt(max(weight.numel(), 1))
+            rms = float(weight_rms(module.weight_hh_l0))
             infos.append(RecurrentInfo(name, type(module).__name__, module.hidden_size, rms))
     return infos
 
@@ -325,7 +330,7 @@ def measure_layers(model: nn.Module, layers: Sequence[LayerInfo]) -> list[LayerI
     for info in layers:
         module = modules[info.name]
         weight = local_tensor(module.weight).detach()
-        values.append(torch.linalg.vector_norm(weight, dtype=torch.float32) / math.sqrt(max(weight.numel(), 1)))
+        values.append(weight_rms(weight))
         bias = getattr(module, "bias", None)
         values.append(local_tensor(bias).detach().float().mean() if isinstance(bias, torch.Tensor)
                       else weight.new_full((), math.nan))
