@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 
 import gradmon
-from experiments import matrix_product, sigmoid
+from experiments import lightning_quiet, matrix_product, sigmoid
 from experiments.cli import THREADS, fit_config
 from experiments.configs import variants
 from gradmon import GradCheck, GradHealthMonitor, GradientHealthWarning
@@ -79,10 +79,8 @@ class quiet:
     warnings the lines already report (all still in the logs and on the callbacks) are not printed."""
 
     def __enter__(self) -> None:
-        self._loggers = [logging.getLogger(name) for name in ("lightning.pytorch", "lightning.fabric")]
-        self._levels = [logger.level for logger in self._loggers]
-        for logger in self._loggers:
-            logger.setLevel(logging.WARNING)
+        self._lightning = lightning_quiet(logging.WARNING)
+        self._lightning.__enter__()
         self._warnings = warnings.catch_warnings()
         self._warnings.__enter__()
         warnings.simplefilter("ignore", GradientHealthWarning)
@@ -94,8 +92,7 @@ class quiet:
 
     def __exit__(self, *exc: object) -> None:
         self._warnings.__exit__(*exc)
-        for logger, level in zip(self._loggers, self._levels):
-            logger.setLevel(level)
+        self._lightning.__exit__(*exc)
 
 
 def main(argv: list[str] | None = None) -> None:

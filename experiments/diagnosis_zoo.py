@@ -18,12 +18,9 @@ its fixed run, and what gradmon found.
 from __future__ import annotations
 
 import argparse
-import contextlib
-import logging
 import math
 import time
 import warnings
-from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -34,6 +31,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 import gradmon
+from experiments import lightning_quiet
 from gradmon import ActivationMonitor, GradHealthMonitor, GradientHealthWarning, WeightInit
 from gradmon.diagnosis import needed_gain
 
@@ -525,20 +523,6 @@ def _verdict(trainer: Trainer) -> Any:
     return None
 
 
-@contextlib.contextmanager
-def _quiet() -> Iterator[None]:
-    """Lightning's loggers at ERROR for the run, restored after it (a test that reads INFO records runs after)."""
-    loggers = [logging.getLogger(n) for n in ("lightning", "lightning.pytorch", "lightning.fabric", "lightning_fabric")]
-    levels = [logger.level for logger in loggers]
-    for logger in loggers:
-        logger.setLevel(logging.ERROR)
-    try:
-        yield
-    finally:
-        for logger, level in zip(loggers, levels):
-            logger.setLevel(level)
-
-
 def run(config: RunConfig, callbacks: list | None = None, log_every_n_steps: int = 5) -> RunResult:
     """Train ``config`` on one CPU thread and report what happened.
 
@@ -573,7 +557,7 @@ def run(config: RunConfig, callbacks: list | None = None, log_every_n_steps: int
         callbacks=[*init_callbacks(config), *callbacks],
     )
     start = time.perf_counter()
-    with warnings.catch_warnings(record=True) as caught, _quiet():
+    with warnings.catch_warnings(record=True) as caught, lightning_quiet():
         warnings.simplefilter("always")
         trainer.fit(module, loader)
     seconds = time.perf_counter() - start

@@ -28,7 +28,6 @@ variant tells you. The variants:
 from __future__ import annotations
 
 import argparse
-import logging
 import os
 import statistics
 import tempfile
@@ -43,6 +42,7 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities import grad_norm
 from torch.utils.data import DataLoader
 
+from experiments import lightning_quiet
 from experiments.peer_models import build, parameters_millions
 from gradmon import ActivationMonitor, GradHealthMonitor, GradNormMonitor
 
@@ -187,19 +187,13 @@ def main(argv: list[str] | None = None) -> list[str]:
              f"{args.repeats} repeats of {args.steps} steps ({WARMUP} untimed), interleaved"]
     if len(variants) < len(VARIANTS):
         lines.append("wandb.watch: skipped (wandb is not installed: pip install -e '.[peers]')")
-    lightning_log = logging.getLogger("lightning.pytorch")
-    level = lightning_log.level
-    lightning_log.setLevel(logging.ERROR)  # the runs' start-up notes; restored after
-    try:
-        with tempfile.TemporaryDirectory() as logdir:
-            for model in args.models.split(","):
-                times: dict[str, list[float]] = {v.name: [] for v in variants}
-                for _ in range(args.repeats):
-                    for variant in variants:
-                        times[variant.name].append(run(variant, model, args.device, args.steps, logdir))
-                lines += ["", _title(model, args.device), *table(variants, times)]
-    finally:
-        lightning_log.setLevel(level)
+    with lightning_quiet(), tempfile.TemporaryDirectory() as logdir:  # without the runs' start-up notes
+        for model in args.models.split(","):
+            times: dict[str, list[float]] = {v.name: [] for v in variants}
+            for _ in range(args.repeats):
+                for variant in variants:
+                    times[variant.name].append(run(variant, model, args.device, args.steps, logdir))
+            lines += ["", _title(model, args.device), *table(variants, times)]
     for line in lines:
         print(line)
     return lines
