@@ -396,14 +396,9 @@ def initialize(
     scheme, arguments = resolve_scheme(scheme, arguments)
     types = resolve_types(types)
     include, exclude = compile_pattern("include", include), compile_pattern("exclude", exclude)
-    weights = check_weights(weights, scheme)
-    bias = check_bias(bias)
+    weights, bias = check_weights(weights, scheme), check_bias(bias)
     layers = select_layers(module, types, include, exclude)
-    if (
-        weights is not None
-        and layers
-        and not any(weights.search(name) for _, layer in layers for name, _ in layer_weights(layer))
-    ):
+    if weights is not None and layers and not any(weights.search(n) for _, m in layers for n, _ in layer_weights(m)):
         warnings.warn(f"`weights={weights.pattern!r}` matches no weight of the selected layers.", stacklevel=2)
     records: list[InitRecord] = []
     with torch.no_grad():

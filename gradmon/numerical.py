@@ -20,6 +20,7 @@ import sys
 import types
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from functools import partial
 from typing import Any, Literal, NamedTuple
 
 import torch
@@ -269,37 +270,42 @@ def check_gradients(
     retries: int = 2,
     seed: int = 0,
 ) -> list[LayerCheck]:
-    """Directional gradient check of every layer of ``model``.
+    """Directional gradient check of every layer of ``model``: autograd against central differences, in float64.
 
-    ``loss_fn(replica, inputs)`` must return the scalar loss of ``replica`` (a :func:`float64_copy` of ``model``) on
-    ``inputs`` (every floating tensor in it cast to float64). One backward gives the autograd gradient ``g`` of all
-    layers; then for each layer and each of ``num_directions`` Gaussian directions ``v`` on that layer's parameters,
-    scaled to unit norm so that ``eps`` is the same step length in every layer, the check compares
-    ``a = g . v`` with ``n = (L(w + eps v) - L(w - eps v)) / 2 eps`` by :func:`relative_error`.
+    One backward gives the autograd gradient ``g`` of all layers; then for each layer and each of ``num_directions``
+    Gaussian directions ``v`` on that layer's parameters, scaled to unit norm so that ``eps`` is the same step length
+    in every layer, the check compares ``a = g . v`` with ``n = (L(w + eps v) - L(w - eps v)) / 2 eps`` by
+    :func:`relative_error`. A kink (ReLU, max, abs) between ``w - eps v`` and ``w + eps v`` makes one direction look
+    wrong, so a direction that fails is tried again with a new direction and a ten times smaller ``eps``.
 
-    A kink (ReLU, max, abs) between ``w - eps v`` and ``w + eps v`` makes one direction look wrong, so a direction
-    that fails is tried again, up to ``retries`` times, each with a new direction and a ten times smaller ``eps``.
+    ``model`` and the global CPU and CUDA random states are left exactly as they were; every loss evaluation starts
+    from the same random state, so randomness inside ``loss_fn`` is the same in all of them. Costs one forward and
+    backward plus ``2 * num_directions`` forward passes per layer (more on retries), and a float64 copy of the model.
+    A compiled model is checked uncompiled (see :func:`float64_copy`).
 
-    ``model`` and the global CPU and CUDA random states are left exactly as they were. Every loss evaluation starts
-    from the same random state, so randomness inside ``loss_fn`` is the same in all of them.
-    Costs one forward and backward plus ``2 * num_directions`` forward passes per layer (more on retries), and a
-    float64 copy of the model (twice its float32 memory). A compiled model is checked uncompiled
-    (see :func:`float64_copy`). Layers are named as the user named them (:func:`gradmon.naming.layer_name`: wrapper
-    pieces such as ``_orig_mod.`` are dropped).
+    Args:
+        model: The model to check; it is not changed.
+        loss_fn: ``loss_fn(replica, inputs)`` returns the scalar loss of ``replica`` (a :func:`float64_copy` of
+            ``model``) on ``inputs``.
+        inputs: Passed to ``loss_fn`` with every floating tensor in it cast to float64.
+        num_directions: Random directions per layer (at least 1); the worst one is reported.
+        eps: Step length of the central difference (finite, > 0).
+        fail_above: A relative error above this is ``"wrong"`` (``good_below < fail_above < 2``).
+        good_below: A relative error below this is ``"good"``; in between, ``"acceptable"``.
+        retries: Attempts after a failing direction, each with a smaller step (``0 <= retries <= max_retries(eps)``).
+        seed: Seeds the directions and every loss evaluation (``0 <= seed < 2**64``).
 
-    Every argument is checked first (``ValueError`` or ``TypeError`` naming it): ``num_directions >= 1``,
-    ``eps > 0`` finite, ``0 < good_below < fail_above < 2``, ``0 <= retries <= max_retries(eps)``,
-    ``0 <= seed < 2**64``.
+    Returns:
+        One :class:`LayerCheck` per layer with parameters, named as the user named the layer
+        (:func:`gradmon.naming.layer_name`: wrapper pieces such as ``_orig_mod.`` are dropped).
+
+    Raises:
+        TypeError: ``model`` is not an ``nn.Module`` or ``loss_fn`` is not callable.
+        ValueError: naming the argument, for any other argument out of its range; checked before any work.
     """
-    if not isinstance(model, nn.Module):
-        raise TypeError(*invalid("model", model, "a torch.nn.Module").args)
-    if not callable(loss_fn):
-        raise TypeError(*invalid("loss_fn", loss_fn, "a callable loss_fn(model, inputs)").args)
-    check_int("num_directions", num_directions, 1)
-    eps = check_float("eps", eps)
-    fail_above, good_below = check_thresholds(fail_above, good_below)
-    check_int("retries", retries, 0, maximum=max_retries(eps))
-    check_seed("seed", seed)
+    eps, fail_above, good_below = _checked_arguments(
+        model, loss_fn, num_directions, eps, fail_above, good_below, retries, seed
+    )
     with forked_rng(model) as cuda_devices:
         replica = float64_copy(model)
         inputs = apply_to_tensors(inputs, lambda t: t.double() if t.is_floating_point() else t)
@@ -315,15 +321,8 @@ def check_gradients(
             gradients = torch.autograd.grad(loss, parameters, allow_unused=True) if parameters else ()
         loss_scale = max(abs(loss.item()), 1.0)
         generator = torch.Generator().manual_seed(seed)
-
         checks = []
-        first = 0  # index in `gradients` of the layer's first parameter
-        for name, layer in layers.items():
-            layer_gradients = [
-                torch.zeros_like(param) if gradient is None else gradient
-                for param, gradient in zip(layer, gradients[first:])
-            ]
-            first += len(layer)
+        for (name, layer), layer_gradients in zip(layers.items(), _per_layer(layers, parameters, gradients)):
             attempts = [
                 _check_direction(layer, layer_gradients, loss_at_seed, generator, eps, retries, loss_scale, fail_above)
                 for _ in range(num_directions)
@@ -331,6 +330,41 @@ def check_gradients(
             worst = max(attempts, key=lambda attempt: attempt.rel_error)
             checks.append(LayerCheck(name, *worst, status=judge(worst.rel_error, fail_above, good_below)))
     return checks
+
+
+def _checked_arguments(
+    model: Any,
+    loss_fn: Any,
+    num_directions: Any,
+    eps: Any,
+    fail_above: Any,
+    good_below: Any,
+    retries: Any,
+    seed: Any,
+) -> tuple[float, float, float]:
+    """``(eps, fail_above, good_below)`` as floats once every argument of :func:`check_gradients` is valid; raises
+    ``TypeError``/``ValueError`` naming the first that is not."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(*invalid("model", model, "a torch.nn.Module").args)
+    if not callable(loss_fn):
+        raise TypeError(*invalid("loss_fn", loss_fn, "a callable loss_fn(model, inputs)").args)
+    check_int("num_directions", num_directions, 1)
+    eps = check_float("eps", eps)
+    fail_above, good_below = check_thresholds(fail_above, good_below)
+    check_int("retries", retries, 0, maximum=max_retries(eps))
+    check_seed("seed", seed)
+    return eps, fail_above, good_below
+
+
+def _per_layer(
+    layers: dict[str, list[nn.Parameter]], parameters: list[nn.Parameter], gradients: Sequence[Tensor | None]
+) -> list[list[Tensor]]:
+    """Each layer's autograd gradients (zeros for a parameter the loss does not use), from one flat list."""
+    gradient_of = {id(param): gradient for param, gradient in zip(parameters, gradients)}
+    return [
+        [torch.zeros_like(param) if gradient_of.get(id(param)) is None else gradient_of[id(param)] for param in layer]
+        for layer in layers.values()
+    ]
 
 
 class _Attempt(NamedTuple):
@@ -370,17 +404,7 @@ def _check_direction(
             step = step / 10.0 if measured else eps
         direction = _unit_direction(layer, generator)
         analytic = sum((g * v).sum() for g, v in zip(gradients, direction)).item()
-
-        def loss_along(offset: float, direction: list[Tensor] = direction) -> float:
-            with torch.no_grad():
-                for param, weight, component in zip(layer, weights, direction):
-                    param.copy_(weight + offset * component)
-                return loss().item()
-
-        numerical = central_difference(loss_along, step)
-        with torch.no_grad():
-            for param, weight in zip(layer, weights):
-                param.copy_(weight)
+        numerical = central_difference(partial(_loss_along, layer, weights, direction, loss), step)
         # With this floor a difference the rounding of the loss can explain never exceeds `fail_above`.
         rounding = _LOSS_ROUNDING_UNITS * torch.finfo(torch.float64).eps * loss_scale / step
         floor = rounding / fail_above
@@ -393,6 +417,19 @@ def _check_direction(
         if error < best.rel_error:
             best = _Attempt(error, analytic, numerical, step)
     return best
+
+@torch.no_grad()
+def _loss_along(
+    layer: list[nn.Parameter], weights: list[Tensor], direction: list[Tensor], loss: Callable[[], Tensor], offset: float
+) -> float:
+    """The loss with ``layer`` moved to ``weights + offset * direction``; the layer is put back to ``weights``."""
+    for param, weight, component in zip(layer, weights, direction):
+        param.copy_(weight + offset * component)
+    value = loss().item()
+    for param, weight in zip(layer, weights):
+        param.copy_(weight)
+    return value
+
 
 
 def _unit_direction(layer: list[nn.Parameter], generator: torch.Generator) -> list[Tensor]:
