@@ -330,7 +330,7 @@ def test_the_benchmarks_minimal_health_check_does_the_rules_arithmetic(tmp_path)
                enable_model_summary=False, enable_checkpointing=False, default_root_dir=tmp_path).fit(
         Net(), torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=8))
     assert health.events == [] and minimal.unhealthy == 0 and minimal.seen == steps
-    history = health.tracker._history
-    assert list(history) == ["net.0", "net.2", "net.4", "net.6", "net.8"]
-    assert minimal.means == [history[layer][0] for layer in history]
-    assert all(history[layer][1] == steps for layer in history)
+    state = health.tracker.state_dict()
+    assert list(state["mean_log"]) == ["net.0", "net.2", "net.4", "net.6", "net.8"]
+    assert minimal.means == list(state["mean_log"].values())
+    assert state["seen"] == dict.fromkeys(state["mean_log"], steps)
