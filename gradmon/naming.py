@@ -10,6 +10,7 @@ This module never imports Lightning.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import Literal
 
 GroupBy = Literal["layer", "parameter"]
@@ -43,3 +44,10 @@ def layer_name(param_name: str, group_by: GroupBy = "layer") -> str:
         if len(parts) >= 2 and parts[-2] == "parametrizations":  # <layer>.parametrizations.<tensor>
             return ".".join(parts[:-2]) or parts[-1]  # a parametrized tensor of the root module: its own layer
     return owner
+
+
+def model_label(named_parameters: Iterable[tuple[str, object]], class_name: str) -> str:
+    """``"<class name>, <n> layers"``: a model told apart from others by its class and its number of layers (the
+    modules owning parameters, by :func:`layer_name`)."""
+    layers = dict.fromkeys(layer_name(clean_name(name)) for name, _ in named_parameters)
+    return f"{class_name}, {len(layers)} layer{'s' if len(layers) != 1 else ''}"

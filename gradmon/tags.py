@@ -130,6 +130,15 @@ def prefixed_charts(
     return {category: [(title, start + regex) for title, regex in group] for category, group in charts.items()}
 
 
+def for_model(charts: dict[str, list[tuple[str, str]]], model: str) -> dict[str, list[tuple[str, str]]]:
+    """``charts`` with each category titled for ``model`` (``"gradmon · GPT, 50 layers"``).
+
+    TensorBoard merges the layouts of every run in a logdir by category title, showing identical charts once: runs of
+    one model share one set of charts, while the charts of another model in the same logdir (per-block bands of a
+    transformer beside an MLP's layers) go in a category of their own instead of showing empty among this one's."""
+    return {f"{category} · {model}": group for category, group in charts.items()}
+
+
 #: A custom-scalars chart draws at most this many lines: beyond it, the lines cannot be told apart.
 MAX_CHART_LINES = 12
 # A layer inside a repeated structure: the name up to its block's number, with more of the name after it.

@@ -3,6 +3,7 @@ per block, other layers in consecutive groups), and a statistic without data in 
 
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
 
@@ -56,3 +57,45 @@ def test_no_chart_draws_more_than_a_dozen_lines_and_none_is_empty(tmp_path: Path
     every_layer = {t for title, lines in drawn.items() if title.startswith("gradient norm by layer") for t in lines}
     assert every_layer == {t for t in logged if t.startswith("grad_norm/") and not tags.is_total(t.split("/", 1)[1])}
     assert not any(title.startswith(("dead fraction", "saturated fraction")) for title in drawn)  # GELU: no data
+
+
+def merged_layout(logdir_: Path):
+    """The custom-scalars layout TensorBoard's own plugin serves for ``logdir_``: every run's layout, merged."""
+    from tensorboard import context
+    from tensorboard.backend.event_processing import data_provider, plugin_event_multiplexer
+    from tensorboard.plugins import base_plugin
+    from tensorboard.plugins.custom_scalar.custom_scalars_plugin import CustomScalarsPlugin
+
+    multiplexer = plugin_event_multiplexer.EventMultiplexer()
+    multiplexer.AddRunsFromDirectory(str(logdir_))
+    multiplexer.Reload()
+    provider = data_provider.MultiplexerDataProvider(multiplexer, str(logdir_))
+    plugin = CustomScalarsPlugin(base_plugin.TBContext(logdir=str(logdir_), multiplexer=multiplexer,
+                                                       data_provider=provider))
+    return json.loads(plugin.layout_impl(context.RequestContext(), ""))
+
+
+def test_runs_of_two_models_in_one_logdir_keep_their_charts_apart(tmp_path: Path) -> None:
+    from helpers import MLP, mlp_layers
+
+    root = tmp_path / "tb"
+    for version, (model, loader) in enumerate([(Blocks(), make_loader()), (MLP(depth=3), None), (MLP(depth=3), None)]):
+        torch.manual_seed(version)
+        fit(model, [GradNormMonitor(log_every_n_steps=1, images_every_n_logs=None)], steps=2, loader=loader,
+            logger=pl.loggers.TensorBoardLogger(tmp_path, name="tb", version=version))
+    assert sorted(p.name for p in root.iterdir()) == ["version_0", "version_1", "version_2"]
+    layout = merged_layout(root)
+    titles = [category["title"] for category in layout["category"]]
+    assert titles == ["gradmon · Blocks, 38 layers", f"gradmon · MLP, {len(mlp_layers(depth=3))} layers"]
+    mlp_logged = list(accumulator(root / "version_1").Tags()["scalars"])
+    blocks_logged = list(accumulator(root / "version_0").Tags()["scalars"])
+    for category, logged, other in zip(layout["category"], (blocks_logged, mlp_logged), (mlp_logged, blocks_logged)):
+        regexes = [tag for chart in category["chart"] for tag in chart["multiline"]["tag"]]
+        # Each of this model's charts draws some of its run's tags; the other model's layers are in no chart here
+        # but the unbanded ones, whose regexes match every model's layers alike.
+        assert all(any(re.match(r, t) for t in logged) for r in regexes)
+        banded = [r for r in regexes if r.startswith("(?:")]
+        assert not any(re.match(r, t) for r in banded for t in other)
+    # The two MLP runs wrote the same charts, which TensorBoard shows once.
+    mlp_charts = layout["category"][1]["chart"]
+    assert len(mlp_charts) == len({c["title"] for c in mlp_charts}) == 5

@@ -494,7 +494,8 @@ def test_custom_scalars_layout_is_written_once_per_run(tmp_path: Path) -> None:
     torch.manual_seed(0)
     recorded_fit(tmp_path, MLP(), GradNormMonitor(log_every_n_steps=1), steps=4)
     (layout,) = read_layouts(logdir(tmp_path))
-    assert [c.title for c in layout.category] == ["gradmon"]
+    # Titled for the model: TensorBoard merges the layouts of a logdir by category title.
+    assert [c.title for c in layout.category] == [f"gradmon · MLP, {len(LAYERS)} layers"]
     charts = {chart.title: list(chart.multiline.tag) for chart in layout.category[0].chart}
     assert charts == {
         "gradient norm by layer": [r"grad_norm/(?!total$|total-).*"],

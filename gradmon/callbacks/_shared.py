@@ -9,7 +9,8 @@ its board), on which callbacks register what others may use:
   gradients (GradHealthMonitor's ``"skip"``) calls them first, so that a callback that reads the gradients in
   ``on_before_optimizer_step`` and runs after it (GradNormMonitor) takes its numbers of the step anyway;
 - TensorBoard custom-scalars charts: TensorBoard shows only the last layout a run wrote, so every callback that writes
-  one writes every chart registered so far (:func:`write_layout`), and whichever writes last has them all.
+  one writes every chart registered so far (:func:`write_layout`), and whichever writes last has them all; their
+  categories are titled for the model (:func:`gradmon.tags.for_model`), as TensorBoard merges the layouts of a logdir.
 
 Callbacks join at ``setup`` of every fit: the first to join again starts a new fit with an empty board.
 """
@@ -22,8 +23,10 @@ from typing import Any
 import lightning.pytorch as pl
 import torch
 
+from gradmon import tags
 from gradmon.callbacks import _logging
 from gradmon.callbacks._boards import trainer_board
+from gradmon.naming import model_label
 
 #: Called with ``(trainer, pl_module, optimizer)`` before a step's gradients are discarded.
 BeforeDiscard = Callable[[pl.Trainer, pl.LightningModule, torch.optim.Optimizer], None]
@@ -69,4 +72,6 @@ def write_layout(trainer: pl.Trainer, charts: Charts) -> None:
     """Register ``charts`` and write every chart registered on the Trainer as one custom-scalars layout."""
     board = shared_board(trainer)
     board.charts.update(charts)
-    _logging.write_layout(trainer, board.charts)
+    module = trainer.lightning_module
+    _logging.write_layout(trainer, tags.for_model(board.charts, model_label(module.named_parameters(),
+                                                                          type(module).__name__)))
