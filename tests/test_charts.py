@@ -99,3 +99,12 @@ def test_runs_of_two_models_in_one_logdir_keep_their_charts_apart(tmp_path: Path
     # The two MLP runs wrote the same charts, which TensorBoard shows once.
     mlp_charts = layout["category"][1]["chart"]
     assert len(mlp_charts) == len({c["title"] for c in mlp_charts}) == 5
+
+
+def test_layers_without_a_repeated_block_are_charted_in_even_groups() -> None:
+    logged = [f"grad_norm/net.{2 * i}" for i in range(17)]
+    charts = tags.banded_charts({"gradmon": [("gradient norm by layer", r"grad_norm/.*")]}, logged)
+    bands = [(title, [t for t in logged if re.match(regex, t)]) for title, regex in charts["gradmon"]]
+    assert [(title, len(lines)) for title, lines in bands] == [
+        ("gradient norm by layer: net.0 to net.16", 9), ("gradient norm by layer: net.18 to net.32", 8)]
+    assert [t for _, lines in bands for t in lines] == logged
