@@ -301,6 +301,7 @@ _NORM = st.one_of(
 
 
 @settings(max_examples=300, deadline=None)
+@pytest.mark.slow  # property test: many examples
 @given(
     steps=st.lists(st.lists(_NORM, min_size=5, max_size=5), min_size=1, max_size=40),
     present=st.lists(st.lists(st.booleans(), min_size=5, max_size=5), min_size=40, max_size=40),
@@ -335,6 +336,7 @@ _PARAMETER_NORM = st.one_of(
 
 
 @settings(max_examples=300, deadline=None)
+@pytest.mark.slow  # property test: many examples
 @given(
     steps=st.lists(st.lists(_PARAMETER_NORM, min_size=6, max_size=6), min_size=1, max_size=30),
     present=st.lists(st.lists(st.booleans(), min_size=6, max_size=6), min_size=30, max_size=30),

@@ -5,9 +5,12 @@ from __future__ import annotations
 
 import re
 
+import pytest
+
 from experiments import peers
 
 
+@pytest.mark.slow  # trains every peer variant
 def test_the_peers_table_times_every_variant_side_by_side() -> None:
     lines = peers.main(["--models", "mlp", "--repeats", "1", "--steps", str(peers.WARMUP + 4)])
     rows = {line.split("|")[1].strip(): line for line in lines if line.startswith("| ") and " ms |" in line}

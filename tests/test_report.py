@@ -343,6 +343,7 @@ def test_activation_heatmaps_are_drawn_for_the_statistics_a_run_logged(tmp_path)
     assert dead[:, 0].tolist() == [0.5, 1.0]
 
 
+@pytest.mark.slow  # a fresh interpreter
 def test_console_script_runs_report_with_its_default_out_dir(tmp_path):
     script = Path(sys.executable).with_name("gradmon")
     if not script.exists():

@@ -7,6 +7,7 @@ import subprocess
 import sys
 import warnings
 
+import pytest
 from helpers import MLP, PlantNaN, fit
 
 from gradmon import GradHealthMonitor, GradientHealthWarning
@@ -20,6 +21,7 @@ assert warnings.formatwarning is before, "import gradmon replaced warnings.forma
 """
 
 
+@pytest.mark.slow  # a fresh interpreter
 def test_importing_gradmon_leaves_the_process_wide_warning_formatter_alone() -> None:
     done = subprocess.run([sys.executable, "-c", IMPORTS], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
