@@ -101,6 +101,22 @@ def test_layer_matrix_has_a_nan_column_where_a_norm_was_not_finite(tmp_path):
     np.testing.assert_allclose(values, [[1.0, np.nan], [2.0, 3.0]])
 
 
+def test_layers_of_two_optimizers_logged_at_alternate_steps_share_a_column_per_logging_round(tmp_path):
+    # A GAN: the discriminator (D) steps at even global steps, the generator (G) at odd ones; the heatmap would
+    # otherwise grey every layer every other column.
+    steps = {0: grad_norms({"D.0": 10.0}), 1: grad_norms({"G.0": 100.0}), 10: grad_norms({"D.0": 1e3}),
+             11: grad_norms({"G.0": 1e4}), 20: grad_norms({"D.0": float("nan")}), 21: grad_norms({"G.0": 1e5})}
+    run = load_run(write_run(tmp_path / "gan", steps))
+    layers, logged, values = layer_matrix(run, rounds=True)
+    assert layers == ["D.0", "G.0"] and logged.tolist() == [0, 10, 20]
+    np.testing.assert_allclose(values, [[1.0, 3.0, np.nan], [2.0, 4.0, 5.0]])
+    # Without rounds, a column per step.
+    assert layer_matrix(run)[1].tolist() == [0, 1, 10, 11, 20, 21]
+    # A layer logged twice in a row starts a new round each time.
+    run = load_run(write_run(tmp_path / "one", {0: grad_norms({"a": 1.0, "b": 1.0}), 1: grad_norms({"a": 1.0})}))
+    assert layer_matrix(run, rounds=True)[1].tolist() == [0, 1]
+
+
 def test_health_summary_counts_flagged_steps_from_their_first_and_reads_gradcheck(tmp_path):
     health = {"grad_health/vanishing": 0.0, "grad_health/exploding": 0.0, "grad_health/nonfinite": 0.0}
     steps = {

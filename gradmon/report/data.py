@@ -42,7 +42,7 @@ def find_metric(run: Run, metric: str | None = None) -> str | None:
 
 
 def layer_matrix(
-    run: Run, prefix: str = f"{tags.GRAD_NORM_LOG10}/", index: str = f"{tags.GRAD_NORM}/"
+    run: Run, prefix: str = f"{tags.GRAD_NORM_LOG10}/", index: str = f"{tags.GRAD_NORM}/", rounds: bool = False
 ) -> tuple[list[str], np.ndarray, np.ndarray]:
     """One statistic of every layer at every step, as a matrix.
 
@@ -55,9 +55,13 @@ def layer_matrix(
         run: The run.
         prefix: The tag group of the values, with its ``/``.
         index: The tag group whose layers and steps make the rows and columns, with its ``/``.
+        rounds: Make a column of each logging round rather than each step: consecutive steps at which disjoint sets of
+            layers were logged (a GAN's generator and discriminator, each at its own optimizer's steps) are one
+            column, at the round's first step, so that no layer is grey every other column.
 
     Returns:
-        ``(layers, steps, values)``: ``values[i, j]`` is layer ``i``'s ``prefix`` value at ``steps[j]``.
+        ``(layers, steps, values)``: ``values[i, j]`` is layer ``i``'s ``prefix`` value at ``steps[j]`` (with
+        ``rounds``, in the round starting at ``steps[j]``).
     """
     layers = run.layers(index)
     steps = np.unique(np.concatenate([run.scalars[index + layer].steps for layer in layers]))
@@ -68,7 +72,28 @@ def layer_matrix(
         series = run.scalars.get(prefix + layer)
         if series is not None:
             values[i, np.searchsorted(steps, series.steps)] = series.values
+    if rounds:
+        logged = np.zeros(values.shape, dtype=bool)
+        for i, layer in enumerate(layers):
+            logged[i, np.searchsorted(steps, run.scalars[index + layer].steps)] = True
+        starts = _round_starts(logged)
+        merged = np.full((len(layers), len(starts)), np.nan)
+        for j, column in enumerate(np.searchsorted(starts, np.arange(len(steps)), side="right") - 1):
+            merged[logged[:, j], column] = values[logged[:, j], j]
+        return layers, steps[starts], merged
     return layers, steps, values
+
+
+def _round_starts(logged: np.ndarray) -> np.ndarray:
+    """The columns of ``logged`` (layer x step) that start a logging round: a column whose layers overlap those
+    logged since the round's start begins a new one."""
+    starts, seen = [], np.zeros(logged.shape[0], dtype=bool)
+    for j in range(logged.shape[1]):
+        if not starts or (seen & logged[:, j]).any():
+            starts.append(j)
+            seen = np.zeros_like(seen)
+        seen |= logged[:, j]
+    return np.array(starts, dtype=np.int64)
 
 
 def layer_norms(run: Run, index: int = -1) -> tuple[int, dict[str, float]]:

@@ -96,7 +96,7 @@ def plot_heatmap(run: Run) -> Figure:
     Returns:
         The figure, on its own Agg canvas.
     """
-    layers, steps, values = layer_matrix(run)
+    layers, steps, values = layer_matrix(run, rounds=True)
     return _heatmap(run, layers, steps, values, "log10 gradient norm by layer", "log10 gradient norm",
                     "Grey: not logged, or a zero or non-finite norm.", "layer (input at top)")
 
@@ -127,11 +127,11 @@ def plot_activation_heatmap(run: Run, figure: str = "activation_rms_heatmap") ->
     """
     heatmap = ACTIVATION_HEATMAPS[figure]
     index = f"{tags.ACTIVATION_RMS}/"
-    modules, steps, _ = layer_matrix(run, index, index)
+    modules, steps, _ = layer_matrix(run, index, index, rounds=True)
     rows: dict[str, np.ndarray] = {}
     shown: list[str] = []
     for metric in heatmap.metrics:
-        names, _, values = layer_matrix(run, f"{metric}/", index)
+        names, _, values = layer_matrix(run, f"{metric}/", index, rounds=True)
         if names:
             shown.append(metric)
         for name, row in zip(names, values):
