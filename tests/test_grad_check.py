@@ -487,7 +487,6 @@ def test_results_are_capped_in_memory_and_checkpoints_while_the_counts_stay_whol
 
 def test_a_check_of_more_layers_than_the_cap_keeps_every_layer_of_the_latest_check():
     check = GradCheck()
-    check._last_step = 7
     layers = [{"step": 7, "layer": f"l{i}", "rel_error": 0.0, "passed": True} for i in range(150)]
     check.load_state_dict({"last_step": 7, "results": layers})
     assert len(check.results) == 150 and check.checks == 1

@@ -1,12 +1,12 @@
-"""Per-step gradient norms shared by the callbacks of one Trainer, computed at most once per optimizer step; and the
-per-optimizer bookkeeping (names, step counts) both monitors use when a module has several optimizers; and what a
-GradScaler did at the step (its pending scale, whether it overflowed)."""
+"""Per-step gradient norms shared by the callbacks of one Trainer, computed at most once per optimizer step; the
+optimizers' names both monitors use when a module has several; and what a GradScaler did at the step (its pending
+scale, whether it overflowed)."""
 
 from __future__ import annotations
 
 from collections import defaultdict
-from collections.abc import Callable, Sequence
-from operator import attrgetter, itemgetter
+from collections.abc import Sequence
+from operator import itemgetter
 from typing import Any
 
 import lightning.pytorch as pl
@@ -52,72 +52,6 @@ def optimizer_names(optimizers: Sequence[Any]) -> list[str]:
         seen[cls] += 1
         names.append(cls.__name__ if seen[cls] == 1 else f"{cls.__name__}-{seen[cls] - 1}")
     return names
-
-
-#: ``trainer.global_step``, read through the property.
-global_step: Callable[[pl.Trainer], int] = attrgetter("global_step")
-
-
-def step_reader(trainer: pl.Trainer) -> Callable[[pl.Trainer], int]:
-    """A reader of ``trainer.global_step`` for the per-step path, taken at the start of a fit: the fit loop's own
-    counter of optimizer steps, read as an attribute (the property goes through a chain of properties, the loop's
-    ``global_step``, ``lightning_module``, ``automatic_optimization`` and ``optimizer_steps``, paid at every step).
-    Falls back to the property itself when the loop is not laid out as
-    Lightning 2.x lays it out, or when the counter does not agree with the property. The counter object lives as long
-    as the loop (resets and checkpoint restores update it in place)."""
-    try:
-        loop = trainer.fit_loop.epoch_loop
-        if trainer.lightning_module.automatic_optimization:
-            counter = loop.automatic_optimization.optim_progress.optimizer.step.total
-        else:
-            counter = loop.manual_optimization.optim_step_progress.total
-        if counter.completed == trainer.global_step:
-            return lambda _trainer: counter.completed
-    except AttributeError:
-        pass
-    return global_step
-
-
-class OptimizerSteps:
-    """Counts each optimizer's own steps, so that a schedule of "every n steps" means every n steps of *that*
-    optimizer.
-
-    With several optimizers (a GAN under manual optimization) ``trainer.global_step`` advances once per optimizer
-    step, so the generator may only ever step at even global steps: an interval counted on ``global_step`` would
-    never log the discriminator. With one optimizer the count is ``trainer.global_step`` itself, which a resumed run
-    restores.
-    """
-
-    def __init__(self) -> None:
-        self.counts: dict[int, int] = {}
-        self._sole: int | None = None  # id() of the fit's only optimizer, once seen (not a reference: no leak)
-
-    def reset(self) -> None:
-        self.counts = {}
-        self._sole = None
-
-    def advance(self, trainer: pl.Trainer, optimizer: torch.optim.Optimizer, step: int) -> tuple[int, int]:
-        """``(index of optimizer in trainer.optimizers, its step count before this step)``; counts this step.
-        ``step`` is ``trainer.global_step``, which the caller has already read (it is not free). The fit's only
-        optimizer is remembered, so its steps do not read ``trainer.optimizers``; a second optimizer added during the
-        fit is noticed at its first step."""
-        if id(optimizer) == self._sole:  # the usual case: the fit's only optimizer, seen before
-            return 0, step
-        optimizers = trainer.optimizers
-        if len(optimizers) <= 1:
-            self._sole = id(optimizer) if optimizers and optimizers[0] is optimizer else None
-            return 0, step
-        self._sole = None
-        index = next((i for i, o in enumerate(optimizers) if o is optimizer), 0)
-        count = self.counts.get(index, 0)
-        self.counts[index] = count + 1
-        return index, count
-
-    def state_dict(self) -> dict[str, Any]:
-        return {str(i): n for i, n in self.counts.items()}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.counts = {int(i): int(n) for i, n in state.items()}
 
 
 class GradNormSource:

@@ -15,10 +15,11 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 
 from gradmon import tags
-from gradmon._validation import check_bool, check_int
+from gradmon._validation import check_bool
 from gradmon.activations import ActivationRecorder, ModuleStats, RecordedBatch
 from gradmon.callbacks import _logging, _shared
 from gradmon.callbacks._diagnosis import diagnosis_board, init_records
+from gradmon.callbacks._schedule import Every, OptimizerSteps
 from gradmon.diagnosis import (
     CLEARED,
     CONDITIONS,
@@ -54,6 +55,7 @@ class _Observed:
     taken before the optimizer step, the update after it, and the one host copy of all of them."""
 
     step: int
+    count: int = -1
     batch: RecordedBatch | None = None
     grads: Norms | None = None
     weights: Norms | None = None
@@ -121,7 +123,8 @@ class ActivationMonitor(Callback):
     """
 
     def __init__(self, log_every_n_steps: int | None = None, diagnose: bool = True, summary: bool = True) -> None:
-        self.log_every_n_steps = check_int("log_every_n_steps", log_every_n_steps, 1, allow_none=True)
+        self._every = Every("log_every_n_steps", log_every_n_steps)
+        self.log_every_n_steps = self._every.n
         self.diagnose = check_bool("diagnose", diagnose)
         self.summary = check_bool("summary", summary)
         #: The findings of the latest diagnosed step.
@@ -133,7 +136,7 @@ class ActivationMonitor(Callback):
     def _reset(self) -> None:
         self.findings = []
         self.found = {}
-        self._every = self.log_every_n_steps or 50
+        self._steps = OptimizerSteps()
         self._recorder: ActivationRecorder | None = None
         self._grad_norms: GradientNorms | None = None
         self._structure: list[LayerInfo] = []
@@ -168,20 +171,21 @@ class ActivationMonitor(Callback):
 
     def state_dict(self) -> dict[str, Any]:
         return {"board": self._board.state_dict() if self._board is not None else {}, "written": dict(self._written),
-                "verdict_written": self._verdict_written}
+                "verdict_written": self._verdict_written, "optimizer_steps": self._steps.state_dict()}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         if self._board is not None:
             self._board.load_state_dict(state_dict.get("board", {}))
         self._written = dict(state_dict.get("written", {}))
         self._verdict_written = str(state_dict.get("verdict_written", ""))
+        self._steps.load_state_dict(state_dict.get("optimizer_steps", {}))
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self._board is not None:
             self._board.start(pl_module)
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._every = self.log_every_n_steps or trainer.log_every_n_steps
+        self._every.start(trainer)
         if getattr(pl_module, "_compiler_ctx", None) is not None:
             rank_zero_warn(
                 "ActivationMonitor: the LightningModule is compiled as a whole (trainer.fit(torch.compile(model))), "
@@ -212,22 +216,23 @@ class ActivationMonitor(Callback):
 
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
                              ) -> None:
-        step = trainer.global_step
-        if step % self._every or self._grad_norms is None:
+        count = self._steps.upcoming(trainer)
+        if not self._every.due(count) or self._grad_norms is None:
             return
-        if self._current is not None and self._current.step == step:
+        if self._current is not None and self._current.count == count:
             return  # a later micro-batch of the same step (gradient accumulation): its first batch was observed
         self._finish_current()
-        self._current = _Observed(step)
+        self._current = _Observed(trainer.global_step, count)
         if self._recorder is not None:
             self._recorder.start()
 
     def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
                                  optimizer: torch.optim.Optimizer) -> None:
+        index, _ = self._steps.advance(trainer, optimizer)
         current = self._current
         if current is None:  # most steps
             return
-        if current.step == trainer.global_step and current.snapshot is None:
+        if index == 0 and current.snapshot is None:  # the observed step of the first optimizer
             self._measure(pl_module, current)
             current.optimizer = OptimizerInfo.of(optimizer)
 
@@ -237,7 +242,7 @@ class ActivationMonitor(Callback):
             return
         if current is not None and current.batch is None and self._recorder is not None:
             current.batch = self._recorder.stop()
-        if current is not None and current.loss is None and current.step == trainer.global_step - 1:
+        if current is not None and current.loss is None and trainer.global_step > current.step:
             current.loss = _loss(args[0] if args else None)
         if current is not None and current.snapshot is not None and trainer.global_step > current.step:
             self._finish_current()
@@ -437,7 +442,7 @@ class ActivationMonitor(Callback):
             if current.snapshot is None and self._grad_norms is not None:
                 self._measure(trainer.lightning_module, current)
             batch = current.batch or (self._recorder.peek() if self._recorder is not None else None)
-            observed = _Observed(current.step, batch, current.grads, current.weights, current.biases)
+            observed = _Observed(current.step, current.count, batch, current.grads, current.weights, current.biases)
             parts = self._device_parts(observed)
             values = read_host(torch.cat([p.double().reshape(-1).to(parts[0].device) for p in parts])) if parts else []
             _, evidence = self._evidence(trainer, observed, values)

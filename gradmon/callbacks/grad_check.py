@@ -12,11 +12,13 @@ from typing import Any, Literal
 from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch import Callback, LightningModule, Trainer
 from torch import Tensor
+from torch.optim import Optimizer
 
 from gradmon import tags
 from gradmon._validation import MAX_SEED, check_bool, check_choice, check_float, check_int, check_seed, invalid
 from gradmon.callbacks import _ranks
 from gradmon.callbacks._logging import log_scalars
+from gradmon.callbacks._schedule import Every, OptimizerSteps
 from gradmon.errors import GradientHealthError, warn_health
 from gradmon.numerical import (
     LayerCheck,
@@ -126,7 +128,8 @@ class GradCheck(Callback):
         seed: int = 0,
         retries: int = 2,
     ) -> None:
-        self.every_n_steps = check_int("every_n_steps", every_n_steps, 1)
+        self._every = Every("every_n_steps", every_n_steps, none="refused")
+        self.every_n_steps: int = every_n_steps
         self.num_samples = check_int("num_samples", num_samples, 1)
         self.num_directions = check_int("num_directions", num_directions, 1)
         self.eps = check_float("eps", eps, minimum=EPS_RANGE[0], inclusive=True, maximum=EPS_RANGE[1])
@@ -141,7 +144,8 @@ class GradCheck(Callback):
         #: :attr:`results` are kept.
         self.checks = 0
         self.failures: Counter[str] = Counter()
-        self._last_step: int | None = None
+        self._last_step: int | None = None  # the count of the last step checked
+        self._steps = OptimizerSteps()
 
     @cached_property  # Lightning reads it around every hook call
     def state_key(self) -> str:
@@ -162,6 +166,7 @@ class GradCheck(Callback):
         self.checks = 0
         self.failures = Counter()
         self._last_step = None
+        self._steps.reset()
         _ranks.check_at_setup(trainer, self)
 
     def _ranks_signature(self) -> str:
@@ -169,12 +174,16 @@ class GradCheck(Callback):
         return (f"GradCheck(every_n_steps={self.every_n_steps}, check_at_start={self.check_at_start}, "
                 f"burn_in_steps={self.burn_in_steps})")
 
+    def on_before_optimizer_step(self, trainer: Trainer, pl_module: LightningModule, optimizer: Optimizer) -> None:
+        self._steps.advance(trainer, optimizer)
+
     def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int) -> None:
-        step = trainer.global_step
-        if not self._due(step):
+        count = self._steps.upcoming(trainer)
+        if not self._due(count):
             return
         self._check_num_samples(pl_module)  # a mode changed after `setup` (by a hook) is caught here
-        self._last_step = step
+        self._last_step = count
+        step = trainer.global_step
         samples = apply_to_tensors(batch, lambda t: t[: self.num_samples] if t.dim() > 0 else t)
         checks = check_gradients(
             pl_module,
@@ -243,12 +252,12 @@ class GradCheck(Callback):
                 "training mode)",
             )
 
-    def _due(self, step: int) -> bool:
-        if step == self._last_step:  # the next micro-batch of a step under gradient accumulation, or a resumed step
+    def _due(self, count: int) -> bool:
+        if count == self._last_step:  # the next micro-batch of a step under gradient accumulation, or a resumed step
             return False
-        if self.check_at_start and self._last_step is None and step >= self.burn_in_steps:
+        if self.check_at_start and self._last_step is None and count >= self.burn_in_steps:
             return True
-        return step > 0 and step % self.every_n_steps == 0
+        return count > 0 and self._every.due(count)
 
     def _act(self, trainer: Trainer, step: int, failures: list[LayerCheck]) -> None:
         if failures:

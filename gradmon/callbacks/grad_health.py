@@ -14,10 +14,11 @@ from gradmon import tags
 from gradmon._validation import check_bool, check_choice, check_int, check_norm_type
 from gradmon.callbacks import _logging, _ranks
 from gradmon.callbacks._diagnosis import diagnosis_board
-from gradmon.callbacks._grad_source import GradNormSource, OptimizerSteps, global_step, step_reader
+from gradmon.callbacks._grad_source import GradNormSource
 from gradmon.callbacks._health_judge import AMP_SCALE_FLOOR, MAX_NAMED, NO_CAUSE, HealthJudge
 from gradmon.callbacks._health_ledger import EVENTS_IN_CHECKPOINT, HealthLedger
 from gradmon.callbacks._health_modes import HealthMode, Immediate, SyncFree
+from gradmon.callbacks._schedule import Every, OptimizerSteps, global_step, step_reader
 from gradmon.callbacks._shared import shared_board
 from gradmon.health import (
     ACTIONS,
@@ -175,7 +176,8 @@ class GradHealthMonitor(Callback):
         self.actions = actions
         self.norm_type = check_norm_type("norm_type", norm_type)
         self.group_by: GroupBy = check_choice("group_by", group_by, ("layer", "parameter"))
-        self.log_every_n_steps = check_int("log_every_n_steps", log_every_n_steps, 1, allow_none=True)
+        self._every = Every("log_every_n_steps", log_every_n_steps)
+        self.log_every_n_steps = self._every.n
         self.warn_every_n_steps = check_int("warn_every_n_steps", warn_every_n_steps, 1)
         self.max_events = check_int("max_events", max_events, 0)
         self.summary = check_bool("summary", summary)
@@ -190,7 +192,6 @@ class GradHealthMonitor(Callback):
             SyncFree(self._judge, self._device_skips) if self.sync_free else Immediate(self._judge)
         )
         self._own_source = GradNormSource(self.norm_type, self.group_by)
-        self._every = self.log_every_n_steps or 50
         self._steps = OptimizerSteps()
         self._global_step = global_step
 
@@ -259,7 +260,7 @@ class GradHealthMonitor(Callback):
             diagnosis_board(trainer).start(pl_module)
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._every = self.log_every_n_steps or trainer.log_every_n_steps
+        self._every.start(trainer)
         # A GradNormMonitor with the same settings on the Trainer offers its norms: computed once per step for both.
         source = shared_board(trainer).norm_source(self.norm_type, self.group_by)
         if source is None:
@@ -273,7 +274,7 @@ class GradHealthMonitor(Callback):
     ) -> None:
         step = self._global_step(trainer)
         _, count = self._steps.advance(trainer, optimizer, step)
-        self._mode.before_optimizer_step(trainer, pl_module, optimizer, step, count % self._every == 0)
+        self._mode.before_optimizer_step(trainer, pl_module, optimizer, step, self._every.due(count))
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._mode.finish(trainer)

@@ -15,8 +15,9 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from gradmon import tags
 from gradmon._validation import check_bool, check_choice, check_int, check_norm_type
 from gradmon.callbacks import _logging, _shared
-from gradmon.callbacks._grad_source import GradNormSource, OptimizerSteps, global_step, optimizer_names, step_reader
+from gradmon.callbacks._grad_source import GradNormSource, optimizer_names
 from gradmon.callbacks._images import figure_board
+from gradmon.callbacks._schedule import Every, OptimizerSteps, global_step, step_reader
 from gradmon.norms import (
     GroupBy,
     HostCopy,
@@ -124,14 +125,14 @@ class GradNormMonitor(Callback):
     ) -> None:
         self.norm_type = check_norm_type("norm_type", norm_type)
         self.group_by: GroupBy = check_choice("group_by", group_by, ("layer", "parameter"))
-        self.log_every_n_steps = check_int("log_every_n_steps", log_every_n_steps, 1, allow_none=True)
-        self.histogram_every_n_steps = check_int("histogram_every_n_steps", histogram_every_n_steps, 1, allow_none=True)
+        self._every = Every("log_every_n_steps", log_every_n_steps)
+        self._histograms = Every("histogram_every_n_steps", histogram_every_n_steps, none="never")
+        self.log_every_n_steps, self.histogram_every_n_steps = self._every.n, self._histograms.n
         self.log_weight_norms = check_bool("log_weight_norms", log_weight_norms)
         self.log_update_ratios = check_bool("log_update_ratios", log_update_ratios)
         self.images_every_n_logs = check_int("images_every_n_logs", images_every_n_logs, 1, allow_none=True)
         self._logs = 0
         self.source = GradNormSource(self.norm_type, self.group_by)
-        self._every = self.log_every_n_steps or 50
         self._steps = OptimizerSteps()
         self._global_step = global_step
         self._done: tuple[int, int] | None = None
@@ -171,7 +172,7 @@ class GradNormMonitor(Callback):
         self.source.reset(trainer)
         self._global_step = step_reader(trainer)
         self._done = None
-        self._every = self.log_every_n_steps or trainer.log_every_n_steps
+        self._every.start(trainer)
         self._pending = []
         self._in_flight = []
         self._layout_written = False
@@ -189,8 +190,7 @@ class GradNormMonitor(Callback):
             return
         self._done = done
         index, count = self._steps.advance(trainer, optimizer, step)  # counted even unlogged: a resume may add a logger
-        log = count % self._every == 0
-        hist = self.histogram_every_n_steps is not None and count % self.histogram_every_n_steps == 0
+        log, hist = self._every.due(count), self._histograms.due(count)
         if not (log or hist) or not trainer.loggers:
             return
         grads = self.grad_norms(trainer, pl_module, optimizer)
