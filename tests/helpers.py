@@ -59,6 +59,41 @@ class MLP(pl.LightningModule):
 
 
 
+class GAN(pl.LightningModule):
+    """A generator and a discriminator, each with its own Adam, stepped in turn under manual optimization."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.automatic_optimization = False
+        self.generator = nn.Sequential(nn.Linear(8, 32), nn.ReLU(), nn.Linear(32, 2))
+        self.discriminator = nn.Sequential(nn.Linear(2, 32), nn.LeakyReLU(0.2), nn.Linear(32, 1))
+
+    def training_step(self, batch, batch_idx):
+        real = batch[0]
+        opt_g, opt_d = self.optimizers()
+        fake = self.generator(torch.randn(real.shape[0], 8))
+        ones, zeros = torch.ones(real.shape[0], 1), torch.zeros(real.shape[0], 1)
+        g_loss = nn.functional.binary_cross_entropy_with_logits(self.discriminator(fake), ones)
+        opt_g.zero_grad()
+        self.manual_backward(g_loss, inputs=list(self.generator.parameters()))
+        opt_g.step()
+        d_loss = (nn.functional.binary_cross_entropy_with_logits(self.discriminator(real), ones)
+                  + nn.functional.binary_cross_entropy_with_logits(self.discriminator(fake.detach()), zeros)) / 2
+        opt_d.zero_grad()
+        self.manual_backward(d_loss, inputs=list(self.discriminator.parameters()))
+        opt_d.step()
+
+    def configure_optimizers(self):
+        return (torch.optim.Adam(self.generator.parameters(), lr=2e-4),
+                torch.optim.Adam(self.discriminator.parameters(), lr=2e-4))
+
+
+def gan_loader(batches: int) -> torch.utils.data.DataLoader:
+    data = torch.randn(16 * batches, 2, generator=torch.Generator().manual_seed(0))
+    return torch.utils.data.DataLoader(torch.utils.data.TensorDataset(data), batch_size=16)
+
+
 class ShardedMLP(MLP):
     """The same MLP, sharded with FSDP2 (``fully_shard``) over the data-parallel mesh in ``configure_model`` (as
     ModelParallelStrategy requires)."""

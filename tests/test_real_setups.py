@@ -13,10 +13,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 from helpers import (
+    GAN,
     MLP,
     PlantNaN,
     accumulator,
     fit,
+    gan_loader,
     health_warnings,
     logdir,
     make_loader,
@@ -133,41 +135,6 @@ def test_detecting_a_change_of_parameters_does_not_rebuild_the_layout_every_step
 
 
 # --- several optimizers ------------------------------------------------------------------------------------------
-
-
-class GAN(pl.LightningModule):
-    """A generator and a discriminator, each with its own Adam, stepped in turn under manual optimization."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        torch.manual_seed(0)
-        self.automatic_optimization = False
-        self.generator = nn.Sequential(nn.Linear(8, 32), nn.ReLU(), nn.Linear(32, 2))
-        self.discriminator = nn.Sequential(nn.Linear(2, 32), nn.LeakyReLU(0.2), nn.Linear(32, 1))
-
-    def training_step(self, batch, batch_idx):
-        real = batch[0]
-        opt_g, opt_d = self.optimizers()
-        fake = self.generator(torch.randn(real.shape[0], 8))
-        ones, zeros = torch.ones(real.shape[0], 1), torch.zeros(real.shape[0], 1)
-        g_loss = F.binary_cross_entropy_with_logits(self.discriminator(fake), ones)
-        opt_g.zero_grad()
-        self.manual_backward(g_loss, inputs=list(self.generator.parameters()))
-        opt_g.step()
-        d_loss = (F.binary_cross_entropy_with_logits(self.discriminator(real), ones)
-                  + F.binary_cross_entropy_with_logits(self.discriminator(fake.detach()), zeros)) / 2
-        opt_d.zero_grad()
-        self.manual_backward(d_loss, inputs=list(self.discriminator.parameters()))
-        opt_d.step()
-
-    def configure_optimizers(self):
-        return (torch.optim.Adam(self.generator.parameters(), lr=2e-4),
-                torch.optim.Adam(self.discriminator.parameters(), lr=2e-4))
-
-
-def gan_loader(batches: int) -> torch.utils.data.DataLoader:
-    data = torch.randn(16 * batches, 2, generator=torch.Generator().manual_seed(0))
-    return torch.utils.data.DataLoader(torch.utils.data.TensorDataset(data), batch_size=16)
 
 
 def test_with_two_optimizers_each_layer_keeps_its_own_vanishing_streak() -> None:
@@ -421,67 +388,6 @@ def test_fp16_with_an_optimizer_that_unscales_itself_logs_unscaled_norms_and_cou
     assert len(finite) >= 5
     for step in finite:
         assert logged[step] == pytest.approx(unscaled.totals[step], rel=1e-3)  # not 2**k times too large
-
-
-# ------------------------------------------------------------------ the per-step step counter and optimizer count
-
-
-class StepsSeen(pl.Callback):
-    """Records, at every optimizer step, what ``trainer.global_step`` says and what both monitors' readers say."""
-
-    def __init__(self, *monitors: pl.Callback) -> None:
-        self.monitors, self.seen = monitors, []
-
-    def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
-        self.seen.append((trainer.global_step, *(m._global_step(trainer) for m in self.monitors)))
-
-
-@pytest.mark.parametrize("model", ["automatic", "manual (GAN)", "resumed"])
-def test_the_monitors_step_reader_says_trainer_global_step_at_every_step(tmp_path: Path, model: str) -> None:
-    from gradmon.callbacks._grad_source import global_step
-
-    monitors = (GradNormMonitor(log_every_n_steps=2), GradHealthMonitor())
-    seen = StepsSeen(*monitors)
-    if model == "automatic":
-        fit(MLP(depth=2), [*monitors, seen], steps=5)
-    elif model == "manual (GAN)":
-        fit(GAN(), [*monitors, seen], steps=6, loader=gan_loader(3))
-    else:
-        fit(MLP(depth=2), [GradNormMonitor()], steps=3).save_checkpoint(tmp_path / "mlp.ckpt")  # at an epoch's end
-        fit(MLP(depth=2), [*monitors, seen], steps=6, batches=3, ckpt_path=tmp_path / "mlp.ckpt")
-    first = 3 if model == "resumed" else 0
-    expected = list(range(first, 6 if model != "automatic" else 5))
-    assert [s[0] for s in seen.seen] == expected
-    assert all(len(set(s)) == 1 for s in seen.seen), seen.seen
-    # The fast reader (the loop's own counter), not the property, served the fit.
-    assert all(m._global_step is not global_step for m in monitors)
-
-
-def test_the_step_reader_falls_back_to_the_property_on_a_trainer_laid_out_otherwise() -> None:
-    from gradmon.callbacks._grad_source import global_step, step_reader
-
-    class Bare:
-        global_step = 7
-
-    assert step_reader(Bare()) is global_step
-    assert step_reader(Bare())(Bare()) == 7
-
-
-def test_a_new_sole_optimizer_mid_fit_is_counted_from_the_trainer() -> None:
-    from gradmon.callbacks._grad_source import OptimizerSteps
-
-    class FakeTrainer:
-        optimizers: list = []
-
-    trainer, steps = FakeTrainer(), OptimizerSteps()
-    first, second = torch.optim.SGD([nn.Parameter(torch.zeros(1))]), torch.optim.SGD([nn.Parameter(torch.zeros(1))])
-    trainer.optimizers = [first]
-    assert steps.advance(trainer, first, 0) == (0, 0)
-    assert steps.advance(trainer, first, 1) == (0, 1)  # seen before: no look at trainer.optimizers
-    trainer.optimizers = [first, second]  # a second optimizer joins (noticed at its first step): each counts its own
-    assert steps.advance(trainer, second, 2) == (1, 0)
-    assert steps.advance(trainer, first, 3) == (0, 0)
-    assert steps.advance(trainer, second, 4) == (1, 1)
 
 
 # ------------------------------------------------------------------ parametrized layers (weight norm, spectral norm)
