@@ -40,15 +40,16 @@ class ActivationMonitor(Callback):
     r"""Log the statistics of every layer's and activation's output and of the gradient flowing back into it, and
     diagnose what they show, on logging steps only.
 
-    Every ``log_every_n_steps`` optimizer steps (steps 0, n, 2n, ...; default: the Trainer's ``log_every_n_steps``),
-    forward hooks are registered on the observed modules for that step's (first) training batch and removed at its
-    end, with them the tensor hooks they put on the outputs to see the backward pass; other steps pay nothing. The
-    hooks read and never write: the run is the same, bit for bit, with or without the monitor. Observed are the
-    modules that own parameters and the activation modules (``ReLU``, ``LeakyReLU``, ``GELU``, ``SiLU``, ``ELU``,
-    ``Sigmoid``, ``Tanh``, ``Hardtanh``, ...; see :mod:`gradmon.activations`), under the user's names. An activation
-    called as a function (``F.relu``) is no module and cannot be hooked; the layer before it is still observed, so
-    the forward signal through depth still shows (not its dead or saturated fraction). Logged at the step
-    (``trainer.global_step``), per module:
+    Every ``log_every_n_steps`` optimizer steps of the Trainer's first optimizer (its steps 0, n, 2n, ...: it
+    observes a whole batch, not one optimizer's step; with one optimizer, the global steps 0, n, 2n, ...; default:
+    the Trainer's ``log_every_n_steps``), forward hooks are registered on the observed modules for that step's
+    (first) training batch and removed at its end, with them the tensor hooks they put on the outputs to see the
+    backward pass; other steps pay nothing. The hooks read and never write: the run is the same, bit for bit, with
+    or without the monitor. Observed are the modules that own parameters and the activation modules (``ReLU``,
+    ``LeakyReLU``, ``GELU``, ``SiLU``, ``ELU``, ``Sigmoid``, ``Tanh``, ``Hardtanh``, ...; see
+    :mod:`gradmon.activations`), under the user's names. An activation called as a function (``F.relu``) is no
+    module and cannot be hooked; the layer before it is still observed, so the forward signal through depth still
+    shows (not its dead or saturated fraction). Logged at the step (``trainer.global_step``), per module:
 
     - ``activation_rms/<module>`` and ``activation_rms_log10/<module>``: RMS of the module's output;
     - ``activation_grad_rms/<module>`` and ``activation_grad_rms_log10/<module>``: RMS of the gradient of the loss
@@ -85,7 +86,8 @@ class ActivationMonitor(Callback):
         trainer = Trainer(callbacks=[GradNormMonitor(), GradHealthMonitor(), ActivationMonitor(log_every_n_steps=50)])
 
     Args:
-        log_every_n_steps: Observe and log every this many optimizer steps (default: the Trainer's).
+        log_every_n_steps: Observe and log every this many optimizer steps of the Trainer's first optimizer; None
+            takes the Trainer's ``log_every_n_steps``.
         diagnose: Diagnose each observed step and log the findings.
         summary: Print the findings at the end of fit (one row per cause found).
     """

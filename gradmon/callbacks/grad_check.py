@@ -42,10 +42,12 @@ RESULTS_KEPT = 100
 class GradCheck(Callback):
     """Check, during training, that every layer's gradient is the derivative of the loss.
 
-    When: at the start of a training batch (``on_train_batch_start``), before ``training_step``, so the weights checked
-    are the ones this step differentiates. It runs when ``trainer.global_step`` (optimizer steps taken so far) is a
-    positive multiple of ``every_n_steps`` and, with ``check_at_start``, once more on the first batch with
-    ``global_step >= burn_in_steps``. Under gradient accumulation only the first micro-batch of a step is checked.
+    When: at the start of a training batch (``on_train_batch_start``), before ``training_step``, so the weights
+    checked are the ones this step differentiates. It runs when the optimizer steps taken so far (of the Trainer's
+    first optimizer; under the automatic optimization GradCheck needs there is only one, and this is
+    ``trainer.global_step``) are a positive multiple of ``every_n_steps`` and, with ``check_at_start``, once more on
+    the first batch with ``global_step >= burn_in_steps``. Under gradient accumulation only the first micro-batch of
+    a step is checked.
 
     What: the first ``num_samples`` examples of the batch (every tensor in it sliced along dim 0) go through the
     module's own ``training_step`` on a float64 copy of the module, and
@@ -87,7 +89,8 @@ class GradCheck(Callback):
         trainer = Trainer(callbacks=[GradCheck(every_n_steps=1000, on_failure="raise")])
 
     Args:
-        every_n_steps: check every this many optimizer steps.
+        every_n_steps: check every this many optimizer steps (of the first optimizer), at its steps n, 2n, ...; an
+            integer in [1, 2**53].
         num_samples: examples taken from the start of the batch.
         num_directions: random directions per layer.
         eps: step length of the central difference, along a unit direction, in float64: in ``[1e-10, 1]``

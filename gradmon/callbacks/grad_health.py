@@ -103,7 +103,8 @@ class GradHealthMonitor(Callback):
     (from the default 65536 that takes 17 overflows in a row): the gradients are non-finite or too large for fp16
     even unscaled. One warning says so, once per fit.
 
-    Logged (to ``trainer.loggers``, rank 0) every ``log_every_n_steps`` steps and at every step with a flag, at
+    Logged (to ``trainer.loggers``, rank 0) every ``log_every_n_steps`` optimizer steps (each optimizer's steps 0, n,
+    2n, ...) and at every step with a flag, at
     ``trainer.global_step``: ``grad_health/vanishing``, ``grad_health/exploding``, ``grad_health/nonfinite`` (layers
     flagged that step) and ``grad_health/skipped_steps`` (cumulative), and ``grad_health/amp_overflow_steps``
     (cumulative) when a GradScaler is in use; at flagged steps, ``grad_health_flag/<layer>`` for each flagged layer: 1
@@ -131,9 +132,10 @@ class GradHealthMonitor(Callback):
         on_nonfinite: ``"ignore"``, ``"warn"``, ``"skip"``, ``"stop"`` or ``"raise"``.
         norm_type: order p of the norm: any number p > 0, or ``"inf"``.
         group_by: ``"layer"`` or ``"parameter"``, as :class:`~gradmon.GradNormMonitor` takes it.
-        log_every_n_steps: log the counts every this many optimizer steps (and at every flagged step); None takes
-            the Trainer's ``log_every_n_steps``.
-        warn_every_n_steps: at most one warning per condition every this many steps; the first is always issued.
+        log_every_n_steps: log the counts every this many optimizer steps, counted per optimizer (and at every
+            flagged step); None takes the Trainer's ``log_every_n_steps``.
+        warn_every_n_steps: at most one warning per condition every this many steps of ``trainer.global_step`` (all
+            optimizers' steps together: a rate limit, not a schedule); the first is always issued.
         max_events: how many events :attr:`events` keeps (the first ones).
         summary: print a summary table at the end of fit.
         sync_free: never stall the device to read the norms (see above).

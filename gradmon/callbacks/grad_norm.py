@@ -69,8 +69,9 @@ class GradNormMonitor(Callback):
     that step; a parameter unfrozen during training (``requires_grad`` flipped, or a parameter group added, as
     Lightning's ``BackboneFinetuning`` does) is monitored from its first gradient on.
 
-    Logged every ``log_every_n_steps`` optimizer steps (steps 0, n, 2n, ...; default: the Trainer's
-    ``log_every_n_steps``), with ``trainer.global_step`` of the step being taken as the step axis:
+    Logged every ``log_every_n_steps`` optimizer steps, counted per optimizer (each optimizer's steps 0, n, 2n, ...;
+    with one optimizer the global steps 0, n, 2n, ...; default: the Trainer's ``log_every_n_steps``), with
+    ``trainer.global_step`` of the step being taken as the step axis:
 
     - ``grad_norm/<layer>`` and ``grad_norm/total``: p-norm of the gradients (``norm_type``, default 2), the total
       over every gradient the optimizer is about to apply. With several optimizers each has its own total,
@@ -101,9 +102,10 @@ class GradNormMonitor(Callback):
     Args:
         norm_type: order p of the norm: any number p > 0, or ``"inf"`` (``float("inf")``).
         group_by: ``"layer"`` (one value per module that owns parameters) or ``"parameter"`` (one per parameter).
-        log_every_n_steps: log every this many optimizer steps; None takes the Trainer's ``log_every_n_steps``.
-        histogram_every_n_steps: write gradient and weight histograms every this many optimizer steps; None (the
-            default) writes none.
+        log_every_n_steps: log every this many optimizer steps, counted per optimizer; None takes the Trainer's
+            ``log_every_n_steps``.
+        histogram_every_n_steps: write gradient and weight histograms every this many optimizer steps, counted per
+            optimizer; None (the default) writes none.
         log_weight_norms: log ``weight_norm/<layer>``.
         log_update_ratios: log ``update_ratio/<layer>`` and ``update_ratio_log10/<layer>``.
 
