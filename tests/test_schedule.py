@@ -9,9 +9,9 @@ import warnings
 from pathlib import Path
 
 import pytest
-from helpers import GAN, MLP, fit, gan_loader, logdir, read_scalars
+from helpers import GAN, MLP, fit, gan_loader, health_warnings, logdir, read_scalars
 
-from gradmon import ActivationMonitor, GradCheck, GradHealthMonitor, GradNormMonitor
+from gradmon import ActivationMonitor, GradCheck, GradHealthMonitor, GradNormMonitor, HealthRules
 
 NORM, HEALTH, ACTIVATION, CHECK = "grad_norm/total", "grad_health/vanishing", "activation_rms/net.0", (
     "gradcheck/max_rel_error")
@@ -83,6 +83,18 @@ def test_a_resumed_fit_with_one_optimizer_keeps_the_schedule(tmp_path: Path) -> 
     quiet_fit(MLP(depth=2), four(3), steps=10, batches=4, tmp_path=tmp_path / "b", ckpt_path=tmp_path / "mlp.ckpt")
     steps = logged(tmp_path / "b", NORM, HEALTH, ACTIVATION, CHECK)
     assert steps[NORM] == steps[HEALTH] == steps[ACTIVATION] == steps[CHECK] == [6, 9]
+
+
+@pytest.mark.parametrize("sync_free", [False, True])
+def test_warnings_are_rate_limited_on_each_optimizers_own_steps(sync_free: bool) -> None:
+    # Every layer of both networks "vanishes" at every step: each optimizer warns at its steps 0, 3 (global steps
+    # 0, 6 for the generator, 1, 7 for the discriminator), and no more often.
+    rules = HealthRules(vanishing_threshold=100.0, exploding_threshold=1e6, vanishing_patience=1, depth_ratio=None)
+    monitor = GradHealthMonitor(rules, warn_every_n_steps=3, summary=False, sync_free=sync_free)
+    with health_warnings() as messages:
+        fit(GAN(), [monitor], steps=10, loader=gan_loader(5))
+    steps = [int(re.search(r"at step (\d+)", m).group(1)) for m in messages]
+    assert steps == [0, 1, 6, 7]
 
 
 def test_none_takes_the_trainers_log_every_n_steps(tmp_path: Path) -> None:

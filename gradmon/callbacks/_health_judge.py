@@ -32,7 +32,8 @@ Skip = Callable[[], bool]
 
 class HealthJudge:
     """The rules' tracker, the ledger, and what is done about a flagged step: act (raise, skip, warn, stop), warn at
-    most every ``warn_every_n_steps`` per condition, and log the step's counts."""
+    most every ``warn_every_n_steps`` per condition and optimizer (on that optimizer's own steps, as the schedules
+    count them: :mod:`gradmon.callbacks._schedule`), and log the step's counts."""
 
     def __init__(
         self,
@@ -50,10 +51,21 @@ class HealthJudge:
     def reset(self) -> None:
         self.tracker = HealthTracker(self.rules, self.group_by)
         self.ledger = HealthLedger(self.max_events)
+        #: The optimizer step count of the latest warning, per condition (``"<condition>-<i>"`` for the optimizer of
+        #: index i > 0).
         self.last_report: dict[str, int] = {}
+        self._counts: dict[int, tuple[int, int]] = {}
         self._unreported: Counter[str] = Counter()
         self._overflow_run = 0
         self.overflow_warned = False
+
+    def count_step(self, step: int, index: int, count: int) -> None:
+        """Note that global step ``step`` is step ``count`` of the optimizer of index ``index``; kept for the few
+        steps a judgement may come late (sync-free mode judges a step later)."""
+        counts = self._counts
+        counts[step] = (index, count)
+        if len(counts) > 8:
+            del counts[next(iter(counts))]
 
     def judge(
         self,
@@ -122,11 +134,13 @@ class HealthJudge:
     def _warn(
         self, trainer: pl.Trainer, condition: str, step: int, events: list[HealthEvent], skipped: bool | None
     ) -> None:
-        last = self.last_report.get(condition)
-        if last is not None and step - last < self.warn_every_n_steps:
+        index, count = self._counts.get(step, (0, step))
+        key = condition if index == 0 else f"{condition}-{index}"
+        last = self.last_report.get(key)
+        if last is not None and count - last < self.warn_every_n_steps:
             self._unreported[condition] += 1
             return
-        self.last_report[condition] = step
+        self.last_report[key] = count
         message = describe(condition, step, events)
         action = self.actions[condition]
         if action == "skip":

@@ -132,7 +132,7 @@ class GradCheck(Callback):
         retries: int = 2,
     ) -> None:
         self._every = Every("every_n_steps", every_n_steps, none="refused")
-        self.every_n_steps: int = every_n_steps
+        self.every_n_steps: int = self._every.n
         self.num_samples = check_int("num_samples", num_samples, 1)
         self.num_directions = check_int("num_directions", num_directions, 1)
         self.eps = check_float("eps", eps, minimum=EPS_RANGE[0], inclusive=True, maximum=EPS_RANGE[1])

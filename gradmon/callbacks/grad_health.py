@@ -54,7 +54,8 @@ class GradHealthMonitor(Callback):
 
     - ``"ignore"``: recorded in ``events`` and the logged counts only.
     - ``"warn"``: a :class:`~gradmon.GradientHealthWarning` naming the step, the layers and their norms. The first
-      occurrence of each condition is always reported, later ones at most every ``warn_every_n_steps`` steps.
+      occurrence of each condition is always reported, later ones at most every ``warn_every_n_steps`` optimizer steps
+      (of the optimizer whose step it is).
     - ``"skip"`` (not for vanishing): the same warning, and the step's update is discarded (all gradients of the
       optimizer set to ``None`` before ``optimizer.step``), so weights and optimizer state are exactly as before.
     - ``"stop"``: the same warning, and ``trainer.should_stop = True`` (checkpoints and loggers finish normally).
@@ -134,8 +135,8 @@ class GradHealthMonitor(Callback):
         group_by: ``"layer"`` or ``"parameter"``, as :class:`~gradmon.GradNormMonitor` takes it.
         log_every_n_steps: log the counts every this many optimizer steps, counted per optimizer (and at every
             flagged step); None takes the Trainer's ``log_every_n_steps``.
-        warn_every_n_steps: at most one warning per condition every this many steps of ``trainer.global_step`` (all
-            optimizers' steps together: a rate limit, not a schedule); the first is always issued.
+        warn_every_n_steps: at most one warning per condition every this many optimizer steps, counted per
+            optimizer (each optimizer's first is always issued).
         max_events: how many events :attr:`events` keeps (the first ones).
         summary: print a summary table at the end of fit.
         sync_free: never stall the device to read the norms (see above).
@@ -275,7 +276,8 @@ class GradHealthMonitor(Callback):
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer
     ) -> None:
         step = self._global_step(trainer)
-        _, count = self._steps.advance(trainer, optimizer, step)
+        index, count = self._steps.advance(trainer, optimizer, step)
+        self._judge.count_step(step, index, count)
         self._mode.before_optimizer_step(trainer, pl_module, optimizer, step, self._every.due(count))
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
