@@ -9,8 +9,6 @@ counts the steps of the Trainer's first optimizer.
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from operator import attrgetter
 from typing import Any, Literal
 
 import lightning.pytorch as pl
@@ -65,30 +63,6 @@ class Every:
 
     def __repr__(self) -> str:
         return f"Every({self.name}={self.n!r})"
-
-
-#: ``trainer.global_step``, read through the property.
-global_step: Callable[[pl.Trainer], int] = attrgetter("global_step")
-
-
-def step_reader(trainer: pl.Trainer) -> Callable[[pl.Trainer], int]:
-    """A reader of ``trainer.global_step`` for the per-step path, taken at the start of a fit: the fit loop's own
-    counter of optimizer steps, read as an attribute (the property goes through a chain of properties, the loop's
-    ``global_step``, ``lightning_module``, ``automatic_optimization`` and ``optimizer_steps``, paid at every step).
-    Falls back to the property itself when the loop is not laid out as
-    Lightning 2.x lays it out, or when the counter does not agree with the property. The counter object lives as long
-    as the loop (resets and checkpoint restores update it in place)."""
-    try:
-        loop = trainer.fit_loop.epoch_loop
-        if trainer.lightning_module.automatic_optimization:
-            counter = loop.automatic_optimization.optim_progress.optimizer.step.total
-        else:
-            counter = loop.manual_optimization.optim_step_progress.total
-        if counter.completed == trainer.global_step:
-            return lambda _trainer: counter.completed
-    except AttributeError:
-        pass
-    return global_step
 
 
 class OptimizerSteps:

@@ -18,7 +18,7 @@ from gradmon.callbacks._grad_source import GradNormSource
 from gradmon.callbacks._health_judge import AMP_SCALE_FLOOR, MAX_NAMED, NO_CAUSE, HealthJudge
 from gradmon.callbacks._health_ledger import EVENTS_IN_CHECKPOINT, HealthLedger
 from gradmon.callbacks._health_modes import HealthMode, Immediate, SyncFree
-from gradmon.callbacks._schedule import Every, OptimizerSteps, global_step, step_reader
+from gradmon.callbacks._schedule import Every, OptimizerSteps
 from gradmon.callbacks._shared import shared_board
 from gradmon.health import (
     ACTIONS,
@@ -196,7 +196,6 @@ class GradHealthMonitor(Callback):
         )
         self._own_source = GradNormSource(self.norm_type, self.group_by)
         self._steps = OptimizerSteps()
-        self._global_step = global_step
 
     # --- what the fit found ------------------------------------------------------------------------------------------
 
@@ -248,7 +247,6 @@ class GradHealthMonitor(Callback):
         if stage == "fit":
             self._judge.reset()
             self._steps.reset()
-            self._global_step = global_step
             diagnosis_board(trainer).join(self)
             shared_board(trainer).join(self)
             _ranks.check_at_setup(trainer, self)
@@ -269,13 +267,12 @@ class GradHealthMonitor(Callback):
         if source is None:
             source = self._own_source
             source.reset(trainer)
-        self._global_step = step_reader(trainer)
         self._mode.start(trainer, source)
 
     def on_before_optimizer_step(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer
     ) -> None:
-        step = self._global_step(trainer)
+        step = trainer.global_step
         index, count = self._steps.advance(trainer, optimizer, step)
         self._judge.count_step(step, index, count)
         self._mode.before_optimizer_step(trainer, pl_module, optimizer, step, self._every.due(count))

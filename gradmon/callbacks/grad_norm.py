@@ -17,7 +17,7 @@ from gradmon._validation import check_bool, check_choice, check_int, check_norm_
 from gradmon.callbacks import _logging, _shared
 from gradmon.callbacks._grad_source import GradNormSource, optimizer_names
 from gradmon.callbacks._images import figure_board
-from gradmon.callbacks._schedule import Every, OptimizerSteps, global_step, step_reader
+from gradmon.callbacks._schedule import Every, OptimizerSteps
 from gradmon.norms import (
     GroupBy,
     HostCopy,
@@ -136,7 +136,6 @@ class GradNormMonitor(Callback):
         self._logs = 0
         self.source = GradNormSource(self.norm_type, self.group_by)
         self._steps = OptimizerSteps()
-        self._global_step = global_step
         self._done: tuple[int, int] | None = None
         self._pending: list[_Pending] = []
         self._in_flight: list[_Sent] = []
@@ -150,7 +149,7 @@ class GradNormMonitor(Callback):
     def grad_norms(self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer
                    ) -> Norms | None:
         """This step's gradient norms for ``optimizer``'s parameters, computed once and shared (no host sync)."""
-        return self.source.grad_norms(self._global_step(trainer), pl_module, optimizer)
+        return self.source.grad_norms(trainer.global_step, pl_module, optimizer)
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         # Before Lightning restores callback state: a fresh fit counts from zero, a resumed one gets its counts back.
@@ -172,7 +171,6 @@ class GradNormMonitor(Callback):
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self.source.reset(trainer)
-        self._global_step = step_reader(trainer)
         self._done = None
         self._every.start(trainer)
         self._pending = []
@@ -186,7 +184,7 @@ class GradNormMonitor(Callback):
     def on_before_optimizer_step(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer
     ) -> None:
-        step = self._global_step(trainer)
+        step = trainer.global_step
         done = (id(optimizer), step)
         if done == self._done:  # already taken, before a GradHealthMonitor discarded the gradients
             return
@@ -235,7 +233,7 @@ class GradNormMonitor(Callback):
             self._log(trainer, sent)
         if self.images_every_n_logs is not None and trainer.is_global_zero:
             board = figure_board(trainer)
-            board.draw(trainer, self._global_step(trainer))
+            board.draw(trainer, trainer.global_step)
             board.finish()
 
     def _send(self) -> _Sent:
