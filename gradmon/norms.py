@@ -20,22 +20,13 @@ from collections.abc import Iterable, Sequence
 from functools import partial
 from math import hypot
 from operator import is_
-from typing import Any
 
 import torch
 from torch import Tensor, nn
 
 from gradmon._validation import check_choice, check_norm_type
 from gradmon.naming import GroupBy, clean_name, layer_name
-from gradmon.sharding import (
-    dist,
-    full_tensor,
-    is_fsdp1_piece,
-    local_grad_or_zeros,
-    local_tensor,
-    shard_weights,
-    summoned,
-)
+from gradmon.sharding import dist, is_fsdp1_piece, local_grad_or_zeros, local_tensor, shard_weights
 
 
 class ParamLayout:
@@ -80,7 +71,7 @@ class ParamLayout:
         # Weight of each local p-th-power sum in the world-wide sum (1 / replicas); None when nothing is sharded
         # (no DTensor, no FSDP1 piece), in which case every rank already holds whole tensors and no collective is
         # needed.
-        #: Whether FSDP1 pieces are among ``params`` (see :func:`full_grads_and_weights`).
+        #: Whether FSDP1 pieces are among ``params`` (see :func:`gradmon.sharding.full_grads_and_weights`).
         self.fsdp1 = any(is_fsdp1_piece(p) for p in self.params)
         self._shard_weights = shard_weights(self.params, self.param_names, module, self.fsdp1)
         #: Whether any tensor is a shard (its norms then need a collective to be whole).
@@ -151,25 +142,6 @@ class ParamLayout:
             [self.param_layers[i] for i in keep],
             module=self.module,
         )
-
-
-@torch.no_grad()
-def full_grads_and_weights(layout: ParamLayout) -> tuple[list[Tensor], list[Tensor]]:
-    """Every parameter's whole gradient (zeros where it has none) and whole weight, flattened copies in layout
-    order, on every rank: for histograms. A collective: every rank must call it.
-
-    FSDP1 pieces are made whole with ``FullyShardedDataParallel.summon_full_params(layout.module,
-    with_grads=True)``, which gathers every FSDP1 parameter (and gradient) of the module at once: memory for a
-    whole unsharded model, so keep it to rare steps. DTensors go through :func:`full_tensor`.
-    """
-    with summoned(layout.module, layout.fsdp1):
-        grads = [_dense(full_tensor(local_grad_or_zeros(p))).detach().reshape(-1).clone() for p in layout.params]
-        weights = [full_tensor(p.detach()).reshape(-1).clone() for p in layout.params]
-    return grads, weights
-
-
-def _dense(tensor: Tensor) -> Tensor:
-    return tensor.to_dense() if tensor.is_sparse else tensor
 
 
 def stacked_norms(layout: ParamLayout, tensors: Sequence[Tensor], norm_type: float) -> Tensor:
@@ -443,54 +415,6 @@ def read_host(tensor: Tensor | Sequence[Tensor]) -> list[float]:
     if not isinstance(tensor, Tensor):
         return list(map(Tensor.item, tensor))  # C-level iteration: no Python frame per value
     return tensor.tolist()
-
-
-class HostCopy:
-    """A device vector on its way to the host without stalling the device: a non-blocking copy into pinned memory,
-    read later (:meth:`values`), when the copy is surely done, typically one step on. On the CPU the vector is
-    already in host memory and is kept as it is.
-
-    The pinned buffer and the CUDA event that marks the copy's end are taken from a small pool and given back once
-    read. CUDA API calls are slow while the device is busy with the backward pass: reusing the buffer and the event
-    leaves only the copy's launch and the event's record on the host's clock.
-    """
-
-    def __init__(self, tensor: Tensor) -> None:
-        tensor = tensor.detach()
-        self._event: Any = None
-        self._values: list[float] | None = None
-        if tensor.device.type == "cuda":
-            self._key = (tensor.device, tensor.dtype, tuple(tensor.shape))
-            free = _PINNED.get(self._key)
-            if free:
-                self._buffer, self._event = free.pop()
-            else:
-                self._buffer = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=True)
-                self._event = torch.cuda.Event()
-            self._buffer.copy_(tensor, non_blocking=True)
-            self._event.record(torch.cuda.current_stream(tensor.device))  # the stream the copy went on
-        else:
-            self._buffer = tensor
-
-    def values(self) -> list[float]:
-        """The copied values; waits only for the copy itself (long done one step later)."""
-        if self._values is None:
-            if self._event is None:
-                self._values = self._buffer.tolist()
-            else:
-                self._event.synchronize()
-                self._values = self._buffer.tolist()
-                free = _PINNED.setdefault(self._key, [])
-                if len(free) < _PINNED_PER_SHAPE:  # back to the pool: the next copy of this shape reuses them
-                    free.append((self._buffer, self._event))
-                self._buffer = self._event = None
-        return self._values
-
-
-#: Pinned buffers and their events, free for reuse, per (device, dtype, shape): at most a few of each (one per copy
-#: in flight at once).
-_PINNED: dict[tuple[torch.device, torch.dtype, tuple[int, ...]], list[tuple[Tensor, Any]]] = {}
-_PINNED_PER_SHAPE = 4
 
 
 def host_norms(layout: ParamLayout, tensors: Sequence[Tensor], norm_type: float) -> Norms:

@@ -9,9 +9,13 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor, nn
+
+if TYPE_CHECKING:
+    from gradmon.norms import ParamLayout
 
 try:
     import torch.distributed as dist
@@ -189,3 +193,20 @@ def summoned(module: nn.Module | None, fsdp1: bool) -> Iterator[None]:
         yield
 
 
+@torch.no_grad()
+def full_grads_and_weights(layout: ParamLayout) -> tuple[list[Tensor], list[Tensor]]:
+    """Every parameter's whole gradient (zeros where it has none) and whole weight, flattened copies in layout
+    order, on every rank: for histograms. A collective: every rank must call it.
+
+    FSDP1 pieces are made whole with ``FullyShardedDataParallel.summon_full_params(layout.module,
+    with_grads=True)``, which gathers every FSDP1 parameter (and gradient) of the module at once: memory for a
+    whole unsharded model, so keep it to rare steps. DTensors go through :func:`full_tensor`.
+    """
+    with summoned(layout.module, layout.fsdp1):
+        grads = [_dense(full_tensor(local_grad_or_zeros(p))).detach().reshape(-1).clone() for p in layout.params]
+        weights = [full_tensor(p.detach()).reshape(-1).clone() for p in layout.params]
+    return grads, weights
+
+
+def _dense(tensor: Tensor) -> Tensor:
+    return tensor.to_dense() if tensor.is_sparse else tensor

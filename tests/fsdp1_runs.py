@@ -28,12 +28,8 @@ from torch.distributed.fsdp import ShardingStrategy
 
 sys.path.insert(0, str(Path(__file__).parent))
 sys.path.insert(0, str(Path(__file__).parent.parent))
-from gradmon.norms import (  # noqa: E402
-    ParamLayout,
-    compute_norms,
-    full_grads_and_weights,
-    local_grad_or_zeros,
-)
+from gradmon.norms import ParamLayout, compute_norms  # noqa: E402
+from gradmon.sharding import full_grads_and_weights, local_grad_or_zeros  # noqa: E402
 
 NORM_TYPES = (1.0, 2.0, math.inf)
 GLOBAL_BATCH = 16

@@ -151,7 +151,7 @@ def test_fsdp_and_model_parallel_strategies_log_the_norms_of_a_plain_run(tmp_pat
 
 
 def test_host_copies_reuse_pinned_buffers_and_keep_what_they_read() -> None:
-    from gradmon.norms import _PINNED, HostCopy
+    from gradmon.callbacks._host_copy import _PINNED, HostCopy
 
     vector = torch.arange(5.0, device="cuda")
     first = HostCopy(vector)

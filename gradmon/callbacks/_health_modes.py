@@ -21,10 +21,11 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from gradmon.callbacks import _ranks
 from gradmon.callbacks._grad_source import amp_overflow, amp_overflow_on_device, enabled_scaler
 from gradmon.callbacks._health_judge import HealthJudge, Skip
+from gradmon.callbacks._host_copy import HostCopy
 from gradmon.callbacks._shared import shared_board
 from gradmon.errors import warn_health
 from gradmon.health import HealthEvent
-from gradmon.norms import HostCopy, Norms, read_host
+from gradmon.norms import Norms, read_host
 
 
 class HealthMode:

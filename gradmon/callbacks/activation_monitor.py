@@ -18,6 +18,7 @@ from gradmon.callbacks._activation_capture import Observed, measure, step_loss
 from gradmon.callbacks._activation_report import ReportWriter, summary_table
 from gradmon.callbacks._activation_structure import ModelStructure
 from gradmon.callbacks._diagnosis import diagnosis_board, init_records
+from gradmon.callbacks._host_copy import HostCopy
 from gradmon.callbacks._schedule import Every, OptimizerSteps
 from gradmon.diagnosis import (
     Evidence,
@@ -28,7 +29,6 @@ from gradmon.diagnosis import (
 )
 from gradmon.norms import (
     GradientNorms,
-    HostCopy,
     Norms,
     ParamLayout,
     read_host,

@@ -16,19 +16,11 @@ from gradmon import tags
 from gradmon._validation import check_bool, check_choice, check_int, check_norm_type
 from gradmon.callbacks import _logging, _shared
 from gradmon.callbacks._grad_source import GradNormSource, optimizer_names
+from gradmon.callbacks._host_copy import HostCopy
 from gradmon.callbacks._images import figure_board
 from gradmon.callbacks._schedule import Every, OptimizerSteps
-from gradmon.norms import (
-    GroupBy,
-    HostCopy,
-    Norms,
-    WeightSnapshot,
-    compute_norms,
-    concatenated,
-    full_grads_and_weights,
-    hand_out,
-    update_ratios,
-)
+from gradmon.norms import GroupBy, Norms, WeightSnapshot, compute_norms, concatenated, hand_out, update_ratios
+from gradmon.sharding import full_grads_and_weights
 
 
 @dataclass(eq=False)
