@@ -7,9 +7,10 @@ are stacked into one vector that stays on the device, and the caller decides whe
 
 Sharded tensors (``DTensor``, as produced by FSDP2 / ``fully_shard``; and FSDP1's ``FullyShardedDataParallel``
 with ``use_orig_params=True``, whose parameters are each rank's flat piece) are reduced with one collective over the
-stacked vector of p-th-power sums (max for the inf-norm), so each layer's norm equals the norm of the full tensor.
+stacked vector of p-th-power sums (max for the inf-norm), and the root is taken on the device, so that the vector
+holds the norm of each full tensor, as it does without sharding.
 
-This module never imports Lightning.
+Everything that depends on the order p of the norm is in :class:`NormOrder`. This module never imports Lightning.
 """
 
 from __future__ import annotations
@@ -18,7 +19,6 @@ import math
 import weakref
 from collections.abc import Iterable, Sequence
 from functools import partial
-from math import hypot
 from operator import is_
 
 import torch
@@ -27,6 +27,90 @@ from torch import Tensor, nn
 from gradmon._validation import check_choice, check_norm_type
 from gradmon.naming import GroupBy, clean_name, layer_name
 from gradmon.sharding import dist, is_fsdp1_piece, local_grad_or_zeros, local_tensor, shard_weights
+
+# --- the order of the norm ----------------------------------------------------------------------------------------
+
+
+class NormOrder:
+    """The order ``p`` of a norm (any p > 0, or ``math.inf``) and the arithmetic that depends on it: the fused kernel,
+    the collective that makes shards' norms whole, and the combination of tensors' norms into layers' norms, on the
+    host and on the device. A NaN anywhere in a layer makes that layer's norm NaN (also beside an inf); p-th powers
+    too large for a double make it inf."""
+
+    __slots__ = ("p", "inf")
+
+    def __init__(self, p: float) -> None:
+        self.p = float(p)
+        self.inf = math.isinf(self.p)
+
+    def __repr__(self) -> str:
+        return f"NormOrder({self.p})"
+
+    def fused(self, tensors: Sequence[Tensor]) -> Tensor:
+        """Norms of tensors of one device and dtype as one vector: one fused ``_foreach_norm``, accumulated in at least
+        float32 (bf16 and fp16 norms would lose digits; float64 is kept)."""
+        dtype = tensors[0].dtype
+        if dtype in (torch.float32, torch.float64):
+            return torch.stack(torch._foreach_norm(tensors, self.p))
+        return torch.stack(torch._foreach_norm(tensors, self.p, dtype=torch.promote_types(dtype, torch.float32)))
+
+    def whole(self, local: Tensor, shard_weights: Tensor) -> Tensor:
+        """Per-rank norms of pieces made norms of the whole tensors (float64) with one collective: maxima for the
+        inf-norm, else p-th-power sums weighted so that each element counts once, then their root."""
+        out = local.double()
+        if self.inf:
+            dist.all_reduce(out, op=dist.ReduceOp.MAX)
+            return out
+        out = out.pow(self.p) * shard_weights.to(out.device)
+        dist.all_reduce(out, op=dist.ReduceOp.SUM)
+        return out.sqrt() if self.p == 2.0 else out.pow(1.0 / self.p)
+
+    def combine(self, values: Sequence[float], groups: Sequence[int], num_groups: int) -> tuple[list[float], float]:
+        """Per-tensor norms combined on the host into per-group norms and their total, in Python doubles: for a few
+        dozen values this is cheaper than more kernels."""
+        acc = [0.0] * num_groups
+        if self.inf:
+            for v, g in zip(values, groups):
+                if v > acc[g] or v != v:
+                    acc[g] = v
+            return acc, max(acc, default=0.0) if all(a == a for a in acc) else math.nan
+        p = self.p
+        if p == 2.0:
+            for v, g in zip(values, groups):
+                acc[g] += v * v  # overflows to inf, and NaN beside inf stays NaN (math.hypot would say inf)
+            return list(map(math.sqrt, acc)), math.sqrt(sum(acc))
+        for v, g in zip(values, groups):
+            acc[g] += _pow(v, p)
+        return [a ** (1.0 / p) for a in acc], sum(acc) ** (1.0 / p)
+
+    def combine_on_device(self, values: Tensor, index: Tensor, num_groups: int) -> Tensor:
+        """:meth:`combine` without leaving the device: per-group norms, then their total, as one float64 vector
+        (``index``: the group of each value, on the device)."""
+        values = values.double()
+        groups = torch.zeros(num_groups, dtype=values.dtype, device=values.device)
+        if self.inf:
+            groups.scatter_reduce_(0, index, values, "amax")
+            # amax ignores NaN in some kernels: a NaN in a group must make that group NaN.
+            nans = torch.zeros_like(groups).index_add_(0, index, torch.isnan(values).to(values.dtype))
+            groups = groups.masked_fill(nans > 0, math.nan)
+            return torch.cat([groups, groups.max().reshape(1)])
+        groups.index_add_(0, index, values.pow(self.p))
+        both = torch.cat([groups, groups.sum().reshape(1)])
+        return both.sqrt() if self.p == 2.0 else both.pow(1.0 / self.p)
+
+
+def _pow(v: float, p: float) -> float:
+    try:
+        return v**p
+    except OverflowError:
+        return math.inf
+
+
+def _order(norm_type: float | NormOrder) -> NormOrder:
+    return norm_type if isinstance(norm_type, NormOrder) else NormOrder(norm_type)
+
+
+# --- which tensors, which layers ----------------------------------------------------------------------------------
 
 
 class ParamLayout:
@@ -56,45 +140,22 @@ class ParamLayout:
         self.layer_names: list[str] = list(dict.fromkeys(self.param_layers))
         index = {name: j for j, name in enumerate(self.layer_names)}
         self.layer_of_param = [index[name] for name in self.param_layers]
-
-        by_key: dict[tuple[torch.device, torch.dtype, bool], list[int]] = {}
+        by_key: dict[tuple[torch.device, torch.dtype], list[int]] = {}
         for i, p in enumerate(self.params):
             local = local_tensor(p)
-            by_key.setdefault((local.device, local.dtype, _blas_friendly(local)), []).append(i)
-        #: Indices into ``params`` per (device, dtype) group: one fused kernel each (large CPU tensors apart).
+            by_key.setdefault((local.device, local.dtype), []).append(i)
+        #: Indices into ``params`` per (device, dtype) group: one fused kernel each.
         self.groups = list(by_key.values())
-        #: Per group: whether its 2-norms are taken with BLAS dot products (see :func:`_group_norms`).
-        self.group_uses_dot = [key[2] for key in by_key]
         order = [i for g in self.groups for i in g]
         # Puts the concatenated group results back into parameter order.
         self._unpermute = torch.argsort(torch.tensor(order)) if order != sorted(order) else None
-        # Weight of each local p-th-power sum in the world-wide sum (1 / replicas); None when nothing is sharded
-        # (no DTensor, no FSDP1 piece), in which case every rank already holds whole tensors and no collective is
-        # needed.
         #: Whether FSDP1 pieces are among ``params`` (see :func:`gradmon.sharding.full_grads_and_weights`).
         self.fsdp1 = any(is_fsdp1_piece(p) for p in self.params)
+        # Weight of each local p-th-power sum in the world-wide sum (1 / replicas); None when nothing is sharded (no
+        # DTensor, no FSDP1 piece), in which case every rank already holds whole tensors and no collective is needed.
         self._shard_weights = shard_weights(self.params, self.param_names, module, self.fsdp1)
         #: Whether any tensor is a shard (its norms then need a collective to be whole).
         self.sharded = self._shard_weights is not None
-        # Decided once here rather than at every step (the per-step path runs inside a training loop, where every
-        # extra line of Python counts): whether per-tensor norms can be left as the kernels' scalars
-        # (:func:`norm_parts`: nothing sharded, and one group or all of them in host memory), and whether each
-        # layer's parameters sit side by side.
-        #: Whether every tensor is in host memory (its norms can then be read one by one, without a device sync).
-        self.on_cpu = all(local_tensor(p).device.type == "cpu" for p in self.params)
-        self.partwise = self._shard_weights is None and (len(self.groups) == 1 or self.on_cpu)
-        #: Whether norms of tensors laid out as ``params`` are read as Python floats as soon as they are taken
-        #: (:func:`host_norms`): whole (unsharded) tensors in host memory, where reading waits for no device.
-        self.floats_at_once = self.on_cpu and not self.sharded and _FLOATS_AT_ONCE_ON_CPU
-        #: The dtype of :func:`stacked_norms`' vector: float64 when any tensor is, else float32.
-        self.vector_dtype = (
-            torch.float64 if any(local_tensor(p).dtype == torch.float64 for p in self.params) else torch.float32
-        )
-        self.layer_spans = _spans(self.layer_of_param)
-        #: ``k`` when every layer holds ``k`` consecutive parameters (a weight and a bias: 2), else ``None``: the
-        #: layers' 2-norms are then one ``map(hypot, ...)`` over strided slices (see :meth:`Norms.per_layer`).
-        widths = {b - a for a, b in self.layer_spans} if self.layer_spans else set()
-        self.layer_width = widths.pop() if len(widths) == 1 else None
 
     def __len__(self) -> int:
         return len(self.params)
@@ -144,204 +205,72 @@ class ParamLayout:
         )
 
 
-def stacked_norms(layout: ParamLayout, tensors: Sequence[Tensor], norm_type: float) -> Tensor:
-    """The p-norm of each tensor's local data as one vector (float32, or float64 when any tensor is) on the first
-    group's device, in input order.
+# --- the norms of one step ----------------------------------------------------------------------------------------
 
-    ``tensors[i]`` must have the device and dtype of ``layout.params[i]`` (gradients, weights and updates do) and
-    must not require grad (gradients never do; pass weights detached). No host sync happens here.
-    """
-    locals_ = [local_tensor(t) for t in tensors] if layout.sharded else tensors
-    if layout.sharded and math.isinf(norm_type):
-        # A rank may hold no element of a parameter (uneven shards); the inf-norm of nothing is an error in torch,
-        # and 0 is what a max over norms needs.
-        locals_ = [t if t.numel() else t.new_zeros(1) for t in locals_]
-    if len(layout.groups) == 1:
-        return _group_norms(locals_, norm_type, layout.group_uses_dot[0])
-    device = locals_[layout.groups[0][0]].device
-    parts = [
-        _group_norms([locals_[i] for i in group], norm_type, dot).to(device)
-        for group, dot in zip(layout.groups, layout.group_uses_dot)
-    ]
-    stacked = torch.cat(parts)
+
+def _local_norms(layout: ParamLayout, order: NormOrder, tensors: Sequence[Tensor]) -> Tensor:
+    """The p-norm of each tensor's local data (this rank's piece when sharded) as one vector on the first group's
+    device, in layout order: float32, or float64 when any tensor is. ``tensors[i]`` must have the device and dtype
+    of ``layout.params[i]`` and must not require grad (pass weights detached). No host sync."""
+    if layout.sharded:
+        tensors = [local_tensor(t) for t in tensors]
+        if order.inf:
+            # A rank may hold no element of a parameter (uneven shards); the inf-norm of nothing is an error in torch,
+            # and 0 is what a max over norms needs.
+            tensors = [t if t.numel() else t.new_zeros(1) for t in tensors]
+    groups = layout.groups
+    if len(groups) == 1:
+        return order.fused(tensors)
+    device = tensors[groups[0][0]].device
+    stacked = torch.cat([order.fused([tensors[i] for i in group]).to(device) for group in groups])
     return stacked[layout._unpermute.to(device)] if layout._unpermute is not None else stacked
 
 
-# On the CPU, torch's norm kernel runs on one thread; for the 2-norm of a large float tensor a BLAS dot product
-# (multi-threaded, SIMD) is faster and closer to the float64 norm. Below this size the per-tensor call costs more than
-# the fused kernel saves.
-_DOT_MIN_NUMEL = 1 << 14
+def _whole(layout: ParamLayout, order: NormOrder, local: Sequence[Tensor]) -> list[Norms]:
+    """Vectors of this rank's :func:`_local_norms` (weights and updates, say) made :class:`Norms` of the whole
+    tensors, sharing one collective when the layout is sharded."""
+    if not layout.sharded:
+        return [Norms(layout, values, order) for values in local]
+    n = len(layout)
+    both = order.whole(torch.cat(list(local)), layout._shard_weights.repeat(len(local)))
+    return [Norms(layout, both[i * n : (i + 1) * n], order) for i in range(len(local))]
 
 
-def _spans(layer_of_param: Sequence[int]) -> list[tuple[int, int]] | None:
-    """``[(start, end)]`` per layer when each layer's parameters are consecutive (as registration order makes them),
-    else ``None``."""
-    spans: list[tuple[int, int]] = []
-    for i, layer in enumerate(layer_of_param):
-        if layer == len(spans):
-            spans.append((i, i + 1))
-        elif layer == len(spans) - 1 and spans[-1][1] == i:
-            spans[-1] = (spans[-1][0], i + 1)
-        else:
-            return None
-    return spans
-
-
-def _blas_friendly(t: Tensor) -> bool:
-    return t.device.type == "cpu" and t.dtype in (torch.float32, torch.float64) and t.numel() >= _DOT_MIN_NUMEL
-
-
-#: Whether layouts in host memory read their norms as Python floats at once (:attr:`ParamLayout.floats_at_once`); off,
-#: the CPU takes the path a GPU takes: tests turn it off to run that path where there is no GPU.
-_FLOATS_AT_ONCE_ON_CPU = True
-
-
-def norm_parts(layout: ParamLayout, tensors: Sequence[Tensor], norm_type: float) -> Sequence[Tensor]:
-    """The p-norm of each tensor (laid out as ``layout.params``, which must be ``partwise``) as 0-d tensors, in
-    input order: the kernels' own results, neither stacked nor reordered. No host sync."""
-    groups = layout.groups
-    if len(groups) == 1:
-        return _group_parts(tensors, norm_type, layout.group_uses_dot[0])
-    out: list[Tensor] = list(tensors)
-    for group, dot in zip(groups, layout.group_uses_dot):
-        for i, norm in zip(group, _group_parts([tensors[i] for i in group], norm_type, dot)):
-            out[i] = norm
-    return out
-
-
-def _group_parts(tensors: Sequence[Tensor], norm_type: float, dot: bool) -> Sequence[Tensor]:
-    """Norms of tensors of one device and dtype, one 0-d tensor each: one fused ``_foreach_norm``, accumulated in at
-    least float32 (bf16 and fp16 norms would lose digits; float64 cannot be narrowed); or, for the 2-norm of large
-    CPU tensors, dots."""
-    if dot and norm_type == 2.0:
-        squares = [torch.dot(f, f) for f in (t.reshape(-1) for t in tensors)]
-        torch._foreach_sqrt_(squares)
-        return squares
-    if tensors[0].dtype in (torch.float32, torch.float64):  # already accumulated in full precision: the fast path
-        return torch._foreach_norm(tensors, norm_type)
-    return torch._foreach_norm(tensors, norm_type, dtype=torch.promote_types(tensors[0].dtype, torch.float32))
-
-
-def _group_norms(tensors: list[Tensor], norm_type: float, dot: bool = False) -> Tensor:
-    """Norms of tensors of one device and dtype as one vector: :func:`_group_parts` stacked."""
-    return torch.stack(list(_group_parts(tensors, norm_type, dot)))
-
-
-def global_power_sums(local_norms: Tensor, shard_weights: Tensor, norm_type: float) -> Tensor:
-    """Turn per-rank local norms into world-wide ones with a single collective (float64 p-th-power sums, or
-    maxima for inf), weighting replicated pieces so each element counts once. Returns p-th powers (inf: maxima)."""
-    if math.isinf(norm_type):
-        out = local_norms.double()
-        dist.all_reduce(out, op=dist.ReduceOp.MAX)
-        return out
-    out = local_norms.double().pow(norm_type) * shard_weights.to(local_norms.device)
-    dist.all_reduce(out, op=dist.ReduceOp.SUM)
-    return out
-
-
-def combine(values: Sequence[float], groups: Sequence[int], num_groups: int, norm_type: float, power_sums: bool = False
-            ) -> tuple[list[float], float]:
-    """Combine per-tensor norms (or p-th-power sums, when ``power_sums``) on the host into per-group norms and a total.
-
-    Done in Python doubles after the single transfer: for a few dozen values this is cheaper than more kernels.
-    """
-    if math.isinf(norm_type):
-        acc = [0.0] * num_groups
-        for v, g in zip(values, groups):
-            if v > acc[g] or v != v:
-                acc[g] = v
-        return acc, max(acc, default=0.0) if all(a == a for a in acc) else math.nan
-    p = norm_type
-    acc = [0.0] * num_groups
-    if power_sums:
-        for v, g in zip(values, groups):
-            acc[g] += v
-    elif p == 2.0:
-        for v, g in zip(values, groups):
-            acc[g] += v * v
-    else:
-        for v, g in zip(values, groups):
-            acc[g] += _pow(v, p)
-    total = sum(acc)
-    return [_root(a, p) for a in acc], _root(total, p)
-
-
-def _pow(v: float, p: float) -> float:
-    try:
-        return v**p
-    except OverflowError:
-        return math.inf
-
-
-def _root(v: float, p: float) -> float:
-    return math.sqrt(v) if p == 2.0 else v ** (1.0 / p)
-
-
-_CPU = torch.device("cpu")
-_is_none = partial(is_, None)
+def compute_norms(layout: ParamLayout, tensors: Sequence[Tensor], norm_type: float | NormOrder = 2.0) -> Norms:
+    """Fused p-norms of ``tensors`` (laid out as ``layout.params``), with one collective when sharded. No host
+    sync."""
+    order = _order(norm_type)
+    return _whole(layout, order, [_local_norms(layout, order, tensors)])[0]
 
 
 class Norms:
-    """Norms of one set of tensors at one step. ``device_values`` stays on the device until :meth:`host` is called.
+    """Norms of one set of tensors at one step: the p-norm of each full (unsharded) tensor, in layout order, as one
+    vector (``device_values``: float32, or float64 when any tensor is or after a collective) that stays on the device
+    until :meth:`host` reads it, once."""
 
-    ``device_values`` holds per-tensor norms, or (``power_sums=True``) world-wide p-th-power sums after a collective.
-    It may be given as ``parts``, the fused kernel's 0-d results on one device, stacked only when a vector is asked
-    for; or as ``host``, the values already read as Python floats (:func:`host_norms`, in host memory), made into a
-    vector only if one is asked for.
-    """
+    __slots__ = ("layout", "order", "device_values", "_host", "_layers")
 
-    __slots__ = ("layout", "norm_type", "power_sums", "_values", "_parts", "_host", "_layers")
-
-    def __init__(
-        self,
-        layout: ParamLayout,
-        device_values: Tensor | None,
-        norm_type: float,
-        power_sums: bool = False,
-        *,
-        parts: Sequence[Tensor] | None = None,
-        host: list[float] | None = None,
-    ) -> None:
-        if device_values is None and parts is None and host is None:
-            raise TypeError("Norms needs device_values, parts or host")
+    def __init__(self, layout: ParamLayout, device_values: Tensor, norm_type: float | NormOrder) -> None:
         self.layout = layout
-        self.norm_type = norm_type
-        self.power_sums = power_sums
-        self._values = device_values
-        self._parts = parts
-        self._host = host
+        self.order = _order(norm_type)
+        self.device_values = device_values
+        self._host: list[float] | None = None
         self._layers: tuple[dict[str, float], float] | None = None
 
     @property
-    def device_values(self) -> Tensor:
-        """Per-tensor values as one device vector (made from the host values when only those were given)."""
-        if self._values is None:
-            if self._parts is not None:
-                self._values = torch.stack(self._parts)  # type: ignore[arg-type]
-            else:
-                self._values = torch.tensor(self._host, dtype=self.layout.vector_dtype)
-        return self._values
-
-    @property
     def device(self) -> torch.device:
-        """Where the values are (without stacking the kernels' scalars to find out)."""
-        if self._values is not None:
-            return self._values.device
-        return self._parts[0].device if self._parts is not None else _CPU
+        """Where the values are."""
+        return self.device_values.device
 
     def host(self) -> list[float]:
-        """Per-tensor values as Python floats: the one host transfer, done at most once."""
+        """Per-tensor norms as Python floats: the one host transfer, done at most once."""
         if self._host is None:
-            parts = self._parts
-            if self._values is None and parts is not None and self.layout.on_cpu:
-                self._host = read_host(parts)
-            else:
-                self._host = read_host(self.device_values)
+            self._host = read_host(self.device_values)
         return self._host
 
     @property
     def on_host(self) -> bool:
-        """Whether the values are already Python floats (taken in host memory, or transferred)."""
+        """Whether the values have been read on the host."""
         return self._host is not None
 
     def set_host(self, values: list[float]) -> None:
@@ -353,106 +282,32 @@ class Norms:
         """``({layer: norm}, total)``, both of the full (unsharded) tensors; made once (the health rules and the
         logging step share it), so the dict must not be changed."""
         if self._layers is None:
-            self._layers = self._per_layer()
+            layout = self.layout
+            layers, total = self.order.combine(self.host(), layout.layer_of_param, len(layout.layer_names))
+            self._layers = dict(zip(layout.layer_names, layers)), total
         return self._layers
 
-    def _per_layer(self) -> tuple[dict[str, float], float]:
-        layout = self.layout
-        values = self.host()
-        spans = layout.layer_spans
-        if spans is not None and self.norm_type == 2.0 and not self.power_sums:
-            # The usual case, every step: a C-level hypot per layer (exact to an ulp, and it cannot overflow); when
-            # every layer has k parameters, hypot is mapped over k strided slices, with no Python frame per layer.
-            k = layout.layer_width
-            if k == 2:  # a weight and a bias per layer: the most common layout, without a generator
-                layers = list(map(hypot, values[0::2], values[1::2]))
-            elif k is None:
-                layers = [hypot(*values[a:b]) for a, b in spans]
-            else:
-                layers = list(map(hypot, *(values[i::k] for i in range(k))))
-            total = hypot(*layers)
-            if total == math.inf:  # hypot says inf for inf beside NaN, where the norm is NaN
-                layers = [math.nan if v == math.inf and any(x != x for x in values[a:b]) else v
-                          for v, (a, b) in zip(layers, spans)]
-                total = math.nan if any(v != v for v in layers) else total
-        else:
-            layers, total = combine(values, layout.layer_of_param, len(layout.layer_names), self.norm_type,
-                                    self.power_sums)
-        return dict(zip(layout.layer_names, layers)), total
-
     def divided_by(self, scale: Tensor) -> Norms:
-        """The norms of the tensors divided by ``scale`` (a device scalar): norms scale linearly, p-th-power sums by
-        ``scale ** p`` (inf-norm maxima linearly). No host sync."""
-        factor = scale if not self.power_sums or math.isinf(self.norm_type) else scale**self.norm_type
-        return Norms(self.layout, self.device_values / factor.to(self.device_values), self.norm_type, self.power_sums)
+        """The norms of the tensors divided by ``scale`` (a device scalar). No host sync."""
+        return Norms(self.layout, self.device_values / scale.to(self.device_values), self.order)
 
     def device_layer_norms(self) -> Tensor:
-        """Per-layer norms of the full tensors, then their total, as one float64 vector on the device: the same
-        numbers as :meth:`per_layer`, computed without leaving the device (for decisions that must not sync)."""
-        layout = self.layout
-        values = self.device_values.double()
-        index = layout.layer_index(values.device)
-        layers = torch.zeros(len(layout.layer_names), dtype=values.dtype, device=values.device)
-        if math.isinf(self.norm_type):
-            layers.scatter_reduce_(0, index, values, "amax")
-            # amax ignores NaN in some kernels: a NaN in a layer must make that layer NaN.
-            nan = torch.zeros_like(layers).index_add_(0, index, values * 0.0)
-            layers = layers + nan
-            total = layers.max().reshape(1)
-        else:
-            powers = values if self.power_sums else values.pow(self.norm_type)
-            layers.index_add_(0, index, powers)
-            total = layers.sum().reshape(1)
-            root = 1.0 / self.norm_type
-            layers, total = layers.pow(root), total.pow(root)
-        return torch.cat([layers, total])
+        """Per-layer norms, then their total, as one float64 vector on the device: the same numbers as
+        :meth:`per_layer`, computed without leaving the device (for decisions that must not sync)."""
+        values = self.device_values
+        index = self.layout.layer_index(values.device)
+        return self.order.combine_on_device(values, index, len(self.layout.layer_names))
 
 
-def read_host(tensor: Tensor | Sequence[Tensor]) -> list[float]:
+def read_host(tensor: Tensor) -> list[float]:
     """A device vector as Python floats: a blocking transfer, which on a GPU waits for every queued kernel. Every such
-    read of gradmon goes through here, so a test can count them. A list of CPU scalars is read one by one (cheaper
-    than stacking them; never given device tensors, where each read would be a sync)."""
-    if not isinstance(tensor, Tensor):
-        return list(map(Tensor.item, tensor))  # C-level iteration: no Python frame per value
+    read of gradmon goes through here, so a test can count them."""
     return tensor.tolist()
-
-
-def host_norms(layout: ParamLayout, tensors: Sequence[Tensor], norm_type: float) -> Norms:
-    """The norms of ``tensors`` (laid out as ``layout.params``, which must be ``floats_at_once``) read as Python floats
-    at once: the fused kernels' scalars (:func:`norm_parts`) read one by one, no 0-d tensor kept and nothing to stack
-    or copy later.
-    """
-    return Norms(layout, None, norm_type, host=read_host(norm_parts(layout, tensors, norm_type)))
-
-
-def compute_norms(layout: ParamLayout, tensors: Sequence[Tensor], norm_type: float) -> Norms:
-    """Fused norms of ``tensors`` (laid out as ``layout.params``), with one collective when sharded."""
-    if layout.floats_at_once:
-        return host_norms(layout, tensors, norm_type)
-    return reduce_norms(layout, [stacked_norms(layout, tensors, norm_type)], norm_type)[0]
-
-
-def reduce_norms(layout: ParamLayout, local: Sequence[Tensor], norm_type: float) -> list[Norms]:
-    """Several vectors of this rank's :func:`stacked_norms` (weights and updates, say) made whole, sharing one
-    collective when the layout is sharded."""
-    if not layout.sharded:
-        return [Norms(layout, values, norm_type) for values in local]
-    n = len(layout)
-    both = global_power_sums(torch.cat(list(local)), layout._shard_weights.repeat(len(local)), norm_type)
-    return [Norms(layout, both[i * n : (i + 1) * n], norm_type, power_sums=True) for i in range(len(local))]
-
-
-def transfer(norms: Sequence[Norms]) -> None:
-    """Bring several :class:`Norms` to the host in one transfer (those already there are left alone)."""
-    pending = [n for n in norms if n._host is None]
-    if not pending:
-        return
-    hand_out(pending, read_host(concatenated(pending)))
 
 
 def concatenated(norms: Sequence[Norms]) -> Tensor:
     """The device values of several :class:`Norms` as one vector, to cross to the host in one transfer."""
-    device = norms[0].device_values.device
+    device = norms[0].device
     return torch.cat([n.device_values.to(device) for n in norms])
 
 
@@ -464,9 +319,19 @@ def hand_out(norms: Sequence[Norms], values: Sequence[float]) -> None:
         start += len(n.layout)
 
 
-def has_nonfinite(tensor: Tensor) -> bool:
-    """Whether a tensor's local data holds a NaN or an inf (a norm can overflow to inf on finite values)."""
-    return not bool(torch.isfinite(sparse_values(local_tensor(tensor))).all())
+def transfer(norms: Sequence[Norms]) -> None:
+    """Bring several :class:`Norms` to the host in one transfer (those already there are left alone)."""
+    pending = [n for n in norms if not n.on_host]
+    if pending:
+        hand_out(pending, read_host(concatenated(pending)))
+
+
+def sparse_values(tensor: Tensor) -> Tensor:
+    """A sparse tensor's coalesced values (whose norms are those of the dense tensor); any other tensor as it is."""
+    return tensor.coalesce().values() if tensor.is_sparse else tensor
+
+
+# --- step after step ----------------------------------------------------------------------------------------------
 
 
 class GradientNorms:
@@ -478,19 +343,38 @@ class GradientNorms:
     and a rank whose piece has no gradient contributes zeros.
     """
 
-    def __init__(self, layout: ParamLayout, norm_type: float = 2.0) -> None:
+    def __init__(self, layout: ParamLayout, norm_type: float | NormOrder = 2.0) -> None:
         self.layout = layout
-        self.norm_type = norm_type
+        self.order = _order(norm_type)
         self._subsets: dict[tuple[int, ...], ParamLayout] = {}
         # Whether sparse gradients (nn.Embedding(sparse=True)) have been seen: found by the norm kernels refusing
         # them, so that dense models pay nothing for it.
         self._sparse = False
+
+    @property
+    def norm_type(self) -> float:
+        return self.order.p
 
     def compute(self) -> Norms | None:
         """This step's norms (``None`` when no parameter has a gradient). No host sync.
 
         A sparse gradient is measured by its coalesced values (duplicate indices summed): the norm of the dense
         gradient it stands for."""
+        layout, grads = self._present()
+        if not grads:
+            return None
+        if self._sparse:
+            grads = [sparse_values(g) for g in grads]
+        try:
+            return compute_norms(layout, grads, self.order)
+        except (NotImplementedError, RuntimeError):
+            if self._sparse or not any(g.is_sparse for g in grads):
+                raise
+            self._sparse = True
+            return compute_norms(layout, [sparse_values(g) for g in grads], self.order)
+
+    def _present(self) -> tuple[ParamLayout, list[Tensor]]:
+        """The layout of the parameters that have a gradient now, and their gradients."""
         layout = self.layout
         if layout.sharded:
             keep: tuple[int, ...] | None = tuple(i for i, p in enumerate(layout.params) if p.requires_grad)
@@ -506,71 +390,49 @@ class GradientNorms:
             if subset is None:
                 subset = self._subsets[keep] = layout.subset(keep)
             layout = subset
-        if not grads:
-            return None
-        if self._sparse:
-            grads = [sparse_values(g) for g in grads]
-        try:
-            return self._norms(layout, grads)
-        except (NotImplementedError, RuntimeError):
-            if self._sparse or not any(g.is_sparse for g in grads):
-                raise
-            self._sparse = True
-            return self._norms(layout, [sparse_values(g) for g in grads])
-
-    def _norms(self, layout: ParamLayout, grads: list[Tensor]) -> Norms:
-        if layout.floats_at_once:  # in host memory: the norms as Python floats at once
-            return host_norms(layout, grads, self.norm_type)
-        if layout.partwise:  # on one device: the kernels' scalars, stacked only if a vector is asked for
-            return Norms(layout, None, self.norm_type, parts=norm_parts(layout, grads, self.norm_type))
-        return compute_norms(layout, grads, self.norm_type)
+        return layout, grads
 
 
-def sparse_values(tensor: Tensor) -> Tensor:
-    """A sparse tensor's coalesced values (whose norms are those of the dense tensor); any other tensor as it is."""
-    return tensor.coalesce().values() if tensor.is_sparse else tensor
-
+_is_none = partial(is_, None)
 
 #: ``torch._foreach_clone`` where this torch has it.
 _foreach_clone = getattr(torch, "_foreach_clone", None)
 
 
 class WeightSnapshot:
-    """The weights of a layout before an optimizer step; after it, the norms of those weights and of the update.
+    """The weights of a layout before an optimizer step; after it, the p-norms of those weights and of the update.
 
     One copy of the weights (this rank's pieces), turned into ``w_before - w_after`` in place, so a snapshot costs
     the model's memory once. Taking it and finishing it make no host sync.
     """
 
-    def __init__(self, layout: ParamLayout) -> None:
+    def __init__(self, layout: ParamLayout, norm_type: float | NormOrder = 2.0) -> None:
         self.layout = layout
+        self.order = _order(norm_type)
         if layout.sharded or _foreach_clone is None:
             self._copy = [local_tensor(p).detach().clone() for p in layout.params]
         else:  # one call for every tensor (a third of a loop of clones on the CPU)
             with torch.no_grad():
                 self._copy = list(_foreach_clone(layout.params))
 
-    def finish(self, norm_type: float = 2.0) -> tuple[Norms, Norms]:
-        """``(weights before, update)`` norms, after ``optimizer.step()``: one collective when sharded."""
-        layout = self.layout
-        if layout.floats_at_once:  # whole tensors in host memory: the norms as Python floats, no collective
-            before = host_norms(layout, self._copy, norm_type)
-            with torch.no_grad():
-                torch._foreach_sub_(self._copy, layout.params)
-            delta = host_norms(layout, self._copy, norm_type)
-            self._copy = []
-            return before, delta
-        before = stacked_norms(layout, self._copy, norm_type)
-        torch._foreach_sub_(self._copy, [local_tensor(p).detach() for p in layout.params])
-        delta = stacked_norms(layout, self._copy, norm_type)
+    def finish(self, norm_type: float | None = None) -> tuple[Norms, Norms]:
+        """``(weights before, update)`` norms, after ``optimizer.step()``: one collective when sharded.
+        ``norm_type``, when given, must be the snapshot's own."""
+        if norm_type is not None and float(norm_type) != self.order.p:
+            raise ValueError(f"this snapshot takes {self.order.p}-norms, not {norm_type}-norms")
+        layout, order = self.layout, self.order
+        before = _local_norms(layout, order, self._copy)
+        with torch.no_grad():
+            torch._foreach_sub_(self._copy, [local_tensor(p) for p in layout.params])
+        delta = _local_norms(layout, order, self._copy)
         self._copy = []
-        weights, update = reduce_norms(layout, [before, delta], norm_type)
+        weights, update = _whole(layout, order, [before, delta])
         return weights, update
 
-    def update_ratios(self, norm_type: float = 2.0) -> dict[str, float]:
+    def update_ratios(self) -> dict[str, float]:
         """``{layer: ||w_after - w_before|| / ||w_before||}`` of the step just taken (one host transfer); layers whose
         weights were all zero are left out."""
-        weights, update = self.finish(norm_type)
+        weights, update = self.finish()
         transfer([weights, update])
         return update_ratios(weights, update)
 
@@ -582,7 +444,9 @@ def update_ratios(weights: Norms, update: Norms) -> dict[str, float]:
     return {layer: update_layers[layer] / w for layer, w in weight_layers.items() if w > 0}
 
 
-# Plain-loop entry points keep one GradientNorms per (model, norm_type, group_by), dropped with the model.
+# --- the plain-loop entry points ----------------------------------------------------------------------------------
+
+# One GradientNorms per (model, norm_type, group_by), dropped with the model.
 _CACHE: weakref.WeakKeyDictionary[nn.Module, dict[tuple[float, str], tuple[tuple[int, ...], GradientNorms]]] = (
     weakref.WeakKeyDictionary()
 )

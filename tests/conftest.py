@@ -33,12 +33,3 @@ def norm_computations(monkeypatch: pytest.MonkeyPatch) -> list[float]:
 
     monkeypatch.setattr(gradmon.norms.GradientNorms, "compute", counted)
     return computed
-
-
-@pytest.fixture
-def device_path(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Layouts built during the test take their norms the way they are taken on a GPU (kernels' results left on the
-    device, stacked and read in one transfer when asked) instead of as Python floats in host memory: the CPU then
-    runs the path a GPU runs, so that tests of that path (no transfer before it is asked for, no blocking read in
-    sync-free mode) can fail here."""
-    monkeypatch.setattr(gradmon.norms, "_FLOATS_AT_ONCE_ON_CPU", False)

@@ -139,15 +139,9 @@ def test_default_interval_is_the_trainers_log_every_n_steps(tmp_path: Path) -> N
     assert {tag: sorted(v) for tag, v in logged.items()} == {tag: [0, 3, 6] for tag in all_tags(LAYERS)}
 
 
-@pytest.mark.parametrize("path", ["device", "host"])
-def test_no_host_sync_and_no_work_on_steps_that_do_not_log(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, request: pytest.FixtureRequest, path: str
-) -> None:
+def test_no_host_sync_and_no_work_on_steps_that_do_not_log(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Every .tolist()/.item() during training is attributed to the step whose batch is running (the last one, at
-    train end, to the last step). ``device``: norms taken as on a GPU (see the ``device_path`` fixture); ``host``:
-    taken in host memory as Python floats (the CPU's own path), read in the logging step itself."""
-    if path == "device":
-        request.getfixturevalue("device_path")
+    train end, to the last step)."""
     syncs: Counter[int | None] = Counter()
     computed: list[int] = []
     step: list[int | None] = [None]
@@ -167,12 +161,9 @@ def test_no_host_sync_and_no_work_on_steps_that_do_not_log(
     torch.manual_seed(0)
     fit(MLP(), [Clock(), monitor], steps=6, tmp_path=tmp_path)
     assert computed == [0, 2, 4]
-    if path == "device":
-        # One transfer per logging step, read on the host during the next batch from a copy sent at the end of the
-        # logging batch: the host never waits for the device.
-        assert {s: n for s, n in syncs.items() if s is not None} == {1: 1, 3: 1, 5: 1}
-    else:  # no device to wait for: only logging steps read anything
-        assert {s for s in syncs if s is not None} == {0, 2, 4}
+    # One transfer per logging step, read on the host during the next batch from a copy sent at the end of the
+    # logging batch: the host never waits for the device.
+    assert {s: n for s, n in syncs.items() if s is not None} == {1: 1, 3: 1, 5: 1}
 
 
 def test_grad_health_monitor_reuses_the_norms_of_the_step(tmp_path: Path, norm_computations: list[float]) -> None:

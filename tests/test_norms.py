@@ -9,17 +9,16 @@ import pytest
 import torch
 from torch import nn
 
+from gradmon.naming import layer_name
 from gradmon.norms import (
     GradientNorms,
+    NormOrder,
     Norms,
     ParamLayout,
-    combine,
+    WeightSnapshot,
     compute_norms,
-    layer_name,
     layer_norms,
-    reduce_norms,
     snapshot_weights,
-    stacked_norms,
     transfer,
 )
 
@@ -114,9 +113,9 @@ def test_mixed_float32_and_bfloat16_give_two_groups_and_norms_in_parameter_order
     names, params = mixed_dtype_params(torch.bfloat16)
     layout = ParamLayout.from_named_parameters(zip(names, params))
     assert layout.groups == [[0, 2], [1, 3]]
-    got = stacked_norms(layout, params, p)
-    assert got.dtype == torch.float32
-    assert got.tolist() == pytest.approx([hand_norm([t], p) for t in params], rel=1e-5)
+    norms = compute_norms(layout, params, p)
+    assert norms.device_values.dtype == torch.float32
+    assert norms.host() == pytest.approx([hand_norm([t], p) for t in params], rel=1e-5)
 
 
 @pytest.mark.parametrize("p", [2.0, math.inf])
@@ -154,7 +153,6 @@ def test_compute_norms_by_parameter_gives_each_parameter_its_norm(p: float) -> N
     assert total == pytest.approx(hand_norm(list(net.parameters()), p), rel=1e-5)
 
 
-@pytest.mark.usefixtures("device_path")
 def test_compute_norms_does_not_transfer_to_the_host_until_asked(monkeypatch: pytest.MonkeyPatch) -> None:
     calls = []
     original = torch.Tensor.tolist
@@ -168,37 +166,55 @@ def test_compute_norms_does_not_transfer_to_the_host_until_asked(monkeypatch: py
     assert len(calls) == 1
 
 
-def test_reduce_norms_gives_one_norms_per_stacked_vector() -> None:
+@pytest.mark.parametrize("p", NORM_TYPES)
+def test_weight_snapshot_gives_the_norms_of_the_weights_before_and_of_the_update(p: float) -> None:
+    torch.manual_seed(0)
     net = nn.Linear(3, 4)
     layout = ParamLayout.from_named_parameters(net.named_parameters())
-    lists = [layout.params, [2 * t for t in layout.params]]
-    first, second = reduce_norms(layout, [stacked_norms(layout, tensors, 2.0) for tensors in lists], 2.0)
-    assert second.host() == pytest.approx([2 * v for v in first.host()], rel=1e-6)
+    snapshot = WeightSnapshot(layout, p)
+    before = [t.detach().clone() for t in layout.params]
+    with torch.no_grad():
+        for t in layout.params:
+            t.mul_(3.0)  # the update is -2 w
+    weights, update = snapshot.finish()
+    assert weights.host() == pytest.approx([hand_norm([t], p) for t in before], rel=1e-6)
+    assert update.host() == pytest.approx([2 * v for v in weights.host()], rel=1e-6)
 
 
 @pytest.mark.parametrize("p", [1.0, 2.0, 3.0])
-def test_combine_on_powers_sums_them_per_group_and_takes_the_root(p: float) -> None:
+def test_combine_sums_pth_powers_per_group_and_takes_the_root(p: float) -> None:
     norms = [3.0, 4.0, 1.0, 2.0]
     groups = [0, 0, 1, 0]
-    per_group, total = combine([v**p for v in norms], groups, 2, p, power_sums=True)
-    want = [(3.0**p + 4.0**p + 2.0**p) ** (1 / p), 1.0]
-    assert per_group == pytest.approx(want)
+    per_group, total = NormOrder(p).combine(norms, groups, 2)
+    assert per_group == pytest.approx([(3.0**p + 4.0**p + 2.0**p) ** (1 / p), 1.0])
     assert total == pytest.approx(sum(v**p for v in norms) ** (1 / p))
-    assert combine(norms, groups, 2, p) == (pytest.approx(want), pytest.approx(total))
 
 
 def test_combine_inf_takes_maxima_and_propagates_nan() -> None:
-    assert combine([3.0, 4.0, 1.0], [0, 0, 1], 2, math.inf) == ([4.0, 1.0], 4.0)
-    per_group, total = combine([1.0, 2.0, math.nan, 0.5], [0, 0, 1, 1], 2, math.inf)
+    assert NormOrder(math.inf).combine([3.0, 4.0, 1.0], [0, 0, 1], 2) == ([4.0, 1.0], 4.0)
+    per_group, total = NormOrder(math.inf).combine([1.0, 2.0, math.nan, 0.5], [0, 0, 1, 1], 2)
     assert per_group[0] == 2.0 and math.isnan(per_group[1]) and math.isnan(total)
 
 
-def test_combine_overflows_to_inf_rather_than_raising() -> None:
-    per_group, total = combine([1e200, 1.0], [0, 1], 2, 3.0)
+@pytest.mark.parametrize("p", [2.0, 3.0])
+def test_combine_overflows_to_inf_rather_than_raising(p: float) -> None:
+    per_group, total = NormOrder(p).combine([1e200, 1.0], [0, 1], 2)
     assert per_group == [math.inf, 1.0] and total == math.inf
 
 
-@pytest.mark.usefixtures("device_path")
+@pytest.mark.parametrize("p", NORM_TYPES)
+@pytest.mark.parametrize(
+    "values", [[3.0, 4.0, 1.0, 2.0, 0.5], [math.inf, math.nan, 1.0, 2.0, 0.5], [math.inf, 1.0, 1.0, 2.0, 0.5],
+               [1e200, 1.0, 1.0, 2.0, 0.0]]
+)
+def test_device_layer_norms_equal_the_host_layers_and_total(p: float, values: list[float]) -> None:
+    layout = ParamLayout([torch.zeros(1)] * 5, ["a.w", "a.b", "b.w", "c.w", "b.b"], ["a", "a", "b", "c", "b"])
+    norms = Norms(layout, torch.tensor(values, dtype=torch.float64), p)
+    layers, total = norms.per_layer()
+    want = [*layers.values(), total]
+    assert norms.device_layer_norms().tolist() == pytest.approx(want, rel=1e-12, nan_ok=True)
+
+
 def test_transfer_brings_several_norms_to_the_host_in_one_transfer(monkeypatch: pytest.MonkeyPatch) -> None:
     torch.manual_seed(0)
     net = nn.Sequential(nn.Linear(3, 4), nn.Linear(4, 2))
@@ -291,12 +307,12 @@ def test_update_ratios_of_sgd_are_lr_times_grad_over_weight() -> None:
     assert ratios == {"weight": pytest.approx(0.01 * float(grad.norm()) / float(weight.norm()), rel=1e-5)}
 
 
-# ------------------------------------------------------------------------ the per-step path (partwise kernels)
+# ------------------------------------------------------------------------------------------ the per-step path
 
 
 def _mixed_model() -> nn.Module:
-    """Large and small float32 tensors (a BLAS-dot group beside a fused-kernel group), a float64 layer between
-    them, and a layer registered out of order relative to the groups."""
+    """Large and small float32 tensors, a float64 layer between them, and a float32 layer after it: two (device,
+    dtype) groups whose concatenation is out of parameter order."""
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(8, 160), nn.Linear(160, 128), nn.Linear(128, 4).double(), nn.Linear(4, 3))
     for p in model.parameters():
@@ -304,26 +320,25 @@ def _mixed_model() -> nn.Module:
     return model
 
 
-@pytest.mark.usefixtures("device_path")
 @pytest.mark.parametrize("p", NORM_TYPES)
-def test_gradient_norms_from_the_kernels_scalars_equal_the_stacked_path_bit_for_bit(p: float) -> None:
+def test_gradient_norms_of_mixed_dtypes_equal_torchs_norms_in_parameter_order(p: float) -> None:
     model = _mixed_model()
     layout = ParamLayout.from_named_parameters(model.named_parameters())
-    assert layout.partwise and len(layout.groups) == 3  # float32 large, float32 small, float64
+    assert len(layout.groups) == 2  # float32 and float64: one fused kernel each
     norms = GradientNorms(layout, p).compute()
-    assert norms is not None and norms._values is None  # not stacked: read as scalars
-    stacked = stacked_norms(layout, [q.grad for q in layout.params], p)
-    assert norms.host() == stacked.tolist()
-    assert torch.equal(norms.device_values, stacked)
+    assert norms is not None and not norms.on_host  # nothing read before it is asked for
+    grads = [q.grad for q in layout.params]
+    assert norms.device_values.dtype == torch.float64
+    assert norms.host() == pytest.approx([float(torch.linalg.vector_norm(g, p)) for g in grads], rel=1e-6)
     want = [hand_norm([q.grad for q in m.parameters()], p) for m in model]
     layers, total = norms.per_layer()
     assert list(layers.values()) == pytest.approx(want, rel=1e-5)
-    assert total == pytest.approx(hand_norm([q.grad for q in model.parameters()], p), rel=1e-5)
+    assert total == pytest.approx(float(torch.nn.utils.get_total_norm([g.double() for g in grads], p)), rel=1e-5)
 
 
 def _floats_model() -> nn.Module:
-    """Small and large float32 layers (fused kernel and BLAS dots), a bfloat16 and a float64 layer between them, so
-    that the layout's groups are out of parameter order."""
+    """Small and large float32 layers, a bfloat16 and a float64 layer between them, so that the layout's groups are
+    out of parameter order."""
     torch.manual_seed(0)
     model = nn.Sequential(
         nn.Linear(8, 8), nn.Linear(8, 8), nn.Linear(160, 128), nn.Linear(8, 8).to(torch.bfloat16),
@@ -335,19 +350,15 @@ def _floats_model() -> nn.Module:
 
 
 @pytest.mark.parametrize("p", NORM_TYPES)
-def test_norms_read_as_floats_at_once_equal_the_device_path_bit_for_bit_in_parameter_order(p: float) -> None:
+def test_norms_of_float32_bfloat16_and_float64_come_in_parameter_order(p: float) -> None:
     model = _floats_model()
     layout = ParamLayout.from_named_parameters(model.named_parameters())
-    assert layout.floats_at_once
-    # float32 small, float32 large (dots for the 2-norm), bfloat16, float64: one kernel each.
-    groups = [(len(indices), dot) for indices, dot in zip(layout.groups, layout.group_uses_dot)]
-    assert groups == [(11, False), (1, True), (2, False), (2, False)]
+    assert [len(indices) for indices in layout.groups] == [12, 2, 2]  # float32, bfloat16, float64
     grads = [q.grad for q in layout.params]
     norms = GradientNorms(layout, p).compute()
-    assert norms is not None and norms.on_host and norms._values is None and norms._parts is None
-    assert norms.host() == stacked_norms(layout, grads, p).tolist()
-    assert norms.host() == pytest.approx([hand_norm([g], p) for g in grads], rel=1e-2)  # order: bf16 is coarse
-    assert torch.equal(norms.device_values, stacked_norms(layout, grads, p))  # the vector, made when asked for
+    assert norms is not None
+    assert norms.host() == pytest.approx([hand_norm([g], p) for g in grads], rel=1e-5)
+    assert norms.device_values.tolist() == norms.host()
 
 
 def test_norms_read_as_floats_keep_nan_and_inf_to_their_own_tensor() -> None:
@@ -370,7 +381,7 @@ def test_norms_read_as_floats_of_an_empty_tensor_are_zero() -> None:
     assert GradientNorms(layout).compute().host() == [0.0, 2.0, 2.0, 2.0]
 
 
-def test_gradient_norms_leave_out_missing_gradients_on_the_partwise_path() -> None:
+def test_gradient_norms_leave_out_missing_gradients() -> None:
     model = _mixed_model()
     model[1].weight.grad = None
     model[3].bias.grad = None
@@ -385,7 +396,6 @@ def test_gradient_norms_leave_out_missing_gradients_on_the_partwise_path() -> No
 def test_per_layer_2_norm_is_nan_for_a_layer_holding_nan_beside_inf_and_inf_for_inf_alone() -> None:
     names = ["a.w", "a.b", "b.w", "b.b", "c.w", "c.b"]
     layout = ParamLayout([torch.zeros(1)] * 6, names, [n[0] for n in names])
-    assert layout.layer_spans == [(0, 2), (2, 4), (4, 6)]
     norms = Norms(layout, torch.tensor([math.inf, math.nan, math.inf, 1.0, 3.0, 4.0]), 2.0)
     layers, total = norms.per_layer()
     assert math.isnan(layers["a"]) and layers["b"] == math.inf and layers["c"] == 5.0
@@ -396,18 +406,15 @@ def test_per_layer_2_norm_is_nan_for_a_layer_holding_nan_beside_inf_and_inf_for_
 
 def test_per_layer_combines_layers_whose_parameters_are_not_side_by_side() -> None:
     layout = ParamLayout([torch.zeros(1)] * 3, ["a.w", "b.w", "a.b"], ["a", "b", "a"])
-    assert layout.layer_spans is None
     layers, total = Norms(layout, torch.tensor([3.0, 12.0, 4.0]), 2.0).per_layer()
     assert layers == {"a": 5.0, "b": 12.0} and total == 13.0
 
 
 @pytest.mark.parametrize("sizes", [(1, 1, 1), (2, 2, 2), (3, 3), (2, 1, 3)])
 def test_per_layer_2_norm_is_the_same_whatever_the_number_of_parameters_per_layer(sizes: tuple[int, ...]) -> None:
-    # Equal widths take one map(hypot) over strided slices; unequal ones a hypot per span: both are exact to an ulp.
     layers = [name for name, k in zip("abc", sizes) for _ in range(k)]
     values = [0.5 * (i + 1) for i in range(len(layers))]
     layout = ParamLayout([torch.zeros(1)] * len(layers), [f"{n}.{i}" for i, n in enumerate(layers)], layers)
-    assert layout.layer_width == (sizes[0] if len(set(sizes)) == 1 else None)
     got, total = Norms(layout, torch.tensor(values, dtype=torch.float64), 2.0).per_layer()
     want = {n: math.sqrt(sum(v * v for v, m in zip(values, layers) if m == n)) for n in dict.fromkeys(layers)}
     assert got == pytest.approx(want, rel=1e-15) and list(got) == list(want)

@@ -329,6 +329,6 @@ class ActivationMonitor(Callback):
 
 
 def _tensor_norms(norms: Norms) -> list[float]:
-    """Per-tensor 2-norms from :class:`Norms` on the host (square roots of power sums when sharded)."""
-    return [math.sqrt(v) for v in norms.host()] if norms.power_sums else list(norms.host())
+    """Per-tensor 2-norms from :class:`Norms` on the host (of the full tensors, also when sharded)."""
+    return list(norms.host())
 

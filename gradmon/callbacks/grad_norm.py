@@ -49,10 +49,9 @@ class GradNormMonitor(Callback):
 
     Computed in ``on_before_optimizer_step``: after AMP unscaling and gradient accumulation, before gradient
     clipping, once per optimizer step. Gradients are grouped by (device, dtype) and reduced with one fused
-    ``torch._foreach_norm`` per group; steps that do not log cost nothing, and on a GPU a logging step sends all its
-    values to the host in one non-blocking copy, read (and written to the loggers) at the end of the next batch, so
-    no step waits for the device (on the CPU the norms are Python floats from the start: nothing to copy, written at
-    the same point).
+    ``torch._foreach_norm`` per group; steps that do not log cost nothing, and a logging step sends all its values to
+    the host in one non-blocking copy, read (and written to the loggers) at the end of the next batch, so no step
+    waits for the device.
 
     A *layer* is the module that owns the parameters (``net.0`` for ``net.0.weight`` and ``net.0.bias``); a parameter
     registered on the root module is its own layer; ``group_by="parameter"`` logs every parameter separately.
@@ -195,9 +194,9 @@ class GradNormMonitor(Callback):
         weights = snapshot = None
         if self.log_update_ratios:
             # The weights before the step: their norms and the update are taken from this copy after the step.
-            snapshot = WeightSnapshot(grads.layout)
+            snapshot = WeightSnapshot(grads.layout, grads.order)
         elif self.log_weight_norms:
-            weights = compute_norms(grads.layout, [p.detach() for p in grads.layout.params], self.norm_type)
+            weights = compute_norms(grads.layout, [p.detach() for p in grads.layout.params], grads.order)
         optimizers = trainer.optimizers
         total_tag = tags.total_tag(optimizer_names(optimizers)[index] if len(optimizers) > 1 else None)
         self._pending.append(_Pending(step, total_tag, grads, weights, snapshot))
@@ -230,17 +229,17 @@ class GradNormMonitor(Callback):
 
     def _send(self) -> _Sent:
         """Finish the captured steps on the device (weight and update norms) and start one non-blocking copy of all
-        their numbers to the host (none when they are all Python floats already, as on the CPU)."""
+        their numbers to the host (none when they are all there already, read by a GradHealthMonitor)."""
         pending, self._pending = self._pending, []
         updates: list[Norms | None] = []
         for record in pending:
             if record.snapshot is None:
                 updates.append(None)
                 continue
-            record.weights, update = record.snapshot.finish(self.norm_type)
+            record.weights, update = record.snapshot.finish()
             updates.append(update)
         norms = [n for r, u in zip(pending, updates) for n in (r.grads, r.weights, u) if n is not None]
-        if all(n.on_host for n in norms):  # taken in host memory: nothing to copy
+        if all(n.on_host for n in norms):  # already read: nothing to copy
             return _Sent(pending, updates, norms, None)
         return _Sent(pending, updates, norms, HostCopy(concatenated(norms)))
 
