@@ -15,7 +15,7 @@ import torch
 from torch import Tensor, nn
 
 if TYPE_CHECKING:
-    from gradmon.norms import ParamLayout
+    from gradmon.layout import ParamLayout
 
 try:
     import torch.distributed as dist

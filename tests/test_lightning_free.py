@@ -16,6 +16,7 @@ LIGHTNING = ("lightning", "pytorch_lightning", "lightning_fabric")
 CORE = [
     "gradmon",
     "gradmon.norms",
+    "gradmon.layout",
     "gradmon.health",
     "gradmon.init",
     "gradmon.numerical",
