@@ -48,15 +48,15 @@ class ParamLayout:
         #: Indices into ``params`` per (device, dtype) group: one fused kernel each.
         self.groups = list(by_key.values())
         order = [i for g in self.groups for i in g]
-        # Puts the concatenated group results back into parameter order.
-        self._unpermute = torch.argsort(torch.tensor(order)) if order != sorted(order) else None
+        #: Puts the groups' results, concatenated, back into parameter order (``None``: they already are).
+        self.unpermute = torch.argsort(torch.tensor(order)) if order != sorted(order) else None
         #: Whether FSDP1 pieces are among ``params`` (see :func:`gradmon.sharding.full_grads_and_weights`).
         self.fsdp1 = any(is_fsdp1_piece(p) for p in self.params)
-        # Weight of each local p-th-power sum in the world-wide sum (1 / replicas); None when nothing is sharded (no
-        # DTensor, no FSDP1 piece), in which case every rank already holds whole tensors and no collective is needed.
-        self._shard_weights = shard_weights(self.params, self.param_names, module, self.fsdp1)
+        #: Weight of each local p-th-power sum in the world-wide sum (1 / replicas); ``None`` when nothing is sharded
+        #: (no DTensor, no FSDP1 piece): every rank then holds whole tensors and no collective is needed.
+        self.shard_weights = shard_weights(self.params, self.param_names, module, self.fsdp1)
         #: Whether any tensor is a shard (its norms then need a collective to be whole).
-        self.sharded = self._shard_weights is not None
+        self.sharded = self.shard_weights is not None
 
     def __len__(self) -> int:
         return len(self.params)

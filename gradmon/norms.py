@@ -129,7 +129,7 @@ def _local_norms(layout: ParamLayout, order: NormOrder, tensors: Sequence[Tensor
         return order.fused(tensors)
     device = tensors[groups[0][0]].device
     stacked = torch.cat([order.fused([tensors[i] for i in group]).to(device) for group in groups])
-    return stacked[layout._unpermute.to(device)] if layout._unpermute is not None else stacked
+    return stacked[layout.unpermute.to(device)] if layout.unpermute is not None else stacked
 
 
 def _whole(layout: ParamLayout, order: NormOrder, local: Sequence[Tensor]) -> list[Norms]:
@@ -138,7 +138,7 @@ def _whole(layout: ParamLayout, order: NormOrder, local: Sequence[Tensor]) -> li
     if not layout.sharded:
         return [Norms(layout, values, order) for values in local]
     n = len(layout)
-    both = order.whole(torch.cat(list(local)), layout._shard_weights.repeat(len(local)))
+    both = order.whole(torch.cat(list(local)), layout.shard_weights.repeat(len(local)))
     return [Norms(layout, both[i * n : (i + 1) * n], order) for i in range(len(local))]
 
 

@@ -84,7 +84,7 @@ def measure(model: FSDP, inner: Net) -> dict[str, Any]:
     out: dict[str, Any] = {
         "layer_names": layout.layer_names,
         "param_names": layout.param_names,
-        "shard_weights": layout._shard_weights.tolist(),
+        "shard_weights": layout.shard_weights.tolist(),
         "grad_norms": {p: compute_norms(layout, grads, p).per_layer() for p in NORM_TYPES},
         "describe": describe(model),
     }
