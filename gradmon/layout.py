@@ -57,6 +57,11 @@ class ParamLayout:
         self.shard_weights = shard_weights(self.params, self.param_names, module, self.fsdp1)
         #: Whether any tensor is a shard (its norms then need a collective to be whole).
         self.sharded = self.shard_weights is not None
+        #: Whether the norms are read as Python floats as soon as they are taken: whole tensors of one dtype in host
+        #: memory, where reading waits for no device (see :func:`gradmon.norms.compute_norms`).
+        self.read_at_once = (
+            not self.sharded and len(self.groups) == 1 and local_tensor(self.params[0]).device.type == "cpu"
+        )
 
     def __len__(self) -> int:
         return len(self.params)

@@ -139,7 +139,21 @@ def test_default_interval_is_the_trainers_log_every_n_steps(tmp_path: Path) -> N
     assert {tag: sorted(v) for tag, v in logged.items()} == {tag: [0, 3, 6] for tag in all_tags(LAYERS)}
 
 
-def test_no_host_sync_and_no_work_on_steps_that_do_not_log(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+class MixedMLP(MLP):
+    """An MLP whose head is float64: two (device, dtype) groups, whose norms are stacked into one vector and read
+    later, as on a GPU (a model of one dtype in host memory has its norms read as floats at once)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.net[-1].double()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net[-1](self.net[:-1](x).double())
+
+
+@pytest.mark.parametrize("path", ["device", "host"])
+def test_no_host_sync_and_no_work_on_steps_that_do_not_log(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                           path: str) -> None:
     """Every .tolist()/.item() during training is attributed to the step whose batch is running (the last one, at
     train end, to the last step)."""
     syncs: Counter[int | None] = Counter()
@@ -159,11 +173,17 @@ def test_no_host_sync_and_no_work_on_steps_that_do_not_log(tmp_path: Path, monke
         original = getattr(torch.Tensor, method)
         monkeypatch.setattr(torch.Tensor, method, lambda self, _o=original: syncs.update([step[0]]) or _o(self))
     torch.manual_seed(0)
-    fit(MLP(), [Clock(), monitor], steps=6, tmp_path=tmp_path)
+    fit(MixedMLP() if path == "device" else MLP(), [Clock(), monitor], steps=6, tmp_path=tmp_path)
     assert computed == [0, 2, 4]
-    # One transfer per logging step, read on the host during the next batch from a copy sent at the end of the
-    # logging batch: the host never waits for the device.
-    assert {s: n for s, n in syncs.items() if s is not None} == {1: 1, 3: 1, 5: 1}
+    read = {s: n for s, n in syncs.items() if s is not None}
+    if path == "device":
+        # One transfer per logging step, read on the host during the next batch from a copy sent at the end of the
+        # logging batch: the host never waits for the device.
+        assert read == {1: 1, 3: 1, 5: 1}
+    else:
+        # In host memory there is no device to wait for: the 8 gradient norms are read as they are taken, the
+        # weights' and updates' norms during the next batch.
+        assert read == {0: 8, 1: 1, 2: 8, 3: 1, 4: 8, 5: 1}
 
 
 def test_grad_health_monitor_reuses_the_norms_of_the_step(tmp_path: Path, norm_computations: list[float]) -> None:

@@ -154,16 +154,27 @@ def test_compute_norms_by_parameter_gives_each_parameter_its_norm(p: float) -> N
 
 
 def test_compute_norms_does_not_transfer_to_the_host_until_asked(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Two dtypes: two kernels whose results are stacked into one vector, read on the host once, when asked.
     calls = []
     original = torch.Tensor.tolist
     monkeypatch.setattr(torch.Tensor, "tolist", lambda self: calls.append(1) or original(self))
-    net = nn.Linear(3, 4)
+    net = nn.Sequential(nn.Linear(3, 4), nn.Linear(4, 2).double())
     layout = ParamLayout.from_named_parameters(net.named_parameters())
     norms = compute_norms(layout, layout.params, 2.0)
-    assert calls == []
-    norms.per_layer()
+    assert calls == [] and not norms.on_host
+    layers, _ = norms.per_layer()
     norms.per_layer()
     assert len(calls) == 1
+    assert layers["1"] == pytest.approx(torch.cat([t.detach().reshape(-1) for t in net[1].parameters()]).norm().item())
+
+
+def test_norms_of_whole_tensors_of_one_dtype_in_host_memory_are_floats_at_once() -> None:
+    net = nn.Linear(3, 4)
+    layout = ParamLayout.from_named_parameters(net.named_parameters())
+    norms = compute_norms(layout, [p.detach() for p in layout.params], 2.0)
+    assert norms.on_host
+    assert norms.host() == [p.detach().norm().item() for p in net.parameters()]
+    assert norms.device_values.tolist() == pytest.approx(norms.host())  # the vector, when asked for one
 
 
 @pytest.mark.parametrize("p", NORM_TYPES)
@@ -217,9 +228,12 @@ def test_device_layer_norms_equal_the_host_layers_and_total(p: float, values: li
 
 def test_transfer_brings_several_norms_to_the_host_in_one_transfer(monkeypatch: pytest.MonkeyPatch) -> None:
     torch.manual_seed(0)
-    net = nn.Sequential(nn.Linear(3, 4), nn.Linear(4, 2))
+    # Two dtypes each: vectors that stay where they were taken until asked for (one dtype in host memory is read at
+    # once, with nothing left to transfer).
+    net = nn.Sequential(nn.Linear(3, 4), nn.Linear(4, 2).double())
+    tail = nn.Sequential(nn.Linear(2, 2), nn.Linear(2, 1).double())
     layout = ParamLayout.from_named_parameters(net.named_parameters())
-    small = ParamLayout.from_named_parameters(net[1].named_parameters())
+    small = ParamLayout.from_named_parameters(tail.named_parameters())
     grads = compute_norms(layout, [torch.randn_like(t) for t in layout.params], 2.0)
     weights = compute_norms(layout, layout.params, 2.0)
     other = compute_norms(small, small.params, 1.0)
@@ -231,7 +245,7 @@ def test_transfer_brings_several_norms_to_the_host_in_one_transfer(monkeypatch: 
     original = torch.Tensor.tolist
     monkeypatch.setattr(torch.Tensor, "tolist", lambda self: calls.append(self.numel()) or original(self))
     transfer([grads, weights, done, other])
-    assert calls == [4 + 4 + 2]  # one transfer, and ``done`` was left out of it
+    assert calls == [4 + 4 + 4]  # one transfer, and ``done`` was left out of it
     assert [grads.host(), weights.host(), other.host()] == [pytest.approx(w) for w in want]
     assert done.host() is done_values
     assert len(calls) == 1

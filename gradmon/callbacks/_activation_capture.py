@@ -55,7 +55,7 @@ def measure(pl_module: pl.LightningModule, grad_norms: GradientNorms, structure:
     the weights for the update ratio (all on the device)."""
     layout = grad_norms.layout
     current.grads = grad_norms.compute()
-    current.weights = compute_norms(layout, [p.detach() for p in layout.params], 2.0)
+    current.weights = compute_norms(layout, [p.detach() for p in layout.params], grad_norms.order)
     modules = dict(pl_module.named_modules())
     biases = [getattr(_module(modules, info.name), "bias", None) for info in structure]
     device = layout.params[0].device if layout.params else torch.device("cpu")
@@ -68,7 +68,7 @@ def measure(pl_module: pl.LightningModule, grad_norms: GradientNorms, structure:
     ]) if biases else torch.zeros(0, device=device)
     current.recurrent = torch.stack([weight_rms(m.weight_hh_l0).to(device) for _, m in recurrent]
                                     ) if recurrent else None
-    current.snapshot = WeightSnapshot(layout)
+    current.snapshot = WeightSnapshot(layout, grad_norms.order)
 
 
 def step_loss(outputs: Any) -> torch.Tensor | None:

@@ -230,7 +230,7 @@ class ActivationMonitor(Callback):
         if self._recorder is not None and self._recorder.active:
             current.batch = self._recorder.stop()
         if current.snapshot is not None:
-            _, current.update = current.snapshot.finish(2.0)
+            _, current.update = current.snapshot.finish()
             current.snapshot = None
         parts = current.device_parts()
         if parts:
