@@ -14,7 +14,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from tensorboard.plugins.custom_scalar import layout_pb2
 from torch import nn
 
-from gradmon import GradientHealthWarning
+from gradmon import GradientHealthWarning, GradNormMonitor
 from gradmon.naming import layer_name
 
 ACTIVATIONS = {"relu": nn.ReLU, "sigmoid": nn.Sigmoid, "tanh": nn.Tanh}
@@ -154,6 +154,13 @@ class WrongLinear(nn.Linear):
     def forward(self, x):
         weight, bias = ScaleGrad.apply(self.weight, self.scale), ScaleGrad.apply(self.bias, self.scale)
         return nn.functional.linear(x, weight, bias)
+
+
+def norm_monitor(**kwargs) -> GradNormMonitor:
+    """A GradNormMonitor that draws no TensorBoard images (unless asked): for the tests of what it logs as scalars
+    and histograms, which need no figures (drawing them is most of a short test run's time); the images have tests of
+    their own."""
+    return GradNormMonitor(**{"images_every_n_logs": None, **kwargs})
 
 
 def make_data(n: int, in_features: int = 8, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:

@@ -11,6 +11,8 @@ from experiments.diagnosis_zoo import CASES
 
 BY_NAME = {case.name: case for case in CASES}
 
+pytestmark = pytest.mark.slow  # trains the zoo's models, with and without their fix
+
 
 @pytest.mark.parametrize("name", ["healthy/gpt", "healthy/mlp3_adam", "healthy/resnet_bn"])
 def test_a_healthy_run_gets_no_finding_and_no_warning(name: str) -> None:

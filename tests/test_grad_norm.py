@@ -22,6 +22,7 @@ from helpers import (
     logdir,
     make_loader,
     mlp_layers,
+    norm_monitor,
     read_layouts,
     read_scalars,
 )
@@ -113,7 +114,7 @@ def all_tags(layers: list[str]) -> set[str]:
 
 def test_logs_every_n_steps_at_steps_0_n_2n_with_exact_tags_and_hand_values(tmp_path: Path) -> None:
     torch.manual_seed(0)
-    rec = recorded_fit(tmp_path, MLP(), GradNormMonitor(log_every_n_steps=2), steps=6)
+    rec = recorded_fit(tmp_path, MLP(), norm_monitor(log_every_n_steps=2), steps=6)
     logged = gradmon_scalars(logdir(tmp_path))
     assert set(logged) == all_tags(LAYERS)
     assert_logged(logged, rec, [0, 2, 4])
@@ -121,7 +122,7 @@ def test_logs_every_n_steps_at_steps_0_n_2n_with_exact_tags_and_hand_values(tmp_
 
 def test_each_logging_step_is_one_tensorboard_summary_holding_all_its_values(tmp_path: Path) -> None:
     torch.manual_seed(0)
-    recorded_fit(tmp_path, MLP(), GradNormMonitor(log_every_n_steps=2), steps=4)
+    recorded_fit(tmp_path, MLP(), norm_monitor(log_every_n_steps=2), steps=4)
     (path,) = logdir(tmp_path).glob("events.out.tfevents.*")
     summaries = []
     for raw in RawEventFileLoader(str(path)).Load():
@@ -134,7 +135,7 @@ def test_each_logging_step_is_one_tensorboard_summary_holding_all_its_values(tmp
 
 def test_default_interval_is_the_trainers_log_every_n_steps(tmp_path: Path) -> None:
     torch.manual_seed(0)
-    recorded_fit(tmp_path, MLP(), GradNormMonitor(), steps=7, log_every_n_steps=3)
+    recorded_fit(tmp_path, MLP(), norm_monitor(), steps=7, log_every_n_steps=3)
     logged = gradmon_scalars(logdir(tmp_path))
     assert {tag: sorted(v) for tag, v in logged.items()} == {tag: [0, 3, 6] for tag in all_tags(LAYERS)}
 
@@ -164,7 +165,7 @@ def test_no_host_sync_and_no_work_on_steps_that_do_not_log(tmp_path: Path, monke
         def on_train_batch_start(self, trainer, *args) -> None:
             step[0] = trainer.global_step
 
-    monitor = GradNormMonitor(log_every_n_steps=2)
+    monitor = norm_monitor(log_every_n_steps=2)
     original_grad_norms = monitor.source.grad_norms
     monkeypatch.setattr(
         monitor.source, "grad_norms", lambda s, m, o: computed.append(s) or original_grad_norms(s, m, o)
@@ -187,7 +188,7 @@ def test_no_host_sync_and_no_work_on_steps_that_do_not_log(tmp_path: Path, monke
 
 
 def test_grad_health_monitor_reuses_the_norms_of_the_step(tmp_path: Path, norm_computations: list[float]) -> None:
-    monitors = [GradNormMonitor(log_every_n_steps=1), GradHealthMonitor(log_every_n_steps=1)]
+    monitors = [norm_monitor(log_every_n_steps=1), GradHealthMonitor(log_every_n_steps=1)]
     torch.manual_seed(0)
     fit(MLP(), monitors, steps=3, tmp_path=tmp_path)
     assert len(norm_computations) == 3
@@ -198,13 +199,13 @@ def test_grad_health_monitor_reuses_the_norms_of_the_step(tmp_path: Path, norm_c
 
 def test_values_equal_hand_norms_with_adam(tmp_path: Path) -> None:
     torch.manual_seed(0)
-    rec = recorded_fit(tmp_path, MLP(optimizer="adam", lr=1e-2), GradNormMonitor(log_every_n_steps=1), steps=3)
+    rec = recorded_fit(tmp_path, MLP(optimizer="adam", lr=1e-2), norm_monitor(log_every_n_steps=1), steps=3)
     assert_logged(gradmon_scalars(logdir(tmp_path)), rec, [0, 1, 2])
 
 
 def test_update_ratio_with_sgd_is_lr_times_grad_norm_over_weight_norm(tmp_path: Path) -> None:
     torch.manual_seed(0)
-    recorded_fit(tmp_path, MLP(lr=0.05), GradNormMonitor(log_every_n_steps=1), steps=3)
+    recorded_fit(tmp_path, MLP(lr=0.05), norm_monitor(log_every_n_steps=1), steps=3)
     logged = gradmon_scalars(logdir(tmp_path))
     for layer in LAYERS:
         for step in range(3):
@@ -216,7 +217,7 @@ def test_first_gradient_norm_equals_the_norm_of_the_loss_gradient_recomputed_on_
     torch.manual_seed(0)
     model = MLP()
     start = copy.deepcopy(model)
-    recorded_fit(tmp_path, model, GradNormMonitor(log_every_n_steps=1), steps=1)
+    recorded_fit(tmp_path, model, norm_monitor(log_every_n_steps=1), steps=1)
     x, y = next(iter(make_loader(steps=1)))
     start.training_step((x, y), 0).backward()
     grads = {n: p.grad for n, p in start.named_parameters()}
@@ -229,7 +230,7 @@ def test_first_gradient_norm_equals_the_norm_of_the_loss_gradient_recomputed_on_
 @pytest.mark.parametrize(("norm_type", "p"), [("inf", math.inf), (1, 1.0), (3.0, 3.0)])
 def test_norm_type_sets_the_p_of_every_logged_norm(tmp_path: Path, norm_type, p: float) -> None:
     torch.manual_seed(0)
-    rec = recorded_fit(tmp_path, MLP(), GradNormMonitor(norm_type=norm_type, log_every_n_steps=2), steps=3)
+    rec = recorded_fit(tmp_path, MLP(), norm_monitor(norm_type=norm_type, log_every_n_steps=2), steps=3)
     assert_logged(gradmon_scalars(logdir(tmp_path)), rec, [0, 2], p=p)
 
 
@@ -237,7 +238,7 @@ def test_accumulated_gradient_is_logged_once_per_optimizer_step(tmp_path: Path) 
     torch.manual_seed(0)
     model = MLP()
     start = copy.deepcopy(model)
-    monitor = GradNormMonitor(log_every_n_steps=1)
+    monitor = norm_monitor(log_every_n_steps=1)
     rec = recorded_fit(tmp_path, model, monitor, steps=3, batches=6, accumulate_grad_batches=2)
     logged = gradmon_scalars(logdir(tmp_path))
     assert_logged(logged, rec, [0, 1, 2])
@@ -252,7 +253,7 @@ def test_accumulated_gradient_is_logged_once_per_optimizer_step(tmp_path: Path) 
 def test_logged_norm_is_the_gradient_before_clipping(tmp_path: Path) -> None:
     torch.manual_seed(0)
     clip, lr = 1e-3, 0.05
-    rec = recorded_fit(tmp_path, MLP(lr=lr), GradNormMonitor(log_every_n_steps=1), steps=2, gradient_clip_val=clip)
+    rec = recorded_fit(tmp_path, MLP(lr=lr), norm_monitor(log_every_n_steps=1), steps=2, gradient_clip_val=clip)
     logged = gradmon_scalars(logdir(tmp_path))
     assert_logged(logged, rec, [0, 1])
     for step in (0, 1):
@@ -269,7 +270,7 @@ def test_logged_norm_is_the_gradient_after_amp_unscaling(tmp_path: Path) -> None
     torch.manual_seed(0)
     model = MLP()
     start = copy.deepcopy(model)
-    rec = recorded_fit(tmp_path, model, GradNormMonitor(log_every_n_steps=1), steps=1, plugins=[plugin])
+    rec = recorded_fit(tmp_path, model, norm_monitor(log_every_n_steps=1), steps=1, plugins=[plugin])
     logged = gradmon_scalars(logdir(tmp_path))
     assert_logged(logged, rec, [0])
     start.training_step(next(iter(make_loader(steps=1))), 0).backward()
@@ -279,7 +280,7 @@ def test_logged_norm_is_the_gradient_after_amp_unscaling(tmp_path: Path) -> None
 
 def test_update_ratios_can_be_turned_off(tmp_path: Path) -> None:
     torch.manual_seed(0)
-    recorded_fit(tmp_path, MLP(), GradNormMonitor(log_every_n_steps=1, log_update_ratios=False), steps=2)
+    recorded_fit(tmp_path, MLP(), norm_monitor(log_every_n_steps=1, log_update_ratios=False), steps=2)
     assert set(gradmon_scalars(logdir(tmp_path))) == all_tags(LAYERS) - tags("update_ratio", LAYERS) - tags(
         "update_ratio_log10", LAYERS
     )
@@ -287,7 +288,7 @@ def test_update_ratios_can_be_turned_off(tmp_path: Path) -> None:
 
 def test_weight_norms_can_be_turned_off(tmp_path: Path) -> None:
     torch.manual_seed(0)
-    recorded_fit(tmp_path, MLP(), GradNormMonitor(log_every_n_steps=1, log_weight_norms=False), steps=2)
+    recorded_fit(tmp_path, MLP(), norm_monitor(log_every_n_steps=1, log_weight_norms=False), steps=2)
     assert set(gradmon_scalars(logdir(tmp_path))) == all_tags(LAYERS) - tags("weight_norm", LAYERS)
 
 
@@ -304,7 +305,7 @@ class WithDeadGate(MLP):
 
 def test_log10_is_left_out_for_a_zero_norm(tmp_path: Path) -> None:
     torch.manual_seed(0)
-    recorded_fit(tmp_path, WithDeadGate(), GradNormMonitor(log_every_n_steps=1), steps=1)
+    recorded_fit(tmp_path, WithDeadGate(), norm_monitor(log_every_n_steps=1), steps=1)
     logged = gradmon_scalars(logdir(tmp_path))
     assert set(logged) == all_tags(["gate", *LAYERS]) - {"grad_norm_log10/gate", "update_ratio_log10/gate"}
     assert logged["grad_norm/gate"] == {0: 0.0}
@@ -317,7 +318,7 @@ def test_log10_is_left_out_for_a_zero_norm(tmp_path: Path) -> None:
 
 def test_group_by_parameter_logs_every_parameter_under_its_full_name(tmp_path: Path) -> None:
     torch.manual_seed(0)
-    rec = recorded_fit(tmp_path, MLP(), GradNormMonitor(group_by="parameter", log_every_n_steps=2), steps=3)
+    rec = recorded_fit(tmp_path, MLP(), norm_monitor(group_by="parameter", log_every_n_steps=2), steps=3)
     logged = gradmon_scalars(logdir(tmp_path))
     params = [f"{layer}.{kind}" for layer in LAYERS for kind in ("weight", "bias")]
     assert set(logged) == all_tags(params)
@@ -337,7 +338,7 @@ class WithRootParameter(MLP):
 
 def test_a_parameter_registered_on_the_root_module_is_its_own_layer(tmp_path: Path) -> None:
     torch.manual_seed(0)
-    rec = recorded_fit(tmp_path, WithRootParameter(), GradNormMonitor(log_every_n_steps=2), steps=3)
+    rec = recorded_fit(tmp_path, WithRootParameter(), norm_monitor(log_every_n_steps=2), steps=3)
     logged = gradmon_scalars(logdir(tmp_path))
     assert set(logged) == all_tags(["scale", *LAYERS])
     assert_logged(logged, rec, [0, 2])
@@ -354,7 +355,7 @@ class PartlyFrozen(MLP):
 
 def test_frozen_and_unused_parameters_are_left_out(tmp_path: Path) -> None:
     torch.manual_seed(0)
-    rec = recorded_fit(tmp_path, PartlyFrozen(), GradNormMonitor(log_every_n_steps=2), steps=3)
+    rec = recorded_fit(tmp_path, PartlyFrozen(), norm_monitor(log_every_n_steps=2), steps=3)
     logged = gradmon_scalars(logdir(tmp_path))
     assert set(logged) == all_tags(LAYERS[1:])
     assert set(rec.grads[0]) == {f"{layer}.{kind}" for layer in LAYERS[1:] for kind in ("weight", "bias")}
@@ -371,7 +372,7 @@ class TiedMLP(MLP):
 
 def test_tied_weights_are_counted_once_under_their_first_layer(tmp_path: Path) -> None:
     torch.manual_seed(0)
-    rec = recorded_fit(tmp_path, TiedMLP(), GradNormMonitor(log_every_n_steps=1), steps=2)
+    rec = recorded_fit(tmp_path, TiedMLP(), norm_monitor(log_every_n_steps=1), steps=2)
     logged = gradmon_scalars(logdir(tmp_path))
     assert set(logged) == all_tags(["net.0", "net.2", "net.4"])
     # named_parameters() names the tied tensor once, so Recorder's by-hand norms count it once too.
@@ -393,7 +394,7 @@ class AllFrozen(MLP):
 def test_a_model_without_trainable_parameters_warns_once_and_logs_nothing(tmp_path: Path) -> None:
     torch.manual_seed(0)
     with pytest.warns(UserWarning) as record:
-        recorded_fit(tmp_path, AllFrozen(), GradNormMonitor(log_every_n_steps=1), steps=3)
+        recorded_fit(tmp_path, AllFrozen(), norm_monitor(log_every_n_steps=1), steps=3)
     ours = [w for w in record if "no trainable parameters" in str(w.message)]
     assert len(ours) == 1 and "GradNormMonitor" in str(ours[0].message)
     assert gradmon_scalars(logdir(tmp_path)) == {}
@@ -414,13 +415,13 @@ class Manual(MLP):
 
 def test_manual_optimization_is_monitored_at_each_optimizer_step(tmp_path: Path) -> None:
     torch.manual_seed(0)
-    rec = recorded_fit(tmp_path, Manual(), GradNormMonitor(log_every_n_steps=2), steps=6)
+    rec = recorded_fit(tmp_path, Manual(), norm_monitor(log_every_n_steps=2), steps=6)
     assert_logged(gradmon_scalars(logdir(tmp_path)), rec, [0, 2, 4])
 
 
 def test_a_float64_model_is_monitored(tmp_path: Path) -> None:
     torch.manual_seed(0)
-    rec = recorded_fit(tmp_path, MLP(), GradNormMonitor(log_every_n_steps=1), steps=2, precision="64-true")
+    rec = recorded_fit(tmp_path, MLP(), norm_monitor(log_every_n_steps=1), steps=2, precision="64-true")
     assert_logged(gradmon_scalars(logdir(tmp_path)), rec, [0, 1])
 
 
@@ -428,7 +429,7 @@ def test_a_float64_model_is_monitored(tmp_path: Path) -> None:
 
 
 def test_without_a_logger_the_monitor_does_nothing_and_training_runs(monkeypatch: pytest.MonkeyPatch) -> None:
-    monitor = GradNormMonitor(log_every_n_steps=1, histogram_every_n_steps=1)
+    monitor = norm_monitor(log_every_n_steps=1, histogram_every_n_steps=1)
     calls: list[int] = []
     monkeypatch.setattr(monitor.source, "grad_norms", lambda *args: calls.append(1))
     torch.manual_seed(0)
@@ -456,7 +457,7 @@ def test_csv_and_tensorboard_loggers_both_get_the_scalars_and_only_tensorboard_t
     monkeypatch.setattr(_logging, "rank_zero_info", messages.append)
     loggers = [TensorBoardLogger(tmp_path, name="tb", version=0), CSVLogger(tmp_path, name="csv", version=0)]
     torch.manual_seed(0)
-    monitor = GradNormMonitor(log_every_n_steps=2, histogram_every_n_steps=2)
+    monitor = GradNormMonitor(log_every_n_steps=2, histogram_every_n_steps=2)  # images on: CSV says it takes none
     rec = recorded_fit(None, MLP(), monitor, steps=6, logger=loggers)
     assert_logged(gradmon_scalars(logdir(tmp_path)), rec, [0, 2, 4])
     csv_values = read_csv(tmp_path / "csv" / "version_0" / "metrics.csv")
@@ -471,7 +472,7 @@ def test_csv_and_tensorboard_loggers_both_get_the_scalars_and_only_tensorboard_t
 def test_csv_logger_alone_gets_scalars_and_no_crash_with_histograms_on(tmp_path: Path) -> None:
     torch.manual_seed(0)
     logger = CSVLogger(tmp_path, name="csv", version=0)
-    monitor = GradNormMonitor(log_every_n_steps=2, histogram_every_n_steps=1)
+    monitor = norm_monitor(log_every_n_steps=2, histogram_every_n_steps=1)
     rec = recorded_fit(None, MLP(), monitor, steps=4, logger=logger)
     csv_values = read_csv(tmp_path / "csv" / "version_0" / "metrics.csv")
     assert_logged({tag: v for tag, v in csv_values.items() if tag.split("/")[0] in PER_LAYER}, rec, [0, 2])
@@ -479,7 +480,7 @@ def test_csv_logger_alone_gets_scalars_and_no_crash_with_histograms_on(tmp_path:
 
 def test_histograms_follow_their_own_interval_and_hold_the_layer_values(tmp_path: Path) -> None:
     torch.manual_seed(0)
-    rec = recorded_fit(tmp_path, MLP(), GradNormMonitor(log_every_n_steps=2, histogram_every_n_steps=3), steps=7)
+    rec = recorded_fit(tmp_path, MLP(), norm_monitor(log_every_n_steps=2, histogram_every_n_steps=3), steps=7)
     acc = accumulator(logdir(tmp_path))
     assert set(acc.Tags()["histograms"]) == tags("grad_hist", LAYERS) | tags("weight_hist", LAYERS)
     assert_logged(gradmon_scalars(logdir(tmp_path)), rec, [0, 2, 4, 6])
@@ -497,13 +498,13 @@ def test_histograms_follow_their_own_interval_and_hold_the_layer_values(tmp_path
 
 def test_histograms_are_off_by_default(tmp_path: Path) -> None:
     torch.manual_seed(0)
-    recorded_fit(tmp_path, MLP(), GradNormMonitor(log_every_n_steps=1), steps=2)
+    recorded_fit(tmp_path, MLP(), norm_monitor(log_every_n_steps=1), steps=2)
     assert accumulator(logdir(tmp_path)).Tags()["histograms"] == []
 
 
 def test_custom_scalars_layout_is_written_once_per_run(tmp_path: Path) -> None:
     torch.manual_seed(0)
-    recorded_fit(tmp_path, MLP(), GradNormMonitor(log_every_n_steps=1), steps=4)
+    recorded_fit(tmp_path, MLP(), norm_monitor(log_every_n_steps=1), steps=4)
     (layout,) = read_layouts(logdir(tmp_path))
     # Titled for the model: TensorBoard merges the layouts of a logdir by category title.
     assert [c.title for c in layout.category] == [f"gradmon · MLP, {len(LAYERS)} layers"]
@@ -532,7 +533,7 @@ def test_monitoring_does_not_change_the_run(tmp_path: Path) -> None:
         return model.state_dict()
 
     health = GradHealthMonitor(on_exploding="skip", on_nonfinite="skip", log_every_n_steps=1)
-    monitors = [GradNormMonitor(log_every_n_steps=1, histogram_every_n_steps=1), health]
+    monitors = [norm_monitor(log_every_n_steps=1, histogram_every_n_steps=1), health]
     watched = final_weights(monitors, tmp_path / "watched")
     plain = final_weights([], tmp_path / "plain")
     assert health.events == [] and health.skipped_steps == 0
@@ -563,4 +564,4 @@ def test_bad_arguments_raise_value_error_naming_argument_and_value(kwargs: dict,
 
 @pytest.mark.parametrize(("norm_type", "want"), [("inf", math.inf), (float("inf"), math.inf), (1, 1.0), (0.5, 0.5)])
 def test_norm_type_accepts_any_positive_p_and_inf(norm_type, want: float) -> None:
-    assert GradNormMonitor(norm_type=norm_type).norm_type == want
+    assert norm_monitor(norm_type=norm_type).norm_type == want

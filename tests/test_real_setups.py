@@ -23,6 +23,7 @@ from helpers import (
     logdir,
     make_loader,
     mlp_layers,
+    norm_monitor,
     read_layouts,
     read_scalars,
 )
@@ -31,7 +32,7 @@ from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 from lightning.pytorch.plugins import MixedPrecision
 from torch import nn
 
-from gradmon import GradHealthMonitor, GradientHealthError, GradNormMonitor
+from gradmon import GradHealthMonitor, GradientHealthError
 from gradmon.callbacks.grad_health import EVENTS_IN_CHECKPOINT
 from gradmon.health import HealthRules
 
@@ -94,7 +95,7 @@ def test_a_layer_unfrozen_by_requires_grad_is_logged_from_its_first_gradient_and
     tmp_path: Path,
 ) -> None:
     grads = Grads()
-    fit(Finetune(), [Unfreeze(at_step=3), GradNormMonitor(log_every_n_steps=1), grads], steps=6, tmp_path=tmp_path,
+    fit(Finetune(), [Unfreeze(at_step=3), norm_monitor(log_every_n_steps=1), grads], steps=6, tmp_path=tmp_path,
         loader=make_loader(steps=6))
     scalars = read_scalars(logdir(tmp_path))
     assert sorted(scalars["grad_norm/backbone.0"]) == [3, 4, 5]
@@ -111,7 +112,7 @@ def test_backbone_finetuning_adds_a_param_group_and_the_backbone_is_monitored_an
     finetuning = BackboneFinetuning(unfreeze_backbone_at_epoch=1, lambda_func=lambda epoch: 1.0, verbose=False)
     # A NaN in the backbone's gradient at one step, after it was unfrozen.
     nan = PlantNaN(6, layer="backbone.2", element=(0, 0))
-    callbacks = [finetuning, GradNormMonitor(log_every_n_steps=1), GradHealthMonitor(on_nonfinite="raise"), nan, grads]
+    callbacks = [finetuning, norm_monitor(log_every_n_steps=1), GradHealthMonitor(on_nonfinite="raise"), nan, grads]
     with pytest.raises(GradientHealthError, match=r"step 6, first in layer backbone\.2"):
         fit(Finetune(backbone_in_optimizer=False), callbacks, steps=8, tmp_path=tmp_path,
             loader=make_loader(steps=4))  # 4 steps per epoch
@@ -162,7 +163,7 @@ def test_with_two_optimizers_exploding_patience_counts_each_layers_own_steps() -
 
 def test_with_two_optimizers_each_is_logged_on_its_own_steps_with_its_own_total(tmp_path: Path) -> None:
     grads = Grads()
-    fit(GAN(), [GradNormMonitor(log_every_n_steps=2), grads], steps=16, tmp_path=tmp_path, loader=gan_loader(8))
+    fit(GAN(), [norm_monitor(log_every_n_steps=2), grads], steps=16, tmp_path=tmp_path, loader=gan_loader(8))
     scalars = read_scalars(logdir(tmp_path))
     # Every 2nd step of each optimizer: generator at global steps 0, 4, 8, 12; discriminator at 1, 5, 9, 13.
     assert sorted(scalars["grad_norm/generator.0"]) == [0, 4, 8, 12]
@@ -177,9 +178,9 @@ def test_with_two_optimizers_each_is_logged_on_its_own_steps_with_its_own_total(
 
 
 def test_two_optimizers_resume_their_own_step_counts(tmp_path: Path) -> None:
-    t = fit(GAN(), [GradNormMonitor(log_every_n_steps=3)], steps=8, loader=gan_loader(8))
+    t = fit(GAN(), [norm_monitor(log_every_n_steps=3)], steps=8, loader=gan_loader(8))
     t.save_checkpoint(tmp_path / "gan.ckpt")
-    resumed = GradNormMonitor(log_every_n_steps=3)
+    resumed = norm_monitor(log_every_n_steps=3)
     fit(GAN(), [resumed], steps=16, tmp_path=tmp_path, loader=gan_loader(8), ckpt_path=tmp_path / "gan.ckpt")
     scalars = read_scalars(logdir(tmp_path))
     # Each optimizer's steps 0, 3, 6 were before the checkpoint (4 steps each); its 6th step (index 6) is at global
@@ -245,7 +246,7 @@ def test_fp16_overflows_that_drive_the_scale_below_one_are_reported_once() -> No
 
 def test_histograms_of_an_all_nan_gradient_keep_the_finite_values_and_count_the_rest(tmp_path: Path) -> None:
     torch.manual_seed(0)
-    callbacks = [PlantNaN(1), GradNormMonitor(log_every_n_steps=1, histogram_every_n_steps=1),
+    callbacks = [PlantNaN(1), norm_monitor(log_every_n_steps=1, histogram_every_n_steps=1),
                  GradHealthMonitor(on_nonfinite="ignore")]
     fit(MLP(depth=2), callbacks, steps=2, tmp_path=tmp_path)
     acc = accumulator(logdir(tmp_path))
@@ -261,7 +262,7 @@ def test_histograms_of_an_all_nan_gradient_keep_the_finite_values_and_count_the_
 def test_skip_and_histograms_log_the_same_whatever_the_callback_order(tmp_path: Path, health_first: bool) -> None:
     torch.manual_seed(0)
     health = GradHealthMonitor(on_nonfinite="skip")
-    norms = GradNormMonitor(log_every_n_steps=1, histogram_every_n_steps=1)
+    norms = norm_monitor(log_every_n_steps=1, histogram_every_n_steps=1)
     monitors = [health, norms] if health_first else [norms, health]
     fit(MLP(depth=2), [PlantNaN(1), *monitors], steps=3, tmp_path=tmp_path)
     acc = accumulator(logdir(tmp_path))
@@ -295,7 +296,7 @@ def test_a_compiled_submodule_keeps_the_users_layer_names(tmp_path: Path) -> Non
     model.net = torch.compile(model.net, backend="eager")
     monitor = GradHealthMonitor(HealthRules(vanishing_threshold=100.0, exploding_threshold=1e6, vanishing_patience=1),
                                 on_vanishing="ignore")
-    fit(model, [GradNormMonitor(log_every_n_steps=1), monitor], steps=1, tmp_path=tmp_path)
+    fit(model, [norm_monitor(log_every_n_steps=1), monitor], steps=1, tmp_path=tmp_path)
     tags = set(read_scalars(logdir(tmp_path)))
     assert {f"grad_norm/{layer}" for layer in mlp_layers(depth=2)} <= tags
     assert not any("_orig_mod" in tag for tag in tags)
@@ -306,7 +307,7 @@ def test_a_logger_prefix_applies_to_every_tag_as_it_does_to_lightnings_own_metri
     torch.manual_seed(0)
     tb = TensorBoardLogger(tmp_path, name="tb", version=0, prefix="x")
     csv = CSVLogger(tmp_path, name="csv", version=0, prefix="x")
-    callbacks = [GradNormMonitor(log_every_n_steps=1), GradHealthMonitor(log_every_n_steps=1)]
+    callbacks = [norm_monitor(log_every_n_steps=1), GradHealthMonitor(log_every_n_steps=1)]
     fit(MLP(depth=2), callbacks, steps=2, logger=[tb, csv])
     tb_tags = set(read_scalars(logdir(tmp_path)))
     csv_tags = set((tmp_path / "csv" / "version_0" / "metrics.csv").read_text().splitlines()[0].split(","))
@@ -320,7 +321,7 @@ def test_a_logger_prefix_applies_to_every_tag_as_it_does_to_lightnings_own_metri
 
 def test_callbacks_reused_for_a_fresh_fit_start_fresh(tmp_path: Path) -> None:
     health = GradHealthMonitor(on_nonfinite="skip")
-    norms = GradNormMonitor(log_every_n_steps=1)
+    norms = norm_monitor(log_every_n_steps=1)
     for run in range(2):
         torch.manual_seed(run)
         with health_warnings() as messages:
@@ -380,7 +381,7 @@ def test_fp16_with_an_optimizer_that_unscales_itself_logs_unscaled_norms_and_cou
     torch.manual_seed(0)
     scaler = torch.amp.GradScaler("cpu", init_scale=2.0**40)  # overflows first, then settles
     health, unscaled = GradHealthMonitor(on_nonfinite="stop"), Unscaled()
-    t = fit(FusedAdamMLP(depth=2), [GradNormMonitor(log_every_n_steps=1), health, unscaled], steps=40,
+    t = fit(FusedAdamMLP(depth=2), [norm_monitor(log_every_n_steps=1), health, unscaled], steps=40,
             tmp_path=tmp_path, plugins=[MixedPrecision("16-mixed", "cpu", scaler=scaler)])
     assert t.global_step == 40 and health.events == [] and health.amp_overflow_steps >= 20
     logged = read_scalars(logdir(tmp_path))["grad_norm/total"]
@@ -398,7 +399,7 @@ def test_a_parametrized_layer_is_one_layer_with_its_bias_under_its_own_name(tmp_
     nn.utils.parametrizations.weight_norm(model.net[0])  # g and v: net.0.parametrizations.weight.original0/1
     nn.utils.parametrizations.spectral_norm(model.net[2])  # net.2.parametrizations.weight.original
     grads, health = Grads(), GradHealthMonitor()
-    fit(model, [GradNormMonitor(log_every_n_steps=2), health, grads], steps=4, tmp_path=tmp_path)
+    fit(model, [norm_monitor(log_every_n_steps=2), health, grads], steps=4, tmp_path=tmp_path)
     scalars = read_scalars(logdir(tmp_path))
     layers = sorted(t.split("/", 1)[1] for t in scalars if t.startswith("grad_norm/") and t != "grad_norm/total")
     assert layers == ["net.0", "net.2", "net.4"]  # no "net.0.parametrizations.weight"

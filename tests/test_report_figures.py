@@ -146,6 +146,7 @@ def legend_entries(fig: Figure) -> list[str]:
     return [t.get_text() for ax in fig.axes if ax.get_legend() for t in ax.get_legend().get_texts()]
 
 
+@pytest.mark.slow  # 200 layers drawn three ways
 @pytest.mark.parametrize("plot", [plot_heatmap, plot_norm_curves, plot_gradient_flow])
 def test_200_layers_with_long_names_stay_readable(runs, plot):
     fig = draw(plot, runs["wide"])
@@ -311,6 +312,7 @@ def activation_runs(tmp_path_factory) -> dict[str, Run]:
     return {run.name: run for run in load_runs(logdir)}
 
 
+@pytest.mark.slow  # every activation heatmap of three runs
 @pytest.mark.parametrize("figure", list(ACTIVATION_HEATMAPS))
 @pytest.mark.parametrize("name", ["wide", "long", "one_step"])
 def test_activation_heatmaps_keep_the_heatmaps_readability(activation_runs, name, figure):

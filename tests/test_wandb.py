@@ -16,6 +16,7 @@ from gradmon import ActivationMonitor, GradHealthMonitor, GradNormMonitor, Healt
 wandb = pytest.importorskip("wandb")
 
 
+@pytest.mark.slow  # a wandb run, offline
 def test_a_wandb_run_holds_the_norms_the_histograms_and_a_table_of_the_findings(tmp_path: Path, monkeypatch) -> None:
     from lightning.pytorch.loggers import WandbLogger
 
