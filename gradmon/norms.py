@@ -20,6 +20,7 @@ import weakref
 from collections.abc import Sequence
 from functools import partial
 from operator import is_
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -332,7 +333,7 @@ class WeightSnapshot:
     """The weights of a layout before an optimizer step; after it, the p-norms of those weights and of the update.
 
     One copy of the weights (this rank's pieces), turned into ``w_before - w_after`` in place, so a snapshot costs
-    the model's memory once. Taking it and finishing it make no host sync.
+    the model's memory once. Taking it and finishing it make no host sync on a device.
     """
 
     def __init__(self, layout: ParamLayout, norm_type: float | NormOrder = 2.0) -> None:
@@ -345,13 +346,22 @@ class WeightSnapshot:
                 self._copy = list(_foreach_clone(layout.params))
 
     def finish(self) -> tuple[Norms, Norms]:
-        """``(weights before, update)`` norms, after ``optimizer.step()``: one collective when sharded."""
+        """``(weights before, update)`` norms, after ``optimizer.step()``: one collective when sharded; read as floats
+        at once where :func:`compute_norms` reads them so (no device to wait for)."""
         layout, order = self.layout, self.order
-        before = _local_norms(layout, order, self._copy)
+        if layout.read_at_once:
+            def measure(tensors: list[Tensor]) -> Any:
+                return compute_norms(layout, tensors, order)
+        else:
+            def measure(tensors: list[Tensor]) -> Any:
+                return _local_norms(layout, order, tensors)
+        before = measure(self._copy)
         with torch.no_grad():
             torch._foreach_sub_(self._copy, [local_tensor(p) for p in layout.params])
-        delta = _local_norms(layout, order, self._copy)
+        delta = measure(self._copy)
         self._copy = []
+        if layout.read_at_once:
+            return before, delta
         weights, update = _whole(layout, order, [before, delta])
         return weights, update
 
