@@ -20,7 +20,6 @@ import weakref
 from collections.abc import Sequence
 from functools import partial
 from operator import is_
-from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -119,7 +118,7 @@ def _order(norm_type: float | NormOrder) -> NormOrder:
 # --- the norms of one step ----------------------------------------------------------------------------------------
 
 
-def _local_norms(layout: ParamLayout, order: NormOrder, tensors: Sequence[Tensor]) -> Tensor:
+def _local_norms(layout: ParamLayout, tensors: Sequence[Tensor], order: NormOrder) -> Tensor:
     """The p-norm of each tensor's local data (this rank's piece when sharded) as one vector on the first group's
     device, in layout order: float32, or float64 when any tensor is. ``tensors[i]`` must have the device and dtype
     of ``layout.params[i]`` and must not require grad (pass weights detached). No host sync."""
@@ -153,7 +152,7 @@ def compute_norms(layout: ParamLayout, tensors: Sequence[Tensor], norm_type: flo
     order = _order(norm_type)
     if layout.read_at_once:  # the kernel's scalars read one by one, unstacked: 0.5-1% of a 20x64 CPU step (benchmark)
         return Norms(layout, None, order, host=list(map(Tensor.item, order.kernel(tensors))))
-    return _whole(layout, order, [_local_norms(layout, order, tensors)])[0]
+    return _whole(layout, order, [_local_norms(layout, tensors, order)])[0]
 
 
 class Norms:
@@ -349,16 +348,11 @@ class WeightSnapshot:
         """``(weights before, update)`` norms, after ``optimizer.step()``: one collective when sharded; read as floats
         at once where :func:`compute_norms` reads them so (no device to wait for)."""
         layout, order = self.layout, self.order
-        if layout.read_at_once:
-            def measure(tensors: list[Tensor]) -> Any:
-                return compute_norms(layout, tensors, order)
-        else:
-            def measure(tensors: list[Tensor]) -> Any:
-                return _local_norms(layout, order, tensors)
-        before = measure(self._copy)
+        measure = compute_norms if layout.read_at_once else _local_norms
+        before = measure(layout, self._copy, order)
         with torch.no_grad():
             torch._foreach_sub_(self._copy, [local_tensor(p) for p in layout.params])
-        delta = measure(self._copy)
+        delta = measure(layout, self._copy, order)
         self._copy = []
         if layout.read_at_once:
             return before, delta

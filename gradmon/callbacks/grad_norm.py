@@ -51,7 +51,8 @@ class GradNormMonitor(Callback):
     clipping, once per optimizer step. Gradients are grouped by (device, dtype) and reduced with one fused
     ``torch._foreach_norm`` per group; steps that do not log cost nothing, and a logging step sends all its values to
     the host in one non-blocking copy, read (and written to the loggers) at the end of the next batch, so no step
-    waits for the device.
+    waits for the device (whole tensors of one dtype in host memory have no device to wait for: their norms are read
+    as they are taken, and written at the same point).
 
     A *layer* is the module that owns the parameters (``net.0`` for ``net.0.weight`` and ``net.0.bias``); a parameter
     registered on the root module is its own layer; ``group_by="parameter"`` logs every parameter separately.
@@ -229,7 +230,8 @@ class GradNormMonitor(Callback):
 
     def _send(self) -> _Sent:
         """Finish the captured steps on the device (weight and update norms) and start one non-blocking copy of all
-        their numbers to the host (none when they are all there already, read by a GradHealthMonitor)."""
+        their numbers to the host (none when they are all there already: read as taken in host memory, or read by a
+        GradHealthMonitor)."""
         pending, self._pending = self._pending, []
         updates: list[Norms | None] = []
         for record in pending:
