@@ -31,7 +31,6 @@ import argparse
 import os
 import statistics
 import tempfile
-import time
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -44,6 +43,7 @@ from torch.utils.data import DataLoader
 
 from experiments import lightning_quiet
 from experiments.peer_models import build, parameters_millions
+from experiments.timing import StepTimer
 from gradmon import ActivationMonitor, GradHealthMonitor, GradNormMonitor
 
 WARMUP = 10
@@ -126,17 +126,6 @@ VARIANTS = [
 ]
 
 
-class StepClock(pl.Callback):
-    """Wall time from the end of the warm-up to the end of the last step."""
-
-    def on_train_batch_end(self, trainer, pl_module, *args) -> None:
-        if trainer.strategy.root_device.type == "cuda":
-            torch.cuda.synchronize()
-        if trainer.global_step == WARMUP:
-            self.start = time.perf_counter()
-        self.end = time.perf_counter()
-
-
 def wandb_available() -> bool:
     try:
         import wandb  # noqa: F401
@@ -148,7 +137,7 @@ def wandb_available() -> bool:
 def run(variant: Variant, model: str, device: str, steps: int, logdir: str) -> float:
     """One training run of ``model`` under ``variant``; its mean step in milliseconds after the warm-up."""
     module = build(model, device)
-    clock = StepClock()
+    clock = StepTimer(warmup=WARMUP)
     if variant.wandb:
         from lightning.pytorch.loggers import WandbLogger
 

@@ -34,14 +34,15 @@ class BenchMLP(pl.LightningModule):
 
 
 class StepTimer(pl.Callback):
-    """The time from the first step after the warm-up to the last, and each step's own duration."""
+    """The time from the first step after the warm-up (``warmup`` steps) to the last, and each step's own duration."""
 
-    def __init__(self) -> None:
+    def __init__(self, warmup: int = WARMUP_STEPS) -> None:
+        self.warmup = warmup
         self.start = self.end = self.batch_start = 0.0
         self.steps: dict[int, float] = {}
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
-        if trainer.global_step == WARMUP_STEPS:
+        if trainer.global_step == self.warmup:
             self.start = time.perf_counter()
         self.batch_start = time.perf_counter()
 
