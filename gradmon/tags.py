@@ -9,6 +9,7 @@ This module never imports Lightning.
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Sequence
 
@@ -180,7 +181,8 @@ def _bands(tags_: list[str]) -> list[tuple[str, list[str]]]:
 
 def _chunks(tags_: list[str]) -> list[tuple[str, list[str]]]:
     # As few charts as the limit allows, of even sizes: 17 layers are charted as 9 and 8, not 12 and 5.
-    size = -(-len(tags_) // -(-len(tags_) // MAX_CHART_LINES)) if tags_ else 1
+    charts = math.ceil(len(tags_) / MAX_CHART_LINES)
+    size = math.ceil(len(tags_) / charts) if charts else 1
     chunks = [tags_[i:i + size] for i in range(0, len(tags_), size)]
     return [(f"{c[0].partition('/')[2]} to {c[-1].partition('/')[2]}" if len(c) > 1 else c[0].partition("/")[2], c)
             for c in chunks]
